@@ -17,3 +17,12 @@ pub trait InterruptLine: Send + Sync {
 pub trait MsiSender: Send + Sync {
     fn send(&self, address: u64, data: u32);
 }
+
+/// Hands out interrupt lines and the MSI sender; implemented by the hypervisor
+/// backend, faked in device tests.
+pub trait InterruptController: Send + Sync {
+    /// The line wired to global system interrupt `gsi` (ISA IRQ n is GSI n,
+    /// except IRQ 0 which is GSI 2; PCI INTx pins start at GSI 16).
+    fn line(&self, gsi: u32) -> std::sync::Arc<dyn InterruptLine>;
+    fn msi(&self) -> std::sync::Arc<dyn MsiSender>;
+}

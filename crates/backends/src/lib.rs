@@ -1,0 +1,1 @@
+//! Host side of devices: block files, tap interfaces, serial backends.

@@ -1,0 +1,1 @@
+//! Guest boot: Linux boot protocol and PVH, ACPI, MPTable and SMBIOS tables.

@@ -1,0 +1,1 @@
+//! PCI emulation: config space, BARs, INTx routing, MSI/MSI-X, host bridge and LPC bridge.

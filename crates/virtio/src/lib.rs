@@ -1,0 +1,1 @@
+//! virtio devices over PCI and vhost-user.
