@@ -1,3 +1,3 @@
 //! Host side of devices: block files, tap interfaces, serial backends.
-pub mod block;
-pub mod tap;
+
+pub mod serial;

@@ -1,0 +1,1006 @@
+//! Host side of the emulated 16550 UARTs, chosen by `lpc.comN.path` the way
+//! bhyve's `uart_backend.c` chooses it:
+//!
+//! * `stdio`: the terminal rhyve runs in. stdin is put in raw mode while the
+//!   VM runs (only if it is a terminal) and restored on drop, at exit and on
+//!   fatal signals. A missing, closed or non-terminal stdin is fine: the
+//!   backend is then output-only (as in CI).
+//! * `/dev/nmdmNA` (or `...B`): FreeBSD's null-modem pair. Linux has no nmdm,
+//!   so rhyve opens a pseudo-terminal, uses the master as this side and puts
+//!   a symlink at the peer path pointing at the pty slave, so `cu -l
+//!   /dev/nmdm0B` or `screen /dev/nmdm0B` attach as they do on FreeBSD. The
+//!   symlink is removed when the backend goes away.
+//! * `tcp=ip:port` / `tcp=[ipv6]:port`: listen; one client at a time, a second
+//!   one is told "Socket already connected" and dropped; output with no client
+//!   is dropped, as bhyve does.
+//! * any other path: opened read-write. A terminal is put in raw mode; a
+//!   regular file is an output-only log (appended to); other files (FIFOs,
+//!   character devices) are read and written.
+//!
+//! Guest output never blocks a vCPU: bytes go into a bounded queue drained by a
+//! writer thread, and are dropped (with a log line) when the consumer stops
+//! reading. Guest input is read by one thread per backend into a bounded queue
+//! that the UART model pulls from; the UART is told through a notifier so it
+//! can raise its interrupt. Threads block in poll(2) on the data fd and an
+//! eventfd, so dropping the backend stops them promptly.
+
+use std::collections::VecDeque;
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Guest output buffered while the consumer is slow; more is dropped.
+pub const OUTPUT_QUEUE_BYTES: usize = 64 * 1024;
+/// Host input buffered ahead of the UART's FIFO; the reader waits when full.
+pub const INPUT_QUEUE_BYTES: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    #[error("serial backend \"{path}\": {why}")]
+    Invalid { path: String, why: String },
+    #[error("serial backend \"{path}\": {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("serial backend \"stdio\" is already used by another port")]
+    StdioInUse,
+}
+
+fn io_err(path: &str) -> impl FnOnce(io::Error) -> SerialError + '_ {
+    move |source| SerialError::Io {
+        path: path.to_string(),
+        source,
+    }
+}
+
+/// What `lpc.comN.path` asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialTarget {
+    Stdio,
+    NullModem {
+        /// The side rhyve uses (given in the config).
+        ours: PathBuf,
+        /// The side a user attaches to; a symlink to the pty slave.
+        peer: PathBuf,
+    },
+    Tcp(SocketAddr),
+    Path(PathBuf),
+}
+
+impl SerialTarget {
+    /// Classify a `lpc.comN.path` value.
+    pub fn parse(value: &str) -> Result<Self, SerialError> {
+        let invalid = |why: &str| SerialError::Invalid {
+            path: value.to_string(),
+            why: why.to_string(),
+        };
+        if value == "stdio" {
+            return Ok(SerialTarget::Stdio);
+        }
+        if let Some(rest) = value.strip_prefix("tcp") {
+            let addr = rest
+                .strip_prefix('=')
+                .ok_or_else(|| invalid("expected tcp=ip:port or tcp=[ipv6]:port"))?;
+            let sock = if let Some(v6) = addr.strip_prefix('[') {
+                let (ip, port) = v6
+                    .split_once("]:")
+                    .ok_or_else(|| invalid("expected tcp=[ipv6]:port"))?;
+                let ip: std::net::Ipv6Addr = ip.parse().map_err(|_| invalid("bad IPv6 address"))?;
+                let port: u16 = port.parse().map_err(|_| invalid("bad port"))?;
+                SocketAddr::from((ip, port))
+            } else {
+                let (ip, port) = addr
+                    .split_once(':')
+                    .ok_or_else(|| invalid("expected tcp=ip:port"))?;
+                let ip: std::net::Ipv4Addr = ip.parse().map_err(|_| invalid("bad IPv4 address"))?;
+                let port: u16 = port.parse().map_err(|_| invalid("bad port"))?;
+                SocketAddr::from((ip, port))
+            };
+            return Ok(SerialTarget::Tcp(sock));
+        }
+        if value.is_empty() {
+            return Err(invalid("empty path"));
+        }
+        if let Some(unit) = value.strip_prefix("/dev/nmdm") {
+            let (name, side) = unit.split_at(unit.len().saturating_sub(1));
+            let peer_side = match side {
+                "A" => "B",
+                "B" => "A",
+                _ => return Err(invalid("a null-modem path ends in A or B")),
+            };
+            if name.is_empty() || name.contains('/') {
+                return Err(invalid("bad null-modem unit"));
+            }
+            return Ok(SerialTarget::NullModem {
+                ours: PathBuf::from(value),
+                peer: PathBuf::from(format!("/dev/nmdm{name}{peer_side}")),
+            });
+        }
+        Ok(SerialTarget::Path(PathBuf::from(value)))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Process-wide cleanup: terminal modes and null-modem symlinks. Kept in
+// statics so exit(3) (atexit) and fatal-signal handlers can undo them.
+
+struct SavedTerminal {
+    fd: RawFd,
+    termios: libc::termios,
+}
+
+static SAVED_TERMINALS: Mutex<Vec<SavedTerminal>> = Mutex::new(Vec::new());
+static SYMLINKS: Mutex<Vec<CString>> = Mutex::new(Vec::new());
+static STDIO_TAKEN: AtomicBool = AtomicBool::new(false);
+static CLEANUP_INSTALLED: OnceLock<()> = OnceLock::new();
+
+/// Put the terminal back the way rhyve found it and remove null-modem
+/// symlinks. Safe to call more than once and from a signal handler (it only
+/// uses try_lock, tcsetattr(3) and unlink(2)). The VMM calls this on exit.
+pub fn restore_terminal() {
+    if let Ok(saved) = SAVED_TERMINALS.try_lock() {
+        for t in saved.iter() {
+            // SAFETY: plain syscall on an fd and a termios we saved ourselves.
+            unsafe { libc::tcsetattr(t.fd, libc::TCSANOW, &t.termios) };
+        }
+    }
+    if let Ok(links) = SYMLINKS.try_lock() {
+        for l in links.iter() {
+            // SAFETY: unlink of a NUL-terminated path we own.
+            unsafe { libc::unlink(l.as_ptr()) };
+        }
+    }
+}
+
+extern "C" fn restore_at_exit() {
+    restore_terminal();
+}
+
+extern "C" fn restore_on_signal(sig: libc::c_int) {
+    restore_terminal();
+    // SAFETY: reset to the default action and re-raise so the process dies
+    // with the signal it received, as it would have without us.
+    unsafe {
+        libc::signal(sig, libc::SIG_DFL);
+        libc::raise(sig);
+    }
+}
+
+/// Install atexit and fatal-signal hooks once. Signals that already have a
+/// handler (e.g. SIGTERM once the VMM turned it into the power button) are
+/// left alone; the VMM then calls [`restore_terminal`] itself.
+fn install_cleanup_hooks() {
+    CLEANUP_INSTALLED.get_or_init(|| {
+        // SAFETY: registering plain extern "C" functions.
+        unsafe {
+            libc::atexit(restore_at_exit);
+            for sig in [
+                libc::SIGHUP,
+                libc::SIGINT,
+                libc::SIGQUIT,
+                libc::SIGTERM,
+                libc::SIGABRT,
+            ] {
+                let mut old: libc::sigaction = std::mem::zeroed();
+                if libc::sigaction(sig, std::ptr::null(), &mut old) == 0
+                    && old.sa_sigaction == libc::SIG_DFL
+                {
+                    libc::signal(
+                        sig,
+                        restore_on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+                    );
+                }
+            }
+        }
+    });
+}
+
+/// Switch a terminal to raw mode (cfmakeraw + CLOCAL, as bhyve's ttyopen),
+/// remembering the old mode for [`restore_terminal`].
+fn make_raw(fd: RawFd) -> io::Result<()> {
+    // SAFETY: termios is plain data; tcgetattr fills it.
+    let mut orig: libc::termios = unsafe { std::mem::zeroed() };
+    if unsafe { libc::tcgetattr(fd, &mut orig) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut raw = orig;
+    // SAFETY: cfmakeraw edits the struct in place.
+    unsafe { libc::cfmakeraw(&mut raw) };
+    raw.c_cflag |= libc::CLOCAL;
+    install_cleanup_hooks();
+    SAVED_TERMINALS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(SavedTerminal { fd, termios: orig });
+    if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn forget_terminal(fd: RawFd) {
+    let mut saved = SAVED_TERMINALS.lock().unwrap_or_else(|e| e.into_inner());
+    saved.retain(|t| {
+        if t.fd == fd {
+            // SAFETY: restoring a mode we saved for this fd.
+            unsafe { libc::tcsetattr(t.fd, libc::TCSANOW, &t.termios) };
+            false
+        } else {
+            true
+        }
+    });
+}
+
+fn is_tty(fd: RawFd) -> bool {
+    // SAFETY: isatty only inspects the fd.
+    unsafe { libc::isatty(fd) == 1 }
+}
+
+fn dup_fd(fd: RawFd) -> Option<File> {
+    // SAFETY: F_DUPFD_CLOEXEC returns a new fd we own, or -1 if `fd` is closed.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    if new < 0 {
+        None
+    } else {
+        // SAFETY: `new` is a fresh fd nobody else owns.
+        Some(unsafe { File::from_raw_fd(new) })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Queues shared between the vCPU side and the I/O threads.
+
+#[derive(Default)]
+struct OutputQueue {
+    bytes: VecDeque<u8>,
+    dropped: u64,
+    stopping: bool,
+}
+
+#[derive(Default)]
+struct InputQueue {
+    bytes: VecDeque<u8>,
+    stopping: bool,
+}
+
+type Notifier = Box<dyn Fn() + Send + Sync>;
+
+struct Shared {
+    label: String,
+    output: Mutex<OutputQueue>,
+    output_ready: Condvar,
+    input: Mutex<InputQueue>,
+    input_room: Condvar,
+    notifier: Mutex<Option<Notifier>>,
+    /// Where output goes right now (None: drop it, e.g. no TCP client).
+    sink: Mutex<Option<Arc<File>>>,
+    /// eventfd that wakes the poll(2) loops on shutdown.
+    stop_fd: OwnedFd,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn stopping(&self) -> bool {
+        lock(&self.input).stopping
+    }
+
+    /// Queue input bytes for the UART, waiting while the queue is full.
+    /// Returns false when the backend is shutting down.
+    fn push_input(&self, mut data: &[u8]) -> bool {
+        while !data.is_empty() {
+            let mut q = lock(&self.input);
+            while q.bytes.len() >= INPUT_QUEUE_BYTES && !q.stopping {
+                q = self.input_room.wait(q).unwrap_or_else(|e| e.into_inner());
+            }
+            if q.stopping {
+                return false;
+            }
+            let room = INPUT_QUEUE_BYTES - q.bytes.len();
+            let n = room.min(data.len());
+            q.bytes.extend(&data[..n]);
+            data = &data[n..];
+            drop(q);
+            if let Some(notify) = lock(&self.notifier).as_ref() {
+                notify();
+            }
+        }
+        true
+    }
+
+    fn set_sink(&self, sink: Option<Arc<File>>) {
+        *lock(&self.sink) = sink;
+    }
+}
+
+/// A host endpoint for one COM port.
+pub struct SerialBackend {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    /// Terminal fds we switched to raw mode and must restore.
+    raw_fds: Vec<RawFd>,
+    symlink: Option<PathBuf>,
+    is_stdio: bool,
+    /// Keeps the pty slave open so the master never sees a hangup while no
+    /// one is attached.
+    _pty_slave: Option<File>,
+    /// The files the threads use, kept alive for the fds in `raw_fds`.
+    _files: Vec<Arc<File>>,
+}
+
+impl std::fmt::Debug for SerialBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SerialBackend")
+            .field("label", &self.shared.label)
+            .finish()
+    }
+}
+
+impl SerialBackend {
+    /// Open the backend a `lpc.comN.path` value names.
+    pub fn open(value: &str) -> Result<Self, SerialError> {
+        let target = SerialTarget::parse(value)?;
+        let mut backend = Self::unopened(value)?;
+        match target {
+            SerialTarget::Stdio => backend.open_stdio()?,
+            SerialTarget::NullModem { ours, peer } => backend.open_null_modem(&ours, &peer)?,
+            SerialTarget::Tcp(addr) => backend.open_tcp(value, addr)?,
+            SerialTarget::Path(path) => backend.open_path(value, &path)?,
+        }
+        Ok(backend)
+    }
+
+    /// A backend with its queues but no host endpoint yet.
+    fn unopened(label: &str) -> Result<Self, SerialError> {
+        // SAFETY: creating an eventfd has no preconditions.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if efd < 0 {
+            return Err(io_err(label)(io::Error::last_os_error()));
+        }
+        let shared = Arc::new(Shared {
+            label: label.to_string(),
+            output: Mutex::new(OutputQueue::default()),
+            output_ready: Condvar::new(),
+            input: Mutex::new(InputQueue::default()),
+            input_room: Condvar::new(),
+            notifier: Mutex::new(None),
+            sink: Mutex::new(None),
+            // SAFETY: efd is a fresh fd we own.
+            stop_fd: unsafe { OwnedFd::from_raw_fd(efd) },
+        });
+        Ok(SerialBackend {
+            shared,
+            threads: Vec::new(),
+            raw_fds: Vec::new(),
+            symlink: None,
+            is_stdio: false,
+            _pty_slave: None,
+            _files: Vec::new(),
+        })
+    }
+
+    fn spawn(
+        &mut self,
+        what: &str,
+        f: impl FnOnce(Arc<Shared>) + Send + 'static,
+    ) -> Result<(), SerialError> {
+        let shared = self.shared.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("serial-{what}"))
+            .spawn(move || f(shared))
+            .map_err(io_err(&self.shared.label))?;
+        self.threads.push(handle);
+        Ok(())
+    }
+
+    fn start_writer(&mut self) -> Result<(), SerialError> {
+        self.spawn("out", writer_loop)
+    }
+
+    fn start_reader(&mut self, input: Arc<File>) -> Result<(), SerialError> {
+        self.spawn("in", move |shared| reader_loop(shared, input))
+    }
+
+    fn open_stdio(&mut self) -> Result<(), SerialError> {
+        if STDIO_TAKEN.swap(true, Ordering::SeqCst) {
+            return Err(SerialError::StdioInUse);
+        }
+        self.is_stdio = true;
+        // Duplicates, so closing ours never closes the process's stdio and
+        // blocking writes on a thread need no O_NONBLOCK on a shared file.
+        if let Some(out) = dup_fd(libc::STDOUT_FILENO) {
+            let out = Arc::new(out);
+            self._files.push(out.clone());
+            self.shared.set_sink(Some(out));
+        } else {
+            tracing::info!("stdio serial: stdout is closed, guest output is dropped");
+        }
+        self.start_writer()?;
+        if let Some(inp) = dup_fd(libc::STDIN_FILENO) {
+            if is_tty(inp.as_raw_fd()) {
+                match make_raw(inp.as_raw_fd()) {
+                    Ok(()) => self.raw_fds.push(inp.as_raw_fd()),
+                    Err(e) => tracing::warn!("stdio serial: cannot set raw mode: {e}"),
+                }
+            }
+            let inp = Arc::new(inp);
+            self._files.push(inp.clone());
+            self.start_reader(inp)?;
+        } else {
+            tracing::info!("stdio serial: stdin is closed, output only");
+        }
+        Ok(())
+    }
+
+    fn open_null_modem(&mut self, ours: &Path, peer: &Path) -> Result<(), SerialError> {
+        let label = self.shared.label.clone();
+        let err = io_err(&label);
+        // SAFETY: posix_openpt returns a new fd or -1.
+        let master = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+        if master < 0 {
+            return Err(err(io::Error::last_os_error()));
+        }
+        // SAFETY: master is a fresh fd we own.
+        let master = unsafe { File::from_raw_fd(master) };
+        let mut name = [0 as libc::c_char; 128];
+        // SAFETY: calls on our pty master fd; ptsname_r writes at most name.len() bytes.
+        let slave_path = unsafe {
+            if libc::grantpt(master.as_raw_fd()) != 0
+                || libc::unlockpt(master.as_raw_fd()) != 0
+                || libc::ptsname_r(master.as_raw_fd(), name.as_mut_ptr(), name.len()) != 0
+            {
+                return Err(err(io::Error::last_os_error()));
+            }
+            std::ffi::CStr::from_ptr(name.as_ptr())
+                .to_string_lossy()
+                .into_owned()
+        };
+        let slave = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+            .open(&slave_path)
+            .map_err(io_err(&label))?;
+        // Raw line discipline on the pair, as bhyve puts its nmdm side in raw mode.
+        make_raw(master.as_raw_fd()).map_err(io_err(&label))?;
+        self.raw_fds.push(master.as_raw_fd());
+        match std::fs::symlink_metadata(peer) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                std::fs::remove_file(peer).map_err(io_err(&label))?;
+            }
+            Ok(_) => {
+                return Err(SerialError::Invalid {
+                    path: label.clone(),
+                    why: format!("{} exists and is not a symlink rhyve made", peer.display()),
+                })
+            }
+            Err(_) => {}
+        }
+        std::os::unix::fs::symlink(&slave_path, peer).map_err(|e| SerialError::Io {
+            path: label.clone(),
+            source: io::Error::new(e.kind(), format!("symlink {}: {e}", peer.display())),
+        })?;
+        install_cleanup_hooks();
+        if let Ok(c) = CString::new(peer.as_os_str().as_bytes()) {
+            lock(&SYMLINKS).push(c);
+        }
+        self.symlink = Some(peer.to_path_buf());
+        tracing::info!(
+            "{}: null modem, attach to {} (-> {slave_path})",
+            ours.display(),
+            peer.display()
+        );
+        let master = Arc::new(master);
+        self._files.push(master.clone());
+        self._pty_slave = Some(slave);
+        self.shared.set_sink(Some(master.clone()));
+        self.start_writer()?;
+        self.start_reader(master)
+    }
+
+    fn open_tcp(&mut self, label: &str, addr: SocketAddr) -> Result<(), SerialError> {
+        let listener = TcpListener::bind(addr).map_err(io_err(label))?;
+        self.start_writer()?;
+        self.spawn("tcp", move |shared| tcp_loop(shared, listener))
+    }
+
+    fn open_path(&mut self, label: &str, path: &Path) -> Result<(), SerialError> {
+        let meta = std::fs::metadata(path).map_err(io_err(label))?;
+        if meta.is_dir() {
+            return Err(SerialError::Invalid {
+                path: label.to_string(),
+                why: "is a directory".into(),
+            });
+        }
+        let regular = meta.file_type().is_file();
+        let mut opts = OpenOptions::new();
+        opts.read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC);
+        if regular {
+            opts.append(true);
+        }
+        let file = opts.open(path).map_err(io_err(label))?;
+        if is_tty(file.as_raw_fd()) {
+            make_raw(file.as_raw_fd()).map_err(io_err(label))?;
+            self.raw_fds.push(file.as_raw_fd());
+        }
+        let file = Arc::new(file);
+        self._files.push(file.clone());
+        self.shared.set_sink(Some(file.clone()));
+        self.start_writer()?;
+        let readable = !regular
+            && (meta.file_type().is_char_device()
+                || meta.file_type().is_fifo()
+                || meta.file_type().is_socket());
+        if readable {
+            self.start_reader(file)?;
+        }
+        Ok(())
+    }
+
+    /// The `lpc.comN.path` value this backend was opened from.
+    pub fn label(&self) -> &str {
+        &self.shared.label
+    }
+
+    /// Called (from an I/O thread) whenever new input is queued.
+    pub fn set_input_notifier(&self, notify: Box<dyn Fn() + Send + Sync>) {
+        *lock(&self.shared.notifier) = Some(notify);
+    }
+
+    /// Queue guest output. Never blocks: with the queue full the bytes are
+    /// dropped and counted.
+    pub fn write(&self, data: &[u8]) {
+        let mut q = lock(&self.shared.output);
+        let room = OUTPUT_QUEUE_BYTES.saturating_sub(q.bytes.len());
+        let n = room.min(data.len());
+        q.bytes.extend(&data[..n]);
+        if n < data.len() {
+            if q.dropped == 0 {
+                tracing::warn!(
+                    "serial {}: consumer is not reading, dropping guest output",
+                    self.shared.label
+                );
+            }
+            q.dropped += (data.len() - n) as u64;
+        }
+        drop(q);
+        self.shared.output_ready.notify_one();
+    }
+
+    /// Take up to `buf.len()` queued input bytes; returns how many.
+    pub fn read(&self, buf: &mut [u8]) -> usize {
+        let mut q = lock(&self.shared.input);
+        let n = buf.len().min(q.bytes.len());
+        for (slot, b) in buf.iter_mut().zip(q.bytes.drain(..n)) {
+            *slot = b;
+        }
+        drop(q);
+        if n > 0 {
+            self.shared.input_room.notify_all();
+        }
+        n
+    }
+
+    /// True if input is waiting.
+    pub fn has_input(&self) -> bool {
+        !lock(&self.shared.input).bytes.is_empty()
+    }
+
+    /// Discard queued input (the guest reset its receive FIFO).
+    pub fn flush_input(&self) {
+        lock(&self.shared.input).bytes.clear();
+        self.shared.input_room.notify_all();
+    }
+
+    /// Bytes of guest output dropped so far.
+    pub fn dropped_output(&self) -> u64 {
+        lock(&self.shared.output).dropped
+    }
+
+    /// Wait until queued output has been handed to the host (or `timeout`
+    /// passes); true if the queue is empty. Used on VM exit.
+    pub fn drain_output(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut q = lock(&self.shared.output);
+        while !q.bytes.is_empty() {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            q = self
+                .shared
+                .output_ready
+                .wait_timeout(q, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+}
+
+impl Drop for SerialBackend {
+    fn drop(&mut self) {
+        // Give pending output a moment to reach the host.
+        self.drain_output(Duration::from_millis(200));
+        lock(&self.shared.output).stopping = true;
+        lock(&self.shared.input).stopping = true;
+        self.shared.output_ready.notify_all();
+        self.shared.input_room.notify_all();
+        let one: u64 = 1;
+        // SAFETY: writing 8 bytes from a u64 to our eventfd.
+        unsafe {
+            libc::write(
+                self.shared.stop_fd.as_raw_fd(),
+                &one as *const u64 as *const libc::c_void,
+                8,
+            )
+        };
+        for fd in self.raw_fds.drain(..) {
+            forget_terminal(fd);
+        }
+        // The writer may be stuck in a blocking write to a consumer that
+        // never reads; it holds only Arcs, so leave it rather than hang.
+        for t in self.threads.drain(..) {
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
+        if let Some(link) = self.symlink.take() {
+            let _ = std::fs::remove_file(&link);
+            if let Ok(c) = CString::new(link.as_os_str().as_bytes()) {
+                lock(&SYMLINKS).retain(|l| *l != c);
+            }
+        }
+        if self.is_stdio {
+            STDIO_TAKEN.store(false, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Wait until `fd` is readable or the backend stops. Returns false on stop.
+fn wait_readable(shared: &Shared, fds: &[RawFd]) -> Option<usize> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    pfds.push(libc::pollfd {
+        fd: shared.stop_fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    loop {
+        // SAFETY: pfds is a valid array of pollfd for its length.
+        let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            tracing::warn!("serial {}: poll: {e}", shared.label);
+            return None;
+        }
+        if pfds.last().is_some_and(|p| p.revents != 0) || shared.stopping() {
+            return None;
+        }
+        if let Some(i) = pfds.iter().position(|p| p.revents != 0) {
+            return Some(i);
+        }
+    }
+}
+
+fn reader_loop(shared: Arc<Shared>, input: Arc<File>) {
+    let mut buf = [0u8; 256];
+    loop {
+        if wait_readable(&shared, &[input.as_raw_fd()]).is_none() {
+            return;
+        }
+        match (&*input).read(&mut buf) {
+            Ok(0) => {
+                tracing::debug!("serial {}: input closed", shared.label);
+                return;
+            }
+            Ok(n) => {
+                if !shared.push_input(&buf[..n]) {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                tracing::warn!("serial {}: read: {e}; input stops", shared.label);
+                return;
+            }
+        }
+    }
+}
+
+fn writer_loop(shared: Arc<Shared>) {
+    let mut chunk = Vec::with_capacity(4096);
+    loop {
+        {
+            let mut q = lock(&shared.output);
+            while q.bytes.is_empty() && !q.stopping {
+                q = shared
+                    .output_ready
+                    .wait(q)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+            if q.bytes.is_empty() && q.stopping {
+                return;
+            }
+            let n = q.bytes.len().min(4096);
+            chunk.clear();
+            chunk.extend(q.bytes.drain(..n));
+            if q.bytes.is_empty() {
+                // Reset the "dropping" episode so the next one logs again.
+                q.dropped = 0;
+            }
+        }
+        // Wake drain_output() waiters.
+        shared.output_ready.notify_all();
+        let sink = lock(&shared.sink).clone();
+        let Some(sink) = sink else { continue };
+        if let Err(e) = (&*sink).write_all(&chunk) {
+            tracing::warn!("serial {}: write: {e}; dropping output", shared.label);
+            // A TCP client that went away: forget it so the next can attach.
+            let mut cur = lock(&shared.sink);
+            if cur.as_ref().is_some_and(|s| Arc::ptr_eq(s, &sink)) {
+                *cur = None;
+            }
+        }
+    }
+}
+
+fn tcp_loop(shared: Arc<Shared>, listener: TcpListener) {
+    let mut client: Option<Arc<File>> = None;
+    let mut buf = [0u8; 256];
+    loop {
+        // A client the writer dropped after a write error is gone.
+        if let Some(c) = &client {
+            let still = lock(&shared.sink)
+                .as_ref()
+                .is_some_and(|s| Arc::ptr_eq(s, c));
+            if !still {
+                client = None;
+            }
+        }
+        let mut fds = vec![listener.as_raw_fd()];
+        if let Some(c) = &client {
+            fds.push(c.as_raw_fd());
+        }
+        let Some(which) = wait_readable(&shared, &fds) else {
+            return;
+        };
+        if which == 0 {
+            match listener.accept() {
+                Ok((mut stream, peer)) => {
+                    if client.is_some() {
+                        let _ = stream.write_all(b"Socket already connected\n");
+                        continue;
+                    }
+                    tracing::info!("serial {}: client {peer} connected", shared.label);
+                    let file = Arc::new(stream_into_file(stream));
+                    shared.set_sink(Some(file.clone()));
+                    client = Some(file);
+                }
+                Err(e) => tracing::warn!("serial {}: accept: {e}", shared.label),
+            }
+            continue;
+        }
+        let Some(c) = client.clone() else { continue };
+        match (&*c).read(&mut buf) {
+            Ok(0) | Err(_) => {
+                tracing::info!("serial {}: client disconnected", shared.label);
+                shared.set_sink(None);
+                client = None;
+            }
+            Ok(n) => {
+                if !shared.push_input(&buf[..n]) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn stream_into_file(stream: TcpStream) -> File {
+    File::from(OwnedFd::from(stream))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Instant;
+
+    #[test]
+    fn parses_bhyve_paths() {
+        assert_eq!(SerialTarget::parse("stdio").unwrap(), SerialTarget::Stdio);
+        assert_eq!(
+            SerialTarget::parse("tcp=127.0.0.1:4444").unwrap(),
+            SerialTarget::Tcp("127.0.0.1:4444".parse().unwrap())
+        );
+        assert_eq!(
+            SerialTarget::parse("tcp=[::1]:4444").unwrap(),
+            SerialTarget::Tcp("[::1]:4444".parse().unwrap())
+        );
+        assert_eq!(
+            SerialTarget::parse("/dev/nmdm0A").unwrap(),
+            SerialTarget::NullModem {
+                ours: "/dev/nmdm0A".into(),
+                peer: "/dev/nmdm0B".into()
+            }
+        );
+        assert_eq!(
+            SerialTarget::parse("/dev/ttyS1").unwrap(),
+            SerialTarget::Path("/dev/ttyS1".into())
+        );
+        for bad in [
+            "tcp=",
+            "tcp=localhost:1",
+            "tcp=1.2.3.4",
+            "tcp=[::1]:x",
+            "",
+            "/dev/nmdm0C",
+        ] {
+            assert!(SerialTarget::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    fn wait_for(cond: impl Fn() -> bool) -> bool {
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end {
+            if cond() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    #[test]
+    fn regular_file_is_an_output_log() {
+        let dir = std::env::temp_dir().join(format!("rhyve-serial-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("com1.log");
+        std::fs::write(&path, b"old\n").unwrap();
+        let b = SerialBackend::open(path.to_str().unwrap()).unwrap();
+        b.write(b"hello");
+        assert!(b.drain_output(Duration::from_secs(5)));
+        drop(b);
+        assert_eq!(std::fs::read(&path).unwrap(), b"old\nhello");
+        assert!(SerialBackend::open(dir.join("missing").to_str().unwrap()).is_err());
+        assert!(SerialBackend::open(dir.to_str().unwrap()).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn tcp_one_client_at_a_time() {
+        // Find a free port.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let b = SerialBackend::open(&format!("tcp=127.0.0.1:{port}")).unwrap();
+        let (tx, rx) = mpsc::channel();
+        b.set_input_notifier(Box::new(move || {
+            let _ = tx.send(());
+        }));
+        // Output before any client is dropped silently.
+        b.write(b"lost");
+        let mut c1 = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c1.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c1.write_all(b"hi").unwrap();
+        rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let mut got = [0u8; 8];
+        assert!(wait_for(|| b.has_input()));
+        let n = b.read(&mut got);
+        assert_eq!(&got[..n], b"hi");
+        b.write(b"to-guest-client");
+        let mut out = [0u8; 15];
+        c1.read_exact(&mut out).unwrap();
+        assert_eq!(&out, b"to-guest-client");
+
+        let mut c2 = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c2.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut msg = String::new();
+        c2.read_to_string(&mut msg).unwrap();
+        assert_eq!(msg, "Socket already connected\n");
+
+        drop(c1);
+        // After the first client leaves, a new one is accepted.
+        assert!(wait_for(|| {
+            let mut c3 = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            c3.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            b.write(b"x");
+            let mut one = [0u8; 1];
+            matches!(c3.read(&mut one), Ok(1) if one[0] == b'x')
+        }));
+    }
+
+    #[test]
+    fn null_modem_symlink_reaches_guest_both_ways() {
+        let dir = std::env::temp_dir().join(format!("rhyve-nmdm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Parse a real nmdm name, but place the pair in a scratch directory.
+        let ours = dir.join("nmdm9A");
+        let peer = dir.join("nmdm9B");
+        let mut b = SerialBackend::unopened("test-nmdm").unwrap();
+        b.open_null_modem(&ours, &peer).unwrap();
+        assert!(std::fs::symlink_metadata(&peer)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        let mut user = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&peer)
+            .unwrap();
+        make_raw(user.as_raw_fd()).unwrap();
+        b.write(b"login: ");
+        let mut got = [0u8; 7];
+        user.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"login: ");
+        user.write_all(b"root\r").unwrap();
+        assert!(wait_for(|| b.has_input()));
+        let mut inp = [0u8; 16];
+        assert!(wait_for(|| {
+            std::thread::sleep(Duration::from_millis(20));
+            lock(&b.shared.input).bytes.len() == 5
+        }));
+        let n = b.read(&mut inp);
+        assert_eq!(&inp[..n], b"root\r");
+        forget_terminal(user.as_raw_fd());
+        drop(b);
+        assert!(std::fs::symlink_metadata(&peer).is_err(), "symlink removed");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn output_to_a_stuck_consumer_is_bounded_and_never_blocks() {
+        // A FIFO with a reader that never reads: the writer thread blocks,
+        // the queue fills, the rest is dropped, and write() returns at once.
+        let dir = std::env::temp_dir().join(format!("rhyve-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        let c = CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: mkfifo on a path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let _reader = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap();
+        let b = SerialBackend::open(fifo.to_str().unwrap()).unwrap();
+        let start = Instant::now();
+        for _ in 0..(4 * OUTPUT_QUEUE_BYTES / 1024) {
+            b.write(&[b'x'; 1024]);
+        }
+        assert!(start.elapsed() < Duration::from_secs(2));
+        assert!(b.dropped_output() > 0);
+        drop(b);
+        drop(_reader);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
