@@ -1,0 +1,79 @@
+//! The loop every device runs over a queue, with notification suppression.
+//!
+//! Notifications from the driver are disabled while the device drains the
+//! available ring and re-enabled before it stops, re-checking for buffers
+//! that raced in (virtio 1.x 2.7.10 / 2.7.7.2). With EVENT_IDX the
+//! `used_event` / `avail_event` fields decide instead of the flags;
+//! `virtio-queue` implements both, so devices only say what each chain does.
+
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+
+use crate::{DeviceError, GuestMemory};
+
+/// What a device did with one chain.
+pub enum Completion {
+    /// Done: put it on the used ring with this many bytes written.
+    Used(u32),
+    /// The device cannot take this chain now (no room on the host side):
+    /// leave it on the available ring and stop.
+    Retry,
+}
+
+/// Pop and handle chains until the ring is empty (or the device says retry).
+/// Returns whether the driver needs an interrupt.
+pub fn drain<F>(
+    index: usize,
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    mut handle: F,
+) -> Result<bool, DeviceError>
+where
+    F: FnMut(DescriptorChain<&GuestMemory>) -> Completion,
+{
+    let err = |source| DeviceError::Queue {
+        queue: index,
+        source,
+    };
+    let mut used_any = false;
+    loop {
+        queue.disable_notification(mem).map_err(err)?;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            match handle(chain) {
+                Completion::Used(len) => {
+                    queue.add_used(mem, head, len).map_err(err)?;
+                    used_any = true;
+                }
+                Completion::Retry => {
+                    queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                    queue.enable_notification(mem).map_err(err)?;
+                    return finish(queue, mem, used_any, index);
+                }
+            }
+        }
+        // A malformed avail index makes pop_descriptor_chain return None;
+        // surface it as an error instead of treating the ring as empty.
+        queue.iter(mem).map_err(err)?;
+        if !queue.enable_notification(mem).map_err(err)? {
+            break;
+        }
+    }
+    finish(queue, mem, used_any, index)
+}
+
+fn finish(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    used_any: bool,
+    index: usize,
+) -> Result<bool, DeviceError> {
+    if !used_any {
+        return Ok(false);
+    }
+    queue
+        .needs_notification(mem)
+        .map_err(|source| DeviceError::Queue {
+            queue: index,
+            source,
+        })
+}
