@@ -199,10 +199,12 @@ impl ConfigTree {
     pub fn get_u64(&self, path: &str) -> Result<Option<u64>, ConfigError> {
         match self.get(path)? {
             None => Ok(None),
-            Some(v) => parse_c_integer(&v).map(Some).ok_or(ConfigError::BadInteger {
-                path: path.to_string(),
-                value: v,
-            }),
+            Some(v) => parse_c_integer(&v)
+                .map(Some)
+                .ok_or(ConfigError::BadInteger {
+                    path: path.to_string(),
+                    value: v,
+                }),
         }
     }
 
@@ -216,7 +218,9 @@ impl ConfigTree {
                 _ => None,
             }
         };
-        table.map(|t| t.keys().cloned().collect()).unwrap_or_default()
+        table
+            .map(|t| t.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Every `(path, raw value)` pair, in tree order.
@@ -270,11 +274,20 @@ mod tests {
         let mut t = ConfigTree::new();
         t.set("pci.0.3.0.device", "virtio-blk").unwrap();
         t.set("pci.0.3.0.path", "/d.img").unwrap();
-        assert_eq!(t.get("pci.0.3.0.device").unwrap().as_deref(), Some("virtio-blk"));
+        assert_eq!(
+            t.get("pci.0.3.0.device").unwrap().as_deref(),
+            Some("virtio-blk")
+        );
         assert_eq!(t.children("pci.0.3.0"), vec!["device", "path"]);
         assert!(t.is_node("pci.0.3"));
-        assert!(matches!(t.set("pci.0.3", "x"), Err(ConfigError::NotAValue(_))));
-        assert!(matches!(t.set("pci.0.3.0.path.x", "x"), Err(ConfigError::NotANode(_))));
+        assert!(matches!(
+            t.set("pci.0.3", "x"),
+            Err(ConfigError::NotAValue(_))
+        ));
+        assert!(matches!(
+            t.set("pci.0.3.0.path.x", "x"),
+            Err(ConfigError::NotANode(_))
+        ));
         assert!(matches!(t.set("a..b", "x"), Err(ConfigError::BadPath(_))));
     }
 
@@ -293,7 +306,13 @@ mod tests {
     #[test]
     fn booleans_and_integers() {
         let mut t = ConfigTree::new();
-        for (v, b) in [("on", true), ("YES", true), ("1", true), ("off", false), ("no", false)] {
+        for (v, b) in [
+            ("on", true),
+            ("YES", true),
+            ("1", true),
+            ("off", false),
+            ("no", false),
+        ] {
             t.set("x", v).unwrap();
             assert_eq!(t.get_bool("x").unwrap(), Some(b));
         }
