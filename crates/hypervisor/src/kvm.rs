@@ -1,0 +1,376 @@
+//! The KVM implementation of [`Vm`] and [`Vcpu`].
+//!
+//! KVM keeps the LAPIC, IOAPIC, PIC and PIT in the kernel (bhyve's vmm.ko
+//! does the same); everything else exits to user space. Guest memory follows
+//! bhyve's layout: RAM below 3 GiB, the rest from 4 GiB.
+
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_enable_cap, kvm_msi, kvm_pit_config, kvm_regs, kvm_sregs, kvm_userspace_memory_region,
+    Msrs, CpuId, kvm_msr_entry, KVM_CAP_X86_USER_SPACE_MSR, KVM_MAX_CPUID_ENTRIES,
+    KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED,
+    KVM_MSR_EXIT_REASON_UNKNOWN, KVM_PIT_SPEAKER_DUMMY, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use rhyve_platform::irq::{InterruptController, InterruptLine, MsiSender};
+use rhyve_platform::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, LAPIC_BASE};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
+
+use crate::cpuid::{guest_cpuid, Topology};
+use crate::{EmulationFailure, EntryRegs, HvError, Result, VcpuExit, VmSpec};
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> HvError {
+    move |source| HvError::Kvm { what, source }
+}
+
+/// A KVM virtual machine.
+pub struct KvmVm {
+    kvm: Kvm,
+    fd: Arc<VmFd>,
+    memory: GuestMemoryMmap,
+    spec: VmSpec,
+}
+
+impl KvmVm {
+    pub fn new(spec: VmSpec) -> Result<Self> {
+        let kvm = Kvm::new().map_err(|e| HvError::NoKvm(std::io::Error::from_raw_os_error(e.errno())))?;
+        let fd = kvm.create_vm().map_err(kvm_err("creating the VM"))?;
+        fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
+            .map_err(kvm_err("placing the identity map page"))?;
+        fd.set_tss_address(KVM_TSS_ADDR as usize)
+            .map_err(kvm_err("placing the TSS"))?;
+        fd.create_irq_chip().map_err(kvm_err("creating the in-kernel irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(kvm_err("creating the in-kernel PIT"))?;
+        if !spec.strict_msr {
+            // `-w`: unknown MSRs come to user space, which reads 0 and drops writes.
+            let mut cap = kvm_enable_cap {
+                cap: KVM_CAP_X86_USER_SPACE_MSR,
+                ..Default::default()
+            };
+            cap.args[0] = KVM_MSR_EXIT_REASON_UNKNOWN as u64;
+            fd.enable_cap(&cap)
+                .map_err(kvm_err("enabling user-space MSR handling for -w"))?;
+        }
+        let ranges: Vec<(GuestAddress, usize)> = spec
+            .memory
+            .ram_regions()
+            .into_iter()
+            .map(|(a, s)| (GuestAddress(a), s as usize))
+            .collect();
+        let memory = GuestMemoryMmap::<()>::from_ranges(&ranges)
+            .map_err(|e| HvError::Memory(format!("cannot allocate guest memory: {e}")))?;
+        for (slot, region) in memory.iter().enumerate() {
+            let host = region.as_ptr();
+            let len = region.len() as usize;
+            // SAFETY: `host..host+len` is a live anonymous mapping owned by `memory`.
+            unsafe {
+                if spec.wired && libc::mlock(host as *const libc::c_void, len) != 0 {
+                    return Err(HvError::Memory(format!(
+                        "cannot wire guest memory (-S): {}",
+                        std::io::Error::last_os_error()
+                    )));
+                }
+                if !spec.guest_in_core {
+                    libc::madvise(host as *mut libc::c_void, len, libc::MADV_DONTDUMP);
+                }
+            }
+            let mr = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+                flags: 0,
+            };
+            // SAFETY: the region outlives the VM (both are owned by `self`).
+            unsafe { fd.set_user_memory_region(mr) }.map_err(kvm_err("mapping guest memory"))?;
+        }
+        Ok(Self {
+            kvm,
+            fd: Arc::new(fd),
+            memory,
+            spec,
+        })
+    }
+}
+
+impl crate::Vm for KvmVm {
+    fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    fn interrupts(&self) -> Arc<dyn InterruptController> {
+        Arc::new(KvmInterrupts { vm: self.fd.clone() })
+    }
+
+    fn create_vcpu(&self, id: u32) -> Result<Box<dyn crate::Vcpu>> {
+        let fd = self
+            .fd
+            .create_vcpu(id as u64)
+            .map_err(kvm_err("creating a vCPU"))?;
+        let supported = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("reading supported CPUID"))?;
+        let topo = Topology {
+            sockets: self.spec.sockets,
+            cores: self.spec.cores,
+            threads: self.spec.threads,
+        };
+        let entries = guest_cpuid(supported.as_slice(), id, topo, self.spec.x2apic);
+        let cpuid = CpuId::from_entries(&entries)
+            .map_err(|e| HvError::Unsupported(format!("CPUID table: {e:?}")))?;
+        fd.set_cpuid2(&cpuid).map_err(kvm_err("setting CPUID"))?;
+        if self.spec.x2apic {
+            const IA32_APIC_BASE: u32 = 0x1B;
+            let base = LAPIC_BASE | (1 << 11) | (1 << 10) | if id == 0 { 1 << 8 } else { 0 };
+            let msrs = Msrs::from_entries(&[kvm_msr_entry {
+                index: IA32_APIC_BASE,
+                data: base,
+                ..Default::default()
+            }])
+            .map_err(|e| HvError::Unsupported(format!("MSR list: {e:?}")))?;
+            fd.set_msrs(&msrs).map_err(kvm_err("switching the LAPIC to x2APIC mode"))?;
+        }
+        Ok(Box::new(KvmVcpu {
+            fd,
+            id,
+            memory: self.memory.clone(),
+        }))
+    }
+}
+
+/// ISA IRQs and IOAPIC pins through `KVM_IRQ_LINE`.
+struct KvmInterrupts {
+    vm: Arc<VmFd>,
+}
+
+struct KvmLine {
+    vm: Arc<VmFd>,
+    gsi: u32,
+}
+
+impl InterruptLine for KvmLine {
+    fn set_level(&self, asserted: bool) {
+        if let Err(e) = self.vm.set_irq_line(self.gsi, asserted) {
+            tracing::warn!("KVM_IRQ_LINE gsi {} failed: {e}", self.gsi);
+        }
+    }
+}
+
+struct KvmMsi {
+    vm: Arc<VmFd>,
+}
+
+impl MsiSender for KvmMsi {
+    fn send(&self, address: u64, data: u32) {
+        let msi = kvm_msi {
+            address_lo: address as u32,
+            address_hi: (address >> 32) as u32,
+            data,
+            ..Default::default()
+        };
+        if let Err(e) = self.vm.signal_msi(msi) {
+            tracing::warn!("KVM_SIGNAL_MSI {address:#x}/{data:#x} failed: {e}");
+        }
+    }
+}
+
+impl InterruptController for KvmInterrupts {
+    fn line(&self, gsi: u32) -> Arc<dyn InterruptLine> {
+        Arc::new(KvmLine {
+            vm: self.vm.clone(),
+            gsi,
+        })
+    }
+
+    fn msi(&self) -> Arc<dyn MsiSender> {
+        Arc::new(KvmMsi {
+            vm: self.vm.clone(),
+        })
+    }
+}
+
+/// A KVM vCPU.
+pub struct KvmVcpu {
+    fd: VcpuFd,
+    id: u32,
+    memory: GuestMemoryMmap,
+}
+
+fn flat_segment(selector: u16, code: bool, long_mode: bool) -> kvm_bindings::kvm_segment {
+    kvm_bindings::kvm_segment {
+        base: 0,
+        limit: 0xFFFF_FFFF,
+        selector,
+        type_: if code { 0xB } else { 0x3 },
+        present: 1,
+        dpl: 0,
+        db: u8::from(!(code && long_mode)),
+        s: 1,
+        l: u8::from(code && long_mode),
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+impl KvmVcpu {
+    /// Linear address of CS:RIP, for reading the bytes of a failed instruction.
+    fn code_address(&self) -> Option<(u64, u64)> {
+        let regs: kvm_regs = self.fd.get_regs().ok()?;
+        let sregs: kvm_sregs = self.fd.get_sregs().ok()?;
+        let linear = if sregs.cs.l == 1 {
+            regs.rip
+        } else {
+            sregs.cs.base.wrapping_add(regs.rip)
+        };
+        let physical = if sregs.cr0 & (1 << 31) != 0 {
+            let t = self.fd.translate_gva(linear).ok()?;
+            if t.valid == 0 {
+                return Some((regs.rip, u64::MAX));
+            }
+            t.physical_address
+        } else {
+            linear
+        };
+        Some((regs.rip, physical))
+    }
+}
+
+impl crate::Vcpu for KvmVcpu {
+    fn id(&self) -> u32 {
+        self.id
+    }
+
+    fn set_entry(&mut self, e: &EntryRegs) -> Result<()> {
+        let mut sregs = self.fd.get_sregs().map_err(kvm_err("reading sregs"))?;
+        let code = flat_segment(e.code_selector, true, e.long_mode);
+        let data = flat_segment(e.data_selector, false, e.long_mode);
+        sregs.cs = code;
+        sregs.ds = data;
+        sregs.es = data;
+        sregs.fs = data;
+        sregs.gs = data;
+        sregs.ss = data;
+        sregs.gdt.base = e.gdt_base;
+        sregs.gdt.limit = e.gdt_limit;
+        sregs.cr0 = e.cr0;
+        sregs.cr3 = e.cr3;
+        sregs.cr4 = e.cr4;
+        sregs.efer = e.efer;
+        self.fd.set_sregs(&sregs).map_err(kvm_err("writing sregs"))?;
+        let regs = kvm_regs {
+            rip: e.rip,
+            rsi: e.rsi,
+            rbx: e.rbx,
+            rsp: e.rsp,
+            rflags: 2,
+            ..Default::default()
+        };
+        self.fd.set_regs(&regs).map_err(kvm_err("writing regs"))
+    }
+
+    fn run(&mut self) -> Result<VcpuExit<'_>> {
+        use kvm_ioctls::VcpuExit as K;
+        match self.fd.run() {
+            Ok(K::IoIn(port, data)) => Ok(VcpuExit::IoIn { port, data }),
+            Ok(K::IoOut(port, data)) => Ok(VcpuExit::IoOut { port, data }),
+            Ok(K::MmioRead(addr, data)) => Ok(VcpuExit::MmioRead { addr, data }),
+            Ok(K::MmioWrite(addr, data)) => Ok(VcpuExit::MmioWrite { addr, data }),
+            Ok(K::Shutdown) => Ok(VcpuExit::Shutdown),
+            Ok(K::Intr) | Ok(K::IrqWindowOpen) => Ok(VcpuExit::Interrupted),
+            Ok(K::X86Rdmsr(msr)) => {
+                // Only reached with `-w`: unknown MSRs read as zero.
+                tracing::debug!("vcpu {}: rdmsr {:#x} of an unknown MSR reads 0", self.id, msr.index);
+                *msr.data = 0;
+                *msr.error = 0;
+                Ok(VcpuExit::Interrupted)
+            }
+            Ok(K::X86Wrmsr(msr)) => {
+                tracing::debug!("vcpu {}: wrmsr {:#x} of an unknown MSR ignored", self.id, msr.index);
+                *msr.error = 0;
+                Ok(VcpuExit::Interrupted)
+            }
+            Ok(K::SystemEvent(kind, _)) => match kind {
+                KVM_SYSTEM_EVENT_RESET => Ok(VcpuExit::SystemReset),
+                KVM_SYSTEM_EVENT_SHUTDOWN => Ok(VcpuExit::SystemPowerOff),
+                other => Ok(VcpuExit::Failed(format!("unexpected system event {other}"))),
+            },
+            Ok(K::InternalError) => Ok(VcpuExit::EmulationFailure),
+            Ok(K::FailEntry(reason, cpu)) => Ok(VcpuExit::Failed(format!(
+                "VM entry failed on host CPU {cpu}: hardware reason {reason:#x}"
+            ))),
+            Ok(other) => Ok(VcpuExit::Failed(format!("unexpected exit {other:?}"))),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                Ok(VcpuExit::Interrupted)
+            }
+            Err(e) => Err(HvError::Kvm {
+                what: "running the vCPU",
+                source: e,
+            }),
+        }
+    }
+
+    fn halted_for_good(&mut self) -> Result<bool> {
+        let mp = self.fd.get_mp_state().map_err(kvm_err("reading mp state"))?;
+        if mp.mp_state != KVM_MP_STATE_HALTED {
+            return Ok(false);
+        }
+        let regs = self.fd.get_regs().map_err(kvm_err("reading regs"))?;
+        const RFLAGS_IF: u64 = 1 << 9;
+        Ok(regs.rflags & RFLAGS_IF == 0)
+    }
+
+    fn started(&mut self) -> Result<bool> {
+        let mp = self.fd.get_mp_state().map_err(kvm_err("reading mp state"))?;
+        Ok(mp.mp_state != KVM_MP_STATE_UNINITIALIZED && mp.mp_state != KVM_MP_STATE_INIT_RECEIVED)
+    }
+
+    fn rip(&mut self) -> Result<u64> {
+        Ok(self.fd.get_regs().map_err(kvm_err("reading regs"))?.rip)
+    }
+
+    fn emulation_failure(&mut self) -> EmulationFailure {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the exit reason was KVM_EXIT_INTERNAL_ERROR, so the union
+        // holds `internal` / `emulation_failure`.
+        let (suberror, kernel_bytes) = unsafe {
+            let ef = run.__bindgen_anon_1.emulation_failure;
+            const FLAG_INSTRUCTION_BYTES: u64 = 1;
+            let bytes = if ef.suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION
+                && ef.ndata >= 3
+                && ef.flags & FLAG_INSTRUCTION_BYTES != 0
+            {
+                let b = ef.__bindgen_anon_1.__bindgen_anon_1;
+                b.insn_bytes[..(b.insn_size as usize).min(15)].to_vec()
+            } else {
+                Vec::new()
+            };
+            (ef.suberror, bytes)
+        };
+        let detail = match suberror {
+            kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => "KVM's instruction emulator gave up".to_string(),
+            n => format!("KVM internal error, suberror {n}"),
+        };
+        let (rip, phys) = self.code_address().unwrap_or((0, u64::MAX));
+        let bytes = if !kernel_bytes.is_empty() {
+            kernel_bytes
+        } else {
+            let mut buf = [0u8; 15];
+            match self.memory.read(&mut buf, GuestAddress(phys)) {
+                Ok(n) => buf[..n].to_vec(),
+                Err(_) => Vec::new(),
+            }
+        };
+        EmulationFailure { rip, bytes, detail }
+    }
+}

@@ -1,0 +1,137 @@
+//! The hypervisor backend: what bhyve's `libvmmapi` is to `vmm.ko`.
+//!
+//! The VMM talks to the [`Vm`] and [`Vcpu`] traits only; [`kvm`] implements
+//! them on Linux KVM. A FreeBSD vmm.ko backend would implement the same two
+//! traits. Exits are reported in backend-neutral terms ([`VcpuExit`]).
+
+pub mod cpuid;
+pub mod kvm;
+
+use std::sync::Arc;
+
+use rhyve_platform::irq::InterruptController;
+use rhyve_platform::layout::MemoryLayout;
+use vm_memory::GuestMemoryMmap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HvError {
+    #[error("cannot open /dev/kvm: {0} (rhyve needs KVM: is the kvm module loaded and /dev/kvm accessible?)")]
+    NoKvm(std::io::Error),
+    #[error("{what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("guest memory: {0}")]
+    Memory(String),
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+pub type Result<T> = std::result::Result<T, HvError>;
+
+/// What the VM is built with; everything comes from the config tree.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub cpus: u32,
+    pub sockets: u32,
+    pub cores: u32,
+    pub threads: u32,
+    pub memory: MemoryLayout,
+    /// `-S`: lock guest memory in RAM.
+    pub wired: bool,
+    /// `-C`: leave guest memory in core dumps (excluded otherwise).
+    pub guest_in_core: bool,
+    /// `-x`: start the local APICs in x2APIC mode.
+    pub x2apic: bool,
+    /// `x86.strictmsr` (cleared by `-w`): unknown MSRs raise #GP.
+    pub strict_msr: bool,
+}
+
+/// Register state a loader asks the boot vCPU to start in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EntryRegs {
+    pub rip: u64,
+    pub rsi: u64,
+    pub rbx: u64,
+    pub rsp: u64,
+    pub cr0: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub efer: u64,
+    pub gdt_base: u64,
+    pub gdt_limit: u16,
+    pub code_selector: u16,
+    pub data_selector: u16,
+    pub long_mode: bool,
+}
+
+/// Why `Vcpu::run` returned, in backend-neutral terms.
+#[derive(Debug)]
+pub enum VcpuExit<'a> {
+    IoIn { port: u16, data: &'a mut [u8] },
+    IoOut { port: u16, data: &'a [u8] },
+    MmioRead { addr: u64, data: &'a mut [u8] },
+    MmioWrite { addr: u64, data: &'a [u8] },
+    /// The guest triple-faulted.
+    Shutdown,
+    /// The run was interrupted (a kick from another thread).
+    Interrupted,
+    /// The guest asked to reset or power off through a hypervisor interface.
+    SystemReset,
+    SystemPowerOff,
+    /// The backend cannot go on with this guest instruction; details from
+    /// [`Vcpu::emulation_failure`].
+    EmulationFailure,
+    /// Anything else the backend could not handle.
+    Failed(String),
+}
+
+/// An instruction the hypervisor could not emulate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmulationFailure {
+    pub rip: u64,
+    pub bytes: Vec<u8>,
+    pub detail: String,
+}
+
+impl std::fmt::Display for EmulationFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cannot emulate the instruction at RIP {:#x}", self.rip)?;
+        if self.bytes.is_empty() {
+            write!(f, " (instruction bytes unreadable)")?;
+        } else {
+            write!(f, ", bytes")?;
+            for b in &self.bytes {
+                write!(f, " {b:02x}")?;
+            }
+        }
+        if !self.detail.is_empty() {
+            write!(f, " ({})", self.detail)?;
+        }
+        Ok(())
+    }
+}
+
+/// A virtual machine: memory, interrupt controller and vCPU factory.
+pub trait Vm: Send + Sync {
+    fn memory(&self) -> &GuestMemoryMmap;
+    fn interrupts(&self) -> Arc<dyn InterruptController>;
+    fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;
+}
+
+/// A virtual CPU, driven by exactly one thread.
+pub trait Vcpu: Send {
+    fn id(&self) -> u32;
+    /// Put the vCPU in the state a loader asked for.
+    fn set_entry(&mut self, regs: &EntryRegs) -> Result<()>;
+    /// Enter the guest until the next exit.
+    fn run(&mut self) -> Result<VcpuExit<'_>>;
+    /// True if the vCPU sits in HLT with interrupts disabled: halted for good.
+    fn halted_for_good(&mut self) -> Result<bool>;
+    /// True once the vCPU runs (the boot CPU, or an AP after INIT/SIPI).
+    fn started(&mut self) -> Result<bool>;
+    fn rip(&mut self) -> Result<u64>;
+    /// Details of the last [`VcpuExit::EmulationFailure`].
+    fn emulation_failure(&mut self) -> EmulationFailure;
+}
