@@ -57,7 +57,8 @@ pub fn guest_cpuid(
     for e in out.iter_mut() {
         match e.function {
             LEAF_FEATURES => {
-                e.ebx = (e.ebx & 0x0000_FFFF) | ((vcpu & 0xFF) << 24) | ((per_package & 0xFF) << 16);
+                e.ebx =
+                    (e.ebx & 0x0000_FFFF) | ((vcpu & 0xFF) << 24) | ((per_package & 0xFF) << 16);
                 e.ecx |= ECX_HYPERVISOR;
                 if x2apic {
                     e.ecx |= ECX_X2APIC;
@@ -72,7 +73,11 @@ pub fn guest_cpuid(
             }
             LEAF_CACHE => {
                 let level = (e.eax >> 5) & 7;
-                let sharing = if level >= 3 { per_package } else { topo.threads };
+                let sharing = if level >= 3 {
+                    per_package
+                } else {
+                    topo.threads
+                };
                 e.eax = (e.eax & 0x3FFF)
                     | ((sharing.saturating_sub(1) & 0xFFF) << 14)
                     | ((topo.cores.saturating_sub(1) & 0x3F) << 26);
@@ -172,7 +177,16 @@ mod tests {
 
     #[test]
     fn x2apic_bit_follows_flag() {
-        let v = guest_cpuid(&[leaf(1, 0)], 0, Topology { sockets: 1, cores: 1, threads: 1 }, true);
+        let v = guest_cpuid(
+            &[leaf(1, 0)],
+            0,
+            Topology {
+                sockets: 1,
+                cores: 1,
+                threads: 1,
+            },
+            true,
+        );
         assert_ne!(find(&v, 1, 0).ecx & ECX_X2APIC, 0);
     }
 }

@@ -7,8 +7,8 @@
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_enable_cap, kvm_msi, kvm_pit_config, kvm_regs, kvm_sregs, kvm_userspace_memory_region,
-    Msrs, CpuId, kvm_msr_entry, KVM_CAP_X86_USER_SPACE_MSR, KVM_MAX_CPUID_ENTRIES,
+    kvm_enable_cap, kvm_msi, kvm_msr_entry, kvm_pit_config, kvm_regs, kvm_sregs,
+    kvm_userspace_memory_region, CpuId, Msrs, KVM_CAP_X86_USER_SPACE_MSR, KVM_MAX_CPUID_ENTRIES,
     KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED,
     KVM_MSR_EXIT_REASON_UNKNOWN, KVM_PIT_SPEAKER_DUMMY, KVM_SYSTEM_EVENT_RESET,
     KVM_SYSTEM_EVENT_SHUTDOWN,
@@ -37,18 +37,21 @@ pub struct KvmVm {
 
 impl KvmVm {
     pub fn new(spec: VmSpec) -> Result<Self> {
-        let kvm = Kvm::new().map_err(|e| HvError::NoKvm(std::io::Error::from_raw_os_error(e.errno())))?;
+        let kvm =
+            Kvm::new().map_err(|e| HvError::NoKvm(std::io::Error::from_raw_os_error(e.errno())))?;
         let fd = kvm.create_vm().map_err(kvm_err("creating the VM"))?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
             .map_err(kvm_err("placing the identity map page"))?;
         fd.set_tss_address(KVM_TSS_ADDR as usize)
             .map_err(kvm_err("placing the TSS"))?;
-        fd.create_irq_chip().map_err(kvm_err("creating the in-kernel irqchip"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("creating the in-kernel irqchip"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         };
-        fd.create_pit2(pit).map_err(kvm_err("creating the in-kernel PIT"))?;
+        fd.create_pit2(pit)
+            .map_err(kvm_err("creating the in-kernel PIT"))?;
         if !spec.strict_msr {
             // `-w`: unknown MSRs come to user space, which reads 0 and drops writes.
             let mut cap = kvm_enable_cap {
@@ -107,7 +110,9 @@ impl crate::Vm for KvmVm {
     }
 
     fn interrupts(&self) -> Arc<dyn InterruptController> {
-        Arc::new(KvmInterrupts { vm: self.fd.clone() })
+        Arc::new(KvmInterrupts {
+            vm: self.fd.clone(),
+        })
     }
 
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn crate::Vcpu>> {
@@ -137,7 +142,8 @@ impl crate::Vm for KvmVm {
                 ..Default::default()
             }])
             .map_err(|e| HvError::Unsupported(format!("MSR list: {e:?}")))?;
-            fd.set_msrs(&msrs).map_err(kvm_err("switching the LAPIC to x2APIC mode"))?;
+            fd.set_msrs(&msrs)
+                .map_err(kvm_err("switching the LAPIC to x2APIC mode"))?;
         }
         Ok(Box::new(KvmVcpu {
             fd,
@@ -267,7 +273,9 @@ impl crate::Vcpu for KvmVcpu {
         sregs.cr3 = e.cr3;
         sregs.cr4 = e.cr4;
         sregs.efer = e.efer;
-        self.fd.set_sregs(&sregs).map_err(kvm_err("writing sregs"))?;
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(kvm_err("writing sregs"))?;
         let regs = kvm_regs {
             rip: e.rip,
             rsi: e.rsi,
@@ -290,13 +298,21 @@ impl crate::Vcpu for KvmVcpu {
             Ok(K::Intr) | Ok(K::IrqWindowOpen) => Ok(VcpuExit::Interrupted),
             Ok(K::X86Rdmsr(msr)) => {
                 // Only reached with `-w`: unknown MSRs read as zero.
-                tracing::debug!("vcpu {}: rdmsr {:#x} of an unknown MSR reads 0", self.id, msr.index);
+                tracing::debug!(
+                    "vcpu {}: rdmsr {:#x} of an unknown MSR reads 0",
+                    self.id,
+                    msr.index
+                );
                 *msr.data = 0;
                 *msr.error = 0;
                 Ok(VcpuExit::Interrupted)
             }
             Ok(K::X86Wrmsr(msr)) => {
-                tracing::debug!("vcpu {}: wrmsr {:#x} of an unknown MSR ignored", self.id, msr.index);
+                tracing::debug!(
+                    "vcpu {}: wrmsr {:#x} of an unknown MSR ignored",
+                    self.id,
+                    msr.index
+                );
                 *msr.error = 0;
                 Ok(VcpuExit::Interrupted)
             }
@@ -321,7 +337,10 @@ impl crate::Vcpu for KvmVcpu {
     }
 
     fn halted_for_good(&mut self) -> Result<bool> {
-        let mp = self.fd.get_mp_state().map_err(kvm_err("reading mp state"))?;
+        let mp = self
+            .fd
+            .get_mp_state()
+            .map_err(kvm_err("reading mp state"))?;
         if mp.mp_state != KVM_MP_STATE_HALTED {
             return Ok(false);
         }
@@ -331,7 +350,10 @@ impl crate::Vcpu for KvmVcpu {
     }
 
     fn started(&mut self) -> Result<bool> {
-        let mp = self.fd.get_mp_state().map_err(kvm_err("reading mp state"))?;
+        let mp = self
+            .fd
+            .get_mp_state()
+            .map_err(kvm_err("reading mp state"))?;
         Ok(mp.mp_state != KVM_MP_STATE_UNINITIALIZED && mp.mp_state != KVM_MP_STATE_INIT_RECEIVED)
     }
 
@@ -358,7 +380,9 @@ impl crate::Vcpu for KvmVcpu {
             (ef.suberror, bytes)
         };
         let detail = match suberror {
-            kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => "KVM's instruction emulator gave up".to_string(),
+            kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => {
+                "KVM's instruction emulator gave up".to_string()
+            }
             n => format!("KVM internal error, suberror {n}"),
         };
         let (rip, phys) = self.code_address().unwrap_or((0, u64::MAX));

@@ -69,10 +69,22 @@ pub struct EntryRegs {
 /// Why `Vcpu::run` returned, in backend-neutral terms.
 #[derive(Debug)]
 pub enum VcpuExit<'a> {
-    IoIn { port: u16, data: &'a mut [u8] },
-    IoOut { port: u16, data: &'a [u8] },
-    MmioRead { addr: u64, data: &'a mut [u8] },
-    MmioWrite { addr: u64, data: &'a [u8] },
+    IoIn {
+        port: u16,
+        data: &'a mut [u8],
+    },
+    IoOut {
+        port: u16,
+        data: &'a [u8],
+    },
+    MmioRead {
+        addr: u64,
+        data: &'a mut [u8],
+    },
+    MmioWrite {
+        addr: u64,
+        data: &'a [u8],
+    },
     /// The guest triple-faulted.
     Shutdown,
     /// The run was interrupted (a kick from another thread).

@@ -1,0 +1,157 @@
+//! Builds a bhyve VM from the config tree and runs it (bhyve's `bhyverun.c`).
+//!
+//! The flow is one way: [`run`] reads only the tree, asks the hypervisor
+//! backend for a VM, puts the devices on the buses, loads the guest, starts
+//! one thread per vCPU and supervises them until something ends the VM; the
+//! reason becomes bhyve's exit status.
+
+mod signals;
+mod spec;
+mod vcpu;
+
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rhyve_config::ConfigTree;
+use rhyve_platform::exit::{ExitRequest, ExitRequests};
+use vmm_sys_util::signal::Killable;
+
+pub use spec::{memory_size, vm_spec};
+pub use vcpu::VcpuShared;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error(transparent)]
+    Hypervisor(#[from] rhyve_hypervisor::HvError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// How often the supervisor looks at signals.
+const TICK: Duration = Duration::from_millis(50);
+/// Halt checks happen every this many ticks.
+const HALT_CHECK_TICKS: u32 = 4;
+
+/// Hooks the supervisor needs from the platform devices.
+pub struct Supervision {
+    /// True once the guest has switched ACPI on (SMI_CMD 0xA0).
+    pub acpi_enabled: Box<dyn Fn() -> bool + Send>,
+    /// Press the ACPI power button.
+    pub press_power_button: Box<dyn Fn() + Send>,
+}
+
+/// Run vCPU threads until the VM stops; returns why it stopped.
+pub fn supervise(
+    vcpus: Vec<Box<dyn rhyve_hypervisor::Vcpu>>,
+    shared: Arc<VcpuShared>,
+    exits: Arc<ExitRequests>,
+    hooks: Supervision,
+) -> ExitRequest {
+    signals::install();
+    let (wake_tx, wake_rx) = mpsc::channel::<()>();
+    exits.set_waker(Box::new(move || {
+        let _ = wake_tx.send(());
+    }));
+    let mut threads = Vec::new();
+    for vcpu in vcpus {
+        let shared = shared.clone();
+        let name = format!("vcpu {}", vcpu.id());
+        match std::thread::Builder::new()
+            .name(name)
+            .spawn(move || vcpu::run_vcpu(vcpu, shared))
+        {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                exits.request(ExitRequest::Error(format!(
+                    "cannot start a vCPU thread: {e}"
+                )));
+                break;
+            }
+        }
+    }
+    let kick_all = |threads: &[std::thread::JoinHandle<()>]| {
+        for t in threads {
+            if !t.is_finished() {
+                let _ = t.kill(signals::kick_signal());
+            }
+        }
+    };
+    let mut tick = 0u32;
+    let mut idle_rounds = 0u32;
+    loop {
+        if exits.pending().is_some() {
+            break;
+        }
+        match wake_rx.recv_timeout(TICK) {
+            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if signals::take_sigterm() {
+            if (hooks.acpi_enabled)() {
+                (hooks.press_power_button)();
+            } else {
+                // bhyve leaves SIGTERM its default action until ACPI is on.
+                signals::die_by_sigterm();
+            }
+        }
+        tick += 1;
+        if tick % HALT_CHECK_TICKS == 0 {
+            if shared.halt_check_answered() {
+                idle_rounds = if shared.all_idle() {
+                    idle_rounds + 1
+                } else {
+                    0
+                };
+                // Two rounds in a row: no vCPU was merely between two states.
+                if idle_rounds >= 2 {
+                    exits.request(ExitRequest::Halt);
+                    break;
+                }
+            }
+            shared.request_halt_check();
+            kick_all(&threads);
+        }
+        if threads.iter().all(|t| t.is_finished()) {
+            break;
+        }
+    }
+    // Kick until every vCPU thread has left the guest.
+    while threads.iter().any(|t| !t.is_finished()) {
+        kick_all(&threads);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    exits
+        .pending()
+        .unwrap_or_else(|| ExitRequest::Error("all vCPUs stopped without a reason".into()))
+}
+
+/// Check the tree for what this runtime cannot honour yet: refuse clearly
+/// rather than run a different machine than asked for.
+pub fn refuse_unsupported(tree: &ConfigTree) -> Result<(), VmmError> {
+    let unsupported = |what: &str| {
+        Err(VmmError::Unsupported(format!(
+            "{what} is not supported yet"
+        )))
+    };
+    if tree.get_u64("gdb.port").ok().flatten().unwrap_or(0) != 0 {
+        return unsupported("the GDB stub (-G)");
+    }
+    if tree.is_node("tpm") || tree.get_raw("tpm.type").is_some() {
+        return unsupported("a TPM (-l tpm)");
+    }
+    if tree.is_node("domains") {
+        return unsupported("NUMA domains (-n)");
+    }
+    if tree.get_raw("lpc.bootrom").is_some() || tree.get_raw("bootrom").is_some() {
+        return unsupported("booting from a boot ROM (-l bootrom)");
+    }
+    Ok(())
+}

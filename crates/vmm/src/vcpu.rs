@@ -1,0 +1,138 @@
+//! vCPU threads: run the guest, dispatch exits to the buses, and turn what
+//! the guest did into bhyve's exit reasons.
+//!
+//! With KVM's in-kernel LAPIC a HLT never reaches user space, so "halted"
+//! (bhyve exit 2: every active vCPU in HLT with interrupts disabled) is
+//! found by the supervisor kicking vCPUs now and then and each one checking
+//! its own state.
+
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use rhyve_hypervisor::{Vcpu, VcpuExit};
+use rhyve_platform::bus::Bus;
+use rhyve_platform::exit::{ExitRequest, ExitRequests};
+
+const RUNNING: u8 = 0;
+/// Halted with interrupts off, or never started (an AP still waiting for SIPI).
+const IDLE_FOR_GOOD: u8 = 1;
+
+/// What every vCPU thread shares.
+pub struct VcpuShared {
+    pub io: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub exits: Arc<ExitRequests>,
+    /// `-e` (`x86.strictio`): an access to an unassigned port ends the VM.
+    pub strict_io: bool,
+    states: Vec<AtomicU8>,
+    halt_check: Vec<AtomicBool>,
+}
+
+impl VcpuShared {
+    pub fn new(
+        io: Arc<Bus>,
+        mmio: Arc<Bus>,
+        exits: Arc<ExitRequests>,
+        strict_io: bool,
+        cpus: u32,
+    ) -> Self {
+        Self {
+            io,
+            mmio,
+            exits,
+            strict_io,
+            states: (0..cpus).map(|_| AtomicU8::new(RUNNING)).collect(),
+            halt_check: (0..cpus).map(|_| AtomicBool::new(false)).collect(),
+        }
+    }
+
+    /// Ask every vCPU to look at whether it is halted for good on its next exit.
+    pub fn request_halt_check(&self) {
+        for flag in &self.halt_check {
+            flag.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// True once every vCPU has answered the last halt check.
+    pub fn halt_check_answered(&self) -> bool {
+        self.halt_check.iter().all(|f| !f.load(Ordering::SeqCst))
+    }
+
+    /// True if, at the last check, every vCPU was halted for good or not started.
+    pub fn all_idle(&self) -> bool {
+        self.states
+            .iter()
+            .all(|s| s.load(Ordering::SeqCst) == IDLE_FOR_GOOD)
+    }
+}
+
+fn unassigned_port(shared: &VcpuShared, id: u32, dir: &str, port: u16, len: usize) {
+    if shared.strict_io {
+        shared.exits.request(ExitRequest::Error(format!(
+            "vcpu {id}: unhandled {dir} of {len} byte(s) at I/O port {port:#x} (-e)"
+        )));
+    } else {
+        tracing::trace!("vcpu {id}: unassigned {dir} port {port:#x} ({len} bytes)");
+    }
+}
+
+/// Run `vcpu` until the VM is asked to stop.
+pub fn run_vcpu(mut vcpu: Box<dyn Vcpu>, shared: Arc<VcpuShared>) {
+    let id = vcpu.id();
+    while shared.exits.pending().is_none() {
+        let exit = match vcpu.run() {
+            Ok(exit) => exit,
+            Err(e) => {
+                shared
+                    .exits
+                    .request(ExitRequest::Error(format!("vcpu {id}: {e}")));
+                break;
+            }
+        };
+        match exit {
+            VcpuExit::IoIn { port, data } => {
+                if !shared.io.read(u64::from(port), data) {
+                    let len = data.len();
+                    unassigned_port(&shared, id, "read", port, len);
+                }
+            }
+            VcpuExit::IoOut { port, data } => {
+                if !shared.io.write(u64::from(port), data) {
+                    unassigned_port(&shared, id, "write", port, data.len());
+                }
+            }
+            VcpuExit::MmioRead { addr, data } => {
+                if !shared.mmio.read(addr, data) {
+                    tracing::debug!("vcpu {id}: read of unassigned MMIO {addr:#x}");
+                }
+            }
+            VcpuExit::MmioWrite { addr, data } => {
+                if !shared.mmio.write(addr, data) {
+                    tracing::debug!("vcpu {id}: write to unassigned MMIO {addr:#x}");
+                }
+            }
+            VcpuExit::Shutdown => shared.exits.request(ExitRequest::TripleFault),
+            VcpuExit::SystemReset => shared.exits.request(ExitRequest::Reset),
+            VcpuExit::SystemPowerOff => shared.exits.request(ExitRequest::PowerOff),
+            VcpuExit::EmulationFailure => {
+                let failure = vcpu.emulation_failure();
+                shared
+                    .exits
+                    .request(ExitRequest::Error(format!("vcpu {id}: {failure}")));
+            }
+            VcpuExit::Failed(why) => shared
+                .exits
+                .request(ExitRequest::Error(format!("vcpu {id}: {why}"))),
+            VcpuExit::Interrupted => {
+                if shared.halt_check[id as usize].load(Ordering::SeqCst) {
+                    let idle = match (vcpu.started(), vcpu.halted_for_good()) {
+                        (Ok(false), _) | (_, Ok(true)) => IDLE_FOR_GOOD,
+                        _ => RUNNING,
+                    };
+                    shared.states[id as usize].store(idle, Ordering::SeqCst);
+                    shared.halt_check[id as usize].store(false, Ordering::SeqCst);
+                }
+            }
+        }
+    }
+}
