@@ -100,7 +100,7 @@ pub fn supervise(
             }
         }
         tick += 1;
-        if tick % HALT_CHECK_TICKS == 0 {
+        if tick.is_multiple_of(HALT_CHECK_TICKS) {
             if shared.halt_check_answered() {
                 idle_rounds = if shared.all_idle() {
                     idle_rounds + 1
