@@ -141,7 +141,7 @@ fn link_device(index: usize) -> Raw {
         false,
         vec![
             &raw(&CreateWordField {
-                source: &Arg(1 - 1),
+                source: &Arg(0),
                 byte_index: &ONE,
                 name: &set_word,
             }),

@@ -11,6 +11,7 @@
 pub mod acpi;
 mod aml;
 mod dsdt;
+pub mod mptable;
 
 use std::path::PathBuf;
 
@@ -19,6 +20,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 pub use acpi::{
     build_acpi_tables, write_acpi_tables, AcpiPlatform, AcpiTable, PciIntxRoute, PciWindows,
 };
+pub use mptable::{build_mptable, write_mptable};
 
 /// Why guest firmware tables or a kernel could not be put in place.
 #[derive(Debug, thiserror::Error)]
