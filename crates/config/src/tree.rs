@@ -2,7 +2,8 @@
 //!
 //! Mirrors bhyve's `config.c` (an nvlist tree): keys are dot-separated paths,
 //! every value is a string, `%(path)` in a value expands to another value
-//! (`%%` is a literal `%`), and booleans accept true/on/yes/1 and
+//! (`%%` is a literal `%` as bhyve_config(5) documents, and `\` escapes the
+//! next character as bhyve's code does), and booleans accept true/on/yes/1 and
 //! false/off/no/0. A path cannot be both a value and a node.
 
 use std::collections::BTreeMap;
@@ -157,10 +158,18 @@ impl ConfigTree {
         }
         let mut out = String::with_capacity(raw.len());
         let mut rest = raw;
-        while let Some(pos) = rest.find('%') {
+        while let Some(pos) = rest.find(['%', '\\']) {
             out.push_str(&rest[..pos]);
+            let escape = rest[pos..].starts_with('\\');
             rest = &rest[pos + 1..];
-            if let Some(r) = rest.strip_prefix('%') {
+            if escape {
+                // bhyve's config.c: a backslash takes the next character
+                // literally; a trailing one is dropped.
+                if let Some(c) = rest.chars().next() {
+                    out.push(c);
+                    rest = &rest[c.len_utf8()..];
+                }
+            } else if let Some(r) = rest.strip_prefix('%') {
                 out.push('%');
                 rest = r;
             } else if let Some(r) = rest.strip_prefix('(') {
@@ -298,6 +307,8 @@ mod tests {
         t.set("disk", "/vms/%(name)/disk.img").unwrap();
         t.set("pct", "100%%").unwrap();
         t.set("loop", "%(loop)").unwrap();
+        t.set("esc", r"\%(name)\\x").unwrap();
+        assert_eq!(t.get("esc").unwrap().unwrap(), r"%(name)\x");
         assert_eq!(t.get("disk").unwrap().unwrap(), "/vms/vm0/disk.img");
         assert_eq!(t.get("pct").unwrap().unwrap(), "100%");
         assert!(t.get("loop").is_err());
