@@ -319,7 +319,7 @@ impl PciConfigSpace {
     pub fn write(&mut self, offset: u16, data: &[u8]) {
         let len = data.len();
         if !matches!(len, 1 | 2 | 4)
-            || offset as usize % len != 0
+            || !(offset as usize).is_multiple_of(len)
             || offset as usize + len > PCI_CONFIG_SPACE_SIZE
         {
             tracing::debug!(offset, len, "dropping malformed PCI config write");

@@ -23,17 +23,25 @@
 //! guest-visible layout, so the model is written here.
 
 mod config;
+mod create;
 mod function;
+mod hostbridge;
 mod intx;
+mod lpc;
 mod msi;
+mod root;
 
 pub use config::{
     regs, BarKind, PciBar, PciConfigSpace, PcieDeviceType, MAX_BARS, PCI_CONFIG_SPACE_SIZE,
     PCI_STANDARD_CONFIG_SIZE,
 };
+pub use create::{create_function, PciContext};
 pub use function::{PciFunction, SharedFunction};
+pub use hostbridge::{HostBridge, AMD_IDS, NETAPP_IDS};
 pub use intx::{IntxRouter, IntxRouterState, PciIntxRoute, PIRQ_COUNT};
+pub use lpc::{LpcBridge, LpcIds, LPC_DEVICE, LPC_VENDOR};
 pub use msi::{MsiMessage, MsixState, MAX_MSIX_VECTORS};
+pub use root::{PciBusWindows, PciRoot, PciRootConfig};
 
 use std::fmt;
 
