@@ -12,6 +12,7 @@ pub mod acpi;
 mod aml;
 mod dsdt;
 pub mod mptable;
+pub mod smbios;
 
 use std::path::PathBuf;
 
@@ -21,6 +22,7 @@ pub use acpi::{
     build_acpi_tables, write_acpi_tables, AcpiPlatform, AcpiTable, PciIntxRoute, PciWindows,
 };
 pub use mptable::{build_mptable, write_mptable};
+pub use smbios::{build_smbios, write_smbios, CpuTopology};
 
 /// Why guest firmware tables or a kernel could not be put in place.
 #[derive(Debug, thiserror::Error)]
