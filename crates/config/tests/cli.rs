@@ -790,3 +790,105 @@ fn arm64_style_options_parse() {
         ],
     );
 }
+
+#[test]
+fn bhyve8_examples() {
+    let inv =
+        ok("-c 2 -s 0,hostbridge -s 1,lpc -s 2,virtio-blk,/my/image -l com1,stdio -H -P -m 1G vm1");
+    assert_keys(
+        &inv,
+        &[
+            ("cpus", "2"),
+            ("pci.0.2.0.path", "/my/image"),
+            ("lpc.com1.path", "stdio"),
+            ("name", "vm1"),
+        ],
+    );
+    let inv = ok("-s 0,hostbridge -s 1,lpc -s 2:0,virtio-net,tap0 -s 2:1,virtio-net,tap1 \
+                  -s 2:2,virtio-net,tap2,mac=00:be:fa:76:45:00 -s 3,virtio-blk,/my/image -l com1,stdio \
+                  -H -P -m 24G bigvm");
+    assert_keys(
+        &inv,
+        &[
+            ("pci.0.2.1.backend", "tap1"),
+            ("pci.0.2.2.backend", "tap2"),
+            ("pci.0.2.2.mac", "00:be:fa:76:45:00"),
+        ],
+    );
+    assert_eq!(rhyve_config::memory_size(&inv.tree).unwrap(), 24 << 30);
+    // The manual's 8-disk AHCI example puts the AHCI controller on the
+    // LPC bridge's slot; bhyve refuses it exactly so.
+    let e = err("-c 4 -s 0,amd_hostbridge -s 1,lpc \
+                 -s 1:0,ahci,hd:/images/disk.1,hd:/images/disk.2,hd:/images/disk.3,hd:/images/disk.4,\
+hd:/images/disk.5,hd:/images/disk.6,hd:/images/disk.7,hd:/images/disk.8,cd:/images/install.iso \
+                 -s 3,virtio-net,tap0 -l com1,/dev/nmdm0A -H -P -m 8G");
+    assert_eq!(
+        (e.status, e.message.as_str()),
+        (4, "pci slot 0:1:0 already occupied!")
+    );
+    let inv = ok("-c 4 -s 0,amd_hostbridge -s 1,lpc \
+                  -s 2:0,ahci,hd:/images/disk.1,hd:/images/disk.2,hd:/images/disk.3,hd:/images/disk.4,\
+hd:/images/disk.5,hd:/images/disk.6,hd:/images/disk.7,hd:/images/disk.8,cd:/images/install.iso \
+                  -s 3,virtio-net,tap0 -l com1,/dev/nmdm0A -H -P -m 8G vm");
+    assert_keys(
+        &inv,
+        &[
+            ("pci.0.0.0.device", "hostbridge"),
+            ("pci.0.2.0.port.7.path", "/images/disk.8"),
+            ("pci.0.2.0.port.8.type", "cd"),
+            ("pci.0.2.0.port.8.path", "/images/install.iso"),
+        ],
+    );
+    let inv = ok("-c 2 -m 4G -w -H -s 0,hostbridge -s 4,ahci-hd,disk.img -s 5,virtio-net,tap0 \
+                  -s 29,fbuf,tcp=[::]:5900,w=800,h=600 -s 30,xhci,tablet -s 31,lpc -l com1,tcp=[::1]:1234 \
+                  -l bootrom,/usr/local/share/uefi-firmware/BHYVE_UEFI.fd uefivm");
+    assert_keys(
+        &inv,
+        &[
+            ("pci.0.29.0.tcp", "[::]:5900"),
+            ("lpc.com1.path", "tcp=[::1]:1234"),
+        ],
+    );
+    let inv = ok("-c 2 -m 4g -w -H -s 0,hostbridge -s 31,lpc -l com1,stdio \
+                  -l bootrom,/usr/local/share/uefi-firmware/BHYVE_UEFI_CODE.fd,BHYVE_UEFI_VARS.fd uefivm");
+    assert_keys(
+        &inv,
+        &[
+            ("lpc.bootvars", "BHYVE_UEFI_VARS.fd"),
+            ("memory.size", "4g"),
+        ],
+    );
+    let inv = ok(
+        "-c 4 -w -H -s 0,hostbridge -s 4,ahci-hd,disk.img -s 31,lpc -l com1,stdio \
+                  -l bootrom,/usr/local/share/uefi-firmware/BHYVE_UEFI.fd \
+                  -n id=0,size=4G,cpus=0-1 -n id=1,size=4G,cpus=2-3 numavm",
+    );
+    assert_eq!(rhyve_config::numa_domains(&inv.tree).unwrap().len(), 2);
+}
+
+#[test]
+fn bhyve8_config_dump_then_k() {
+    let dumped = ok(
+        "-c 2 -m 256 -H -P -s 0:0,hostbridge -s 1:0,virtio-net,tap0 -s 2:0,ahci-hd,./vm0.img \
+                     -s 31,lpc -l com1,stdio -o config.dump=1 vm0",
+    );
+    assert_eq!(dumped.action, Action::DumpConfig);
+    // "remove the line config.dump=1", then start with -k.
+    let text: String = dumped
+        .tree
+        .dump()
+        .lines()
+        .filter(|l| *l != "config.dump=1")
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let dir = std::env::temp_dir().join(format!("rhyve-config-k2-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("configfile");
+    std::fs::write(&file, text).unwrap();
+    let inv = ok(&format!("-k {} vm0", file.display()));
+    assert_eq!(inv.action, Action::Run);
+    let mut expected = dumped.tree.clone();
+    expected.remove("config.dump");
+    assert_eq!(inv.tree.entries(), expected.entries());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
