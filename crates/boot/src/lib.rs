@@ -11,6 +11,7 @@
 pub mod acpi;
 mod aml;
 mod dsdt;
+pub mod linux;
 pub mod mptable;
 pub mod smbios;
 
@@ -20,6 +21,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 pub use acpi::{
     build_acpi_tables, write_acpi_tables, AcpiPlatform, AcpiTable, PciIntxRoute, PciWindows,
+};
+pub use linux::{
+    load_linux, BootEntry, X86BootRegs, BOOT_CODE_SELECTOR, BOOT_DATA_SELECTOR, BOOT_TSS_SELECTOR,
 };
 pub use mptable::{build_mptable, write_mptable};
 pub use smbios::{build_smbios, write_smbios, CpuTopology};
