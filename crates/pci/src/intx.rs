@@ -53,7 +53,7 @@ pub struct PciIntxRoute {
     pub pin: u8,
     /// IOAPIC input (global system interrupt).
     pub gsi: u32,
-    /// PIRQ link, 1 = LNKA ... 8 = LNKH.
+    /// PIRQ link, 0 = LNKA ... 7 = LNKH (bhyve's `pirq_pin` minus one).
     pub pirq: u8,
 }
 
@@ -201,7 +201,8 @@ impl IntxRouter {
         self.lock().clone()
     }
 
-    /// Route slot pin `pin` (1-4) of `slot`: an IOAPIC pin and a PIRQ link.
+    /// Route slot pin `pin` (1-4) of `slot`: an IOAPIC pin and a PIRQ link
+    /// (0 = LNKA).
     pub(crate) fn route(&self, slot: u8, pin: u8) -> Option<(u32, u8)> {
         let mut s = self.lock();
         s.routing_started = true;
@@ -236,7 +237,7 @@ impl IntxRouter {
             s.pirq_regs[link] = irq as u8;
             s.level_isa_irqs |= 1 << irq;
         }
-        Some((gsi, link as u8 + 1))
+        Some((gsi, link as u8))
     }
 
     fn line(&self, gsi: u32) -> Arc<dyn InterruptLine> {
@@ -267,7 +268,8 @@ impl IntxRouter {
 
     fn assert_pin(&self, gsi: u32, pirq: u8) {
         let mut s = self.lock();
-        if let Some(link) = usize::from(pirq).checked_sub(1).filter(|l| *l < PIRQ_COUNT) {
+        let link = usize::from(pirq);
+        if link < PIRQ_COUNT {
             s.pirq_active[link] += 1;
             let reg = s.pirq_regs[link];
             if s.pirq_active[link] == 1 && pirq_valid(reg) {
@@ -279,13 +281,12 @@ impl IntxRouter {
 
     fn deassert_pin(&self, gsi: u32, pirq: u8) {
         let mut s = self.lock();
-        if let Some(link) = usize::from(pirq).checked_sub(1).filter(|l| *l < PIRQ_COUNT) {
-            if s.pirq_active[link] > 0 {
-                s.pirq_active[link] -= 1;
-                let reg = s.pirq_regs[link];
-                if s.pirq_active[link] == 0 && pirq_valid(reg) {
-                    self.lower(&mut s, u32::from(reg & PIRQ_IRQ_MASK));
-                }
+        let link = usize::from(pirq);
+        if link < PIRQ_COUNT && s.pirq_active[link] > 0 {
+            s.pirq_active[link] -= 1;
+            let reg = s.pirq_regs[link];
+            if s.pirq_active[link] == 0 && pirq_valid(reg) {
+                self.lower(&mut s, u32::from(reg & PIRQ_IRQ_MASK));
             }
         }
         self.lower(&mut s, gsi);

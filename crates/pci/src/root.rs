@@ -366,7 +366,7 @@ impl PciRoot {
                     r
                 }
             };
-            let line = self.intx.pirq_register(usize::from(pirq) - 1) & 0x0F;
+            let line = self.intx.pirq_register(usize::from(pirq)) & 0x0F;
             cfg.set_u8(regs::INTERRUPT_LINE, line);
             cfg.connect_intx(IntxPin::new(self.intx.clone(), gsi, pirq));
         }

@@ -462,12 +462,12 @@ fn intx_routing_table_and_levels() {
     assert_eq!(
         m.root.intx_routes(),
         vec![
-            route(3, 1, 16, 1),
-            route(4, 1, 17, 2),
-            route(5, 1, 18, 3),
-            route(5, 2, 19, 4),
-            route(5, 3, 20, 5),
-            route(6, 1, 21, 6),
+            route(3, 1, 16, 0),
+            route(4, 1, 17, 1),
+            route(5, 1, 18, 2),
+            route(5, 2, 19, 3),
+            route(5, 3, 20, 4),
+            route(6, 1, 21, 5),
         ]
     );
     // Links took the free ISA IRQs, avoiding COM (3, 4), i8042 (12) and
@@ -523,7 +523,7 @@ fn shared_lines_are_wired_or() {
     }
     m.root.finalize().unwrap();
     let routes = m.root.intx_routes();
-    assert_eq!((routes[8].gsi, routes[8].pirq), (16, 1));
+    assert_eq!((routes[8].gsi, routes[8].pirq), (16, 0));
     devs[0].lock().unwrap().config.intx_assert();
     devs[8].lock().unwrap().config.intx_assert();
     devs[0].lock().unwrap().config.intx_deassert();
@@ -546,8 +546,8 @@ fn bootrom_uses_the_fixed_mapping_and_leaves_decoding_to_firmware() {
         .iter()
         .map(|r| (r.slot, r.gsi, r.pirq))
         .collect();
-    // 16 + (4 + slot + pin) % 8 and link (4 + slot + pin) % 8 + 1.
-    assert_eq!(got, vec![(2, 23, 8), (3, 16, 1), (7, 20, 5)]);
+    // 16 + (4 + slot + pin) % 8 and link (4 + slot + pin) % 8.
+    assert_eq!(got, vec![(2, 23, 7), (3, 16, 0), (7, 20, 4)]);
     assert_eq!(
         m.cf8_read(bdf(0, 2, 0), 4, 2),
         0,
