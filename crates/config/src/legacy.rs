@@ -72,16 +72,18 @@ const AHCI_MAX_PORTS: usize = 32;
 const VTCON_MAX_PORTS: usize = 16;
 const LPC_UARTS: [&str; 4] = ["com1", "com2", "com3", "com4"];
 
-/// A tree error while applying an option, with bhyve's wording and status.
-pub(crate) fn tree_error(err: ConfigError, value: &str) -> CliError {
+/// A tree error while setting `path` to `value`, with bhyve's wording and
+/// status.
+pub(crate) fn tree_error(err: ConfigError, path: &str, value: &str) -> CliError {
     let message = match &err {
-        ConfigError::NotAValue(path) => {
+        ConfigError::NotAValue(_) => {
             format!("bhyve: Attempting to add value {value} to existing node {path}")
         }
-        ConfigError::NotANode(path) => {
-            format!("bhyve: Configuration node is a child of existing variable {path}")
+        ConfigError::NotANode(variable) => {
+            let node = path.rsplit_once('.').map_or(path, |(node, _)| node);
+            format!("bhyve: Configuration node {node} is a child of existing variable {variable}")
         }
-        ConfigError::BadPath(path) => format!("bhyve: Invalid configuration node: {path}"),
+        ConfigError::BadPath(_) => format!("bhyve: Invalid configuration node: {path}"),
         other => format!("bhyve: {other}"),
     };
     CliError::new(message, crate::cli::EXIT_ERROR)
@@ -89,7 +91,8 @@ pub(crate) fn tree_error(err: ConfigError, value: &str) -> CliError {
 
 /// `set_config_value`: a full path.
 pub(crate) fn set(tree: &mut ConfigTree, path: &str, value: &str) -> Result<(), CliError> {
-    tree.set(path, value).map_err(|e| tree_error(e, value))
+    tree.set(path, value)
+        .map_err(|e| tree_error(e, path, value))
 }
 
 /// `set_config_value_node`: one name under a node. bhyve refuses names

@@ -892,3 +892,28 @@ fn bhyve8_config_dump_then_k() {
     assert_eq!(inv.tree.entries(), expected.entries());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn tree_conflicts() {
+    let e = err("-o memory=1 vm");
+    assert_eq!(
+        (e.status, e.message.as_str()),
+        (
+            4,
+            "bhyve: Attempting to add value 1 to existing node memory"
+        )
+    );
+    let e = err("-o foo=1 -o foo.bar.baz=2 vm");
+    assert_eq!(
+        (e.status, e.message.as_str()),
+        (
+            4,
+            "bhyve: Configuration node foo.bar is a child of existing variable foo"
+        )
+    );
+    let e = err("-o a..b=1 vm");
+    assert_eq!(
+        (e.status, e.message.as_str()),
+        (4, "bhyve: Invalid configuration node: a..b")
+    );
+}
