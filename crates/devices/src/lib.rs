@@ -3,12 +3,22 @@
 //! Each model is a [`rhyve_platform::bus::BusDevice`] keeping its guest-visible
 //! state in one serde struct; timed devices share [`timer::TimerThread`] and
 //! take their time from a [`clock::Clock`] so tests can drive them.
+//! [`lpc::create_platform_devices`] builds the whole set from the config tree.
 
 pub mod clock;
+pub mod elcr;
+pub mod hpet;
+pub mod i8042;
+pub mod lpc;
+pub mod nmi_status;
+pub mod pctestdev;
 pub mod pm;
+pub mod post;
 pub mod rtc;
 pub mod timer;
 pub mod uart;
+
+pub use lpc::{create_platform_devices, ComPort, PlatformDevices, PlatformError};
 
 #[cfg(test)]
 mod test_util;

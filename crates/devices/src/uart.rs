@@ -183,6 +183,11 @@ impl Uart {
         u.pull_input();
     }
 
+    /// Disconnect the host backend (VM teardown); output is dropped after.
+    pub fn detach_backend(&mut self) -> Option<Arc<SerialBackend>> {
+        self.backend.take()
+    }
+
     pub fn state(&self) -> &UartState {
         &self.state
     }

@@ -1,0 +1,324 @@
+//! i8042 keyboard controller at 0x60 (data) / 0x64 (status/command), as
+//! bhyve's `amd64/atkbdc.c` answers with no keyboard or mouse attached.
+//!
+//! The controller part is complete enough for firmware and OS probes: the
+//! command byte and internal RAM (0x20-0x3F read, 0x60-0x7F write), the
+//! self-test (0xAA -> 0x55), port tests (0xAB/0xA9 -> 0), port enable and
+//! disable, input/output port reads, output-buffer writes (0xD2), and pulse
+//! reset (0xFE) which resets the VM like bhyve. Bytes for the keyboard
+//! device are accepted and dropped: there is no keyboard behind this
+//! controller yet, so nothing ever answers and the guest's keyboard driver
+//! times out as on a machine with no keyboard plugged in. Controller replies
+//! raise IRQ 1 when the command byte enables it.
+
+use rhyve_platform::bus::BusDevice;
+use rhyve_platform::exit::{ExitRequest, ExitRequests};
+use rhyve_platform::irq::InterruptLine;
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+/// ISA IRQ of the keyboard port.
+pub const KBD_IRQ: u32 = 1;
+
+const CMD_GET_COMMAND_BYTE: u8 = 0x20;
+const CMD_SET_COMMAND_BYTE: u8 = 0x60;
+const CMD_DISABLE_AUX_PORT: u8 = 0xA7;
+const CMD_ENABLE_AUX_PORT: u8 = 0xA8;
+const CMD_TEST_AUX_PORT: u8 = 0xA9;
+const CMD_TEST_CTRL: u8 = 0xAA;
+const CMD_TEST_KBD_PORT: u8 = 0xAB;
+const CMD_DISABLE_KBD_PORT: u8 = 0xAD;
+const CMD_ENABLE_KBD_PORT: u8 = 0xAE;
+const CMD_READ_INPORT: u8 = 0xC0;
+const CMD_READ_OUTPORT: u8 = 0xD0;
+const CMD_WRITE_OUTPORT: u8 = 0xD1;
+const CMD_WRITE_KBD_OUTBUF: u8 = 0xD2;
+const CMD_WRITE_AUX_OUTBUF: u8 = 0xD3;
+const CMD_WRITE_TO_AUX: u8 = 0xD4;
+const CMD_PULSE_RESET: u8 = 0xFE;
+
+const CB_ENABLE_KBD_INT: u8 = 0x01;
+const CB_SYS_FLAG: u8 = 0x04;
+const CB_DISABLE_KBD_PORT: u8 = 0x10;
+const CB_DISABLE_AUX_PORT: u8 = 0x20;
+
+const STS_OUTPUT_FULL: u8 = 0x01;
+const STS_SYS_FLAG: u8 = 0x04;
+const STS_CMD: u8 = 0x08;
+const STS_AUX_FULL: u8 = 0x20;
+
+const OUTPORT_KBD_FULL: u8 = 0x10;
+
+const RAM_SIZE: usize = 32;
+/// bhyve's keyboard output FIFO depth.
+const KBD_FIFO_SIZE: usize = 15;
+
+/// Controller registers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct I8042State {
+    pub status: u8,
+    pub outport: u8,
+    /// Internal RAM; byte 0 is the command byte.
+    pub ram: Vec<u8>,
+    /// Command waiting for its data byte on port 0x60.
+    pub pending_command: Option<u8>,
+    /// Controller reply waiting in the output buffer.
+    pub reply: Option<u8>,
+    /// Bytes queued for the keyboard port (0xD2 writes).
+    pub kbd_fifo: VecDeque<u8>,
+}
+
+impl Default for I8042State {
+    fn default() -> Self {
+        Self {
+            status: 0,
+            outport: 0,
+            ram: vec![0; RAM_SIZE],
+            pending_command: None,
+            reply: None,
+            kbd_fifo: VecDeque::new(),
+        }
+    }
+}
+
+pub struct I8042 {
+    state: I8042State,
+    kbd_irq: Arc<dyn InterruptLine>,
+    exits: Arc<ExitRequests>,
+}
+
+impl std::fmt::Debug for I8042 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("I8042").field("state", &self.state).finish()
+    }
+}
+
+impl I8042 {
+    pub fn new(kbd_irq: Arc<dyn InterruptLine>, exits: Arc<ExitRequests>) -> Self {
+        Self {
+            state: I8042State::default(),
+            kbd_irq,
+            exits,
+        }
+    }
+
+    pub fn state(&self) -> &I8042State {
+        &self.state
+    }
+
+    fn kbd_interrupt(&self) {
+        if self.state.ram[0] & CB_ENABLE_KBD_INT != 0 {
+            self.kbd_irq.pulse();
+        }
+    }
+
+    fn queue_kbd(&mut self, v: u8) {
+        if self.state.kbd_fifo.len() < KBD_FIFO_SIZE {
+            self.state.kbd_fifo.push_back(v);
+            self.state.status |= STS_OUTPUT_FULL;
+            self.state.outport |= OUTPORT_KBD_FULL;
+        } else {
+            tracing::debug!("i8042: keyboard buffer full, byte dropped");
+        }
+    }
+
+    fn read_data(&mut self) -> u8 {
+        let s = &mut self.state;
+        s.pending_command = None;
+        let v = match s.reply.take() {
+            Some(r) => r,
+            None => s.kbd_fifo.pop_front().unwrap_or_default(),
+        };
+        if s.kbd_fifo.is_empty() {
+            s.status &= !(STS_OUTPUT_FULL | STS_AUX_FULL);
+            s.outport &= !OUTPORT_KBD_FULL;
+        } else if s.ram[0] & CB_DISABLE_KBD_PORT == 0 {
+            self.kbd_interrupt();
+        }
+        self.state.status &= !STS_CMD;
+        v
+    }
+
+    fn write_data(&mut self, v: u8) {
+        let Some(cmd) = self.state.pending_command.take() else {
+            // A byte for the keyboard itself: no keyboard is attached.
+            tracing::trace!("i8042: byte {v:#x} for the absent keyboard dropped");
+            return;
+        };
+        let s = &mut self.state;
+        match cmd {
+            CMD_SET_COMMAND_BYTE => {
+                s.ram[0] = v;
+                if v & CB_SYS_FLAG != 0 {
+                    s.status |= STS_SYS_FLAG;
+                } else {
+                    s.status &= !STS_SYS_FLAG;
+                }
+            }
+            CMD_WRITE_OUTPORT => s.outport = v,
+            CMD_WRITE_KBD_OUTBUF => {
+                self.queue_kbd(v);
+                self.kbd_interrupt();
+            }
+            // No mouse: its bytes go nowhere.
+            CMD_WRITE_TO_AUX | CMD_WRITE_AUX_OUTBUF => {}
+            0x61..=0x7F => s.ram[usize::from(cmd - 0x60)] = v,
+            _ => {}
+        }
+        self.state.status &= !STS_CMD;
+    }
+
+    fn write_command(&mut self, cmd: u8) {
+        let s = &mut self.state;
+        s.pending_command = None;
+        s.status |= STS_CMD;
+        s.reply = None;
+        match cmd {
+            CMD_GET_COMMAND_BYTE => s.reply = Some(s.ram[0]),
+            CMD_TEST_CTRL => s.reply = Some(0x55),
+            CMD_TEST_AUX_PORT | CMD_TEST_KBD_PORT | CMD_READ_INPORT => s.reply = Some(0),
+            CMD_READ_OUTPORT => s.reply = Some(s.outport),
+            CMD_SET_COMMAND_BYTE
+            | CMD_WRITE_OUTPORT
+            | CMD_WRITE_KBD_OUTBUF
+            | CMD_WRITE_AUX_OUTBUF
+            | CMD_WRITE_TO_AUX
+            | 0x61..=0x7F => s.pending_command = Some(cmd),
+            CMD_DISABLE_KBD_PORT => s.ram[0] |= CB_DISABLE_KBD_PORT,
+            CMD_ENABLE_KBD_PORT => {
+                s.ram[0] &= !CB_DISABLE_KBD_PORT;
+                if !s.kbd_fifo.is_empty() {
+                    s.status |= STS_OUTPUT_FULL;
+                }
+            }
+            CMD_DISABLE_AUX_PORT => {
+                s.ram[0] |= CB_DISABLE_AUX_PORT;
+                s.status &= !STS_AUX_FULL;
+            }
+            CMD_ENABLE_AUX_PORT => s.ram[0] &= !CB_DISABLE_AUX_PORT,
+            CMD_PULSE_RESET => self.exits.request(ExitRequest::Reset),
+            0x21..=0x3F => s.reply = Some(s.ram[usize::from(cmd - 0x20)]),
+            other => tracing::debug!("i8042: unknown controller command {other:#x}"),
+        }
+        if self.state.reply.is_some() {
+            self.state.status |= STS_OUTPUT_FULL;
+            self.state.status &= !STS_AUX_FULL;
+            self.kbd_interrupt();
+        } else if !self.state.kbd_fifo.is_empty() && self.state.ram[0] & CB_DISABLE_KBD_PORT == 0 {
+            self.state.status |= STS_OUTPUT_FULL;
+            self.kbd_interrupt();
+        }
+    }
+}
+
+/// Offsets from the data port (0x60): 0 = data, 4 = status/command.
+pub const DATA_OFFSET: u64 = 0;
+pub const COMMAND_OFFSET: u64 = 4;
+
+impl BusDevice for I8042 {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if data.len() != 1 {
+            tracing::debug!("i8042: {}-byte read refused", data.len());
+            data.fill(0xFF);
+            return;
+        }
+        data[0] = match offset {
+            DATA_OFFSET => self.read_data(),
+            COMMAND_OFFSET => self.state.status,
+            _ => 0xFF,
+        };
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if data.len() != 1 {
+            tracing::debug!("i8042: {}-byte write refused", data.len());
+            return;
+        }
+        match offset {
+            DATA_OFFSET => self.write_data(data[0]),
+            COMMAND_OFFSET => self.write_command(data[0]),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::RecordingLine;
+
+    fn kbc() -> (I8042, Arc<RecordingLine>, Arc<ExitRequests>) {
+        let irq = Arc::new(RecordingLine::default());
+        let exits = Arc::new(ExitRequests::new());
+        (I8042::new(irq.clone(), exits.clone()), irq, exits)
+    }
+
+    fn cmd(k: &mut I8042, c: u8) {
+        k.write(COMMAND_OFFSET, &[c]);
+    }
+    fn data(k: &mut I8042) -> u8 {
+        let mut b = [0u8];
+        k.read(DATA_OFFSET, &mut b);
+        b[0]
+    }
+    fn status(k: &mut I8042) -> u8 {
+        let mut b = [0u8];
+        k.read(COMMAND_OFFSET, &mut b);
+        b[0]
+    }
+
+    #[test]
+    fn self_test_and_command_byte() {
+        let (mut k, irq, _) = kbc();
+        assert_eq!(status(&mut k), 0);
+        cmd(&mut k, CMD_TEST_CTRL);
+        assert_eq!(
+            status(&mut k) & (STS_OUTPUT_FULL | STS_CMD),
+            STS_OUTPUT_FULL | STS_CMD
+        );
+        assert_eq!(data(&mut k), 0x55);
+        assert_eq!(status(&mut k) & STS_OUTPUT_FULL, 0);
+        cmd(&mut k, CMD_SET_COMMAND_BYTE);
+        k.write(DATA_OFFSET, &[0x45]);
+        assert_eq!(status(&mut k) & STS_SYS_FLAG, STS_SYS_FLAG);
+        cmd(&mut k, CMD_GET_COMMAND_BYTE);
+        assert_eq!(irq.rises(), 1, "reply raises IRQ 1 when enabled");
+        assert_eq!(data(&mut k), 0x45);
+        cmd(&mut k, CMD_TEST_KBD_PORT);
+        assert_eq!(data(&mut k), 0);
+        // RAM bytes.
+        cmd(&mut k, 0x65);
+        k.write(DATA_OFFSET, &[0x99]);
+        cmd(&mut k, 0x25);
+        assert_eq!(data(&mut k), 0x99);
+    }
+
+    #[test]
+    fn keyboard_bytes_go_nowhere_and_outbuf_write_echoes() {
+        let (mut k, _, _) = kbc();
+        k.write(DATA_OFFSET, &[0xFF]); // keyboard reset: no keyboard answers
+        assert_eq!(status(&mut k) & STS_OUTPUT_FULL, 0);
+        cmd(&mut k, CMD_WRITE_KBD_OUTBUF);
+        k.write(DATA_OFFSET, &[0xAB]);
+        assert_eq!(status(&mut k) & STS_OUTPUT_FULL, STS_OUTPUT_FULL);
+        assert_eq!(data(&mut k), 0xAB);
+        assert_eq!(status(&mut k) & STS_OUTPUT_FULL, 0);
+    }
+
+    #[test]
+    fn pulse_reset_resets_the_vm() {
+        let (mut k, _, exits) = kbc();
+        cmd(&mut k, CMD_PULSE_RESET);
+        assert_eq!(exits.pending(), Some(ExitRequest::Reset));
+    }
+
+    #[test]
+    fn state_serializes() {
+        let (mut k, _, _) = kbc();
+        cmd(&mut k, CMD_DISABLE_KBD_PORT);
+        let s = k.state().clone();
+        let back: I8042State = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+    }
+}
