@@ -92,6 +92,38 @@ pub struct Invocation {
     pub warnings: Vec<String>,
 }
 
+impl Invocation {
+    /// Write what bhyve prints for this invocation before (or instead of)
+    /// running a VM: the warnings to `err`, then the dump, usage or model
+    /// list. Returns the exit status for every action but `Run`.
+    pub fn write_output(
+        &self,
+        progname: &str,
+        out: &mut dyn std::io::Write,
+        err: &mut dyn std::io::Write,
+    ) -> std::io::Result<Option<i32>> {
+        for warning in &self.warnings {
+            writeln!(err, "{warning}")?;
+        }
+        match self.action {
+            Action::Run => {}
+            Action::DumpConfig => out.write_all(self.tree.dump().as_bytes())?,
+            Action::Usage => err.write_all(bhyve_usage(progname).as_bytes())?,
+            Action::ListPciModels => {
+                for model in crate::legacy::PCI_MODELS {
+                    writeln!(out, "{model}")?;
+                }
+            }
+            Action::ListLpcDevices => {
+                for device in crate::legacy::LPC_DEVICES {
+                    writeln!(out, "{device}")?;
+                }
+            }
+        }
+        Ok(self.action.exit_status())
+    }
+}
+
 /// An error to print as one line on stderr, and bhyve's exit status for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CliError {

@@ -917,3 +917,41 @@ fn tree_conflicts() {
         (4, "bhyve: Invalid configuration node: a..b")
     );
 }
+
+#[test]
+fn output_for_each_action() {
+    let run = |line: &str| {
+        let inv = ok(line);
+        let (mut out, mut errs) = (Vec::new(), Vec::new());
+        let status = inv.write_output("bhyve", &mut out, &mut errs).unwrap();
+        (
+            status,
+            String::from_utf8(out).unwrap(),
+            String::from_utf8(errs).unwrap(),
+        )
+    };
+    let (status, out, errs) = run("-l help");
+    assert_eq!(
+        (status, out.as_str(), errs.as_str()),
+        (
+            Some(0),
+            "bootrom\ncom1\ncom2\ncom3\ncom4\ntpm\npc-testdev\n",
+            ""
+        )
+    );
+    let (status, out, _) = run("-s help");
+    assert_eq!(status, Some(0));
+    assert_eq!(out.lines().count(), PCI_MODELS.len());
+    let (status, out, errs) = run("-h");
+    assert_eq!((status, out.as_str()), (Some(0), ""));
+    assert_eq!(errs, bhyve_usage("bhyve"));
+    let (status, out, _) = run("-o config.dump=1 vm");
+    assert_eq!(status, Some(1));
+    assert!(out.contains("name=vm\n"));
+    let (status, out, errs) = run("-l bootrom,/rom vm");
+    assert_eq!((status, out.as_str()), (None, ""));
+    assert_eq!(
+        errs,
+        "bhyve: lpc.bootrom is deprecated, use '-o bootrom' instead\n"
+    );
+}
