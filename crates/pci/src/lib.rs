@@ -14,6 +14,20 @@
 //!   ([`IntxRouter`]), and the routes are listed for the ACPI `_PRT` and the
 //!   MP table ([`PciIntxRoute`]).
 //!
+//! How the VMM drives it:
+//!
+//! 1. [`PciRoot::new`] (see [`PciRootConfig::from_tree`]) registers
+//!    0xCF8-0xCFF on the I/O bus and ECAM on the MMIO bus; give it the
+//!    reset-control device for port 0xCF9 with
+//!    [`PciRoot::set_reset_register`] (that port shares the 0xCF8 dword);
+//! 2. for every `pci.B.S.F` node: [`create_function`] for the models here,
+//!    the owning crate's constructor for the others, then
+//!    [`PciRoot::add_function`];
+//! 3. [`PciRoot::finalize`] assigns BARs, routes INTx and maps the BARs;
+//! 4. [`PciRoot::intx_routes`], [`PciRoot::bus_windows`],
+//!    [`PciRoot::lpc_bdf`] and [`IntxRouter::level_triggered_isa_irqs`]
+//!    feed the ACPI tables, the MP table and the ELCR.
+//!
 //! Device models built elsewhere (virtio, storage, network) depend on this
 //! crate, implement [`PciFunction`] and are handed to
 //! [`PciRoot::add_function`]; this crate knows none of them.

@@ -11,7 +11,12 @@
 //! Anything that changes where a message would go (enable and mask bits,
 //! address, data) bumps [`PciConfigSpace::interrupt_generation`], so a
 //! backend that caches routes (KVM irqfd/GSI routing) can poll it cheaply
-//! and re-read [`PciConfigSpace::msix_message`] only when it moved.
+//! and re-read [`PciConfigSpace::msix_message`] only when it moved. A
+//! function sees every such change as it happens, too: table writes arrive
+//! through its `bar_write` (which forwards them to
+//! [`PciConfigSpace::msix_write`]) and enable/mask bits through its
+//! `config_write`, so comparing the generation after either call is an
+//! exact change notification.
 
 use serde::{Deserialize, Serialize};
 

@@ -67,6 +67,31 @@ pub struct PciRootConfig {
     pub enable_bars: bool,
 }
 
+impl PciRootConfig {
+    /// The configuration bhyve derives from the tree: a boot ROM when
+    /// `lpc.bootrom` is set, `pci.enable_bars` defaulting to "no boot ROM",
+    /// and the IOAPIC of [`rhyve_platform::layout::IOAPIC_PINS`] inputs.
+    pub fn from_tree(
+        tree: &rhyve_config::ConfigTree,
+        io_bus: Arc<Bus>,
+        mmio_bus: Arc<Bus>,
+        layout: MemoryLayout,
+        interrupts: Arc<dyn InterruptController>,
+    ) -> Result<Self, PciError> {
+        let bootrom = tree.get("lpc.bootrom")?.is_some();
+        let enable_bars = tree.bool_or("pci.enable_bars", !bootrom)?;
+        Ok(Self {
+            io_bus,
+            mmio_bus,
+            layout,
+            interrupts,
+            ioapic_pins: rhyve_platform::layout::IOAPIC_PINS,
+            bootrom,
+            enable_bars,
+        })
+    }
+}
+
 /// Address windows a bus decodes, for the host bridge `_CRS`
 /// (limits exclusive).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -766,3 +766,25 @@ fn random_guest_accesses_never_panic() {
     // The hierarchy still answers.
     assert_eq!(m.cf8_read(bdf(0, 31, 0), 0, 4), 0x7000_8086);
 }
+
+#[test]
+fn root_config_from_tree_follows_bhyve_defaults() {
+    let build = |tree: &ConfigTree| {
+        PciRootConfig::from_tree(
+            tree,
+            Arc::new(Bus::new()),
+            Arc::new(Bus::new()),
+            MemoryLayout::new(1 << 30),
+            Arc::new(Controller(Arc::new(Irqs::default()))),
+        )
+        .unwrap()
+    };
+    let mut tree = ConfigTree::new();
+    let c = build(&tree);
+    assert!(!c.bootrom && c.enable_bars);
+    tree.set("lpc.bootrom", "/usr/share/BHYVE_UEFI.fd").unwrap();
+    let c = build(&tree);
+    assert!(c.bootrom && !c.enable_bars);
+    tree.set("pci.enable_bars", "true").unwrap();
+    assert!(build(&tree).enable_bars);
+}
