@@ -88,7 +88,9 @@ const XEN_HVM_START_MAGIC: u32 = 0x336E_C578;
 const PAGE_SIZE: u64 = 0x1000;
 
 /// Registers a vCPU starts with; the hypervisor layer applies them as they
-/// are. Segments are flat (base 0, 4 GiB limit) from the boot GDT.
+/// are. Segments are flat (base 0, 4 GiB limit) from the boot GDT at
+/// `gdt_base`; TR may use [`BOOT_TSS_SELECTOR`]. RFLAGS = 0x2 (interrupts
+/// off) and every register not listed here is zero.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct X86BootRegs {
     pub rip: u64,
