@@ -337,8 +337,12 @@ impl PciConfigSpace {
         }
         for (i, &byte) in data.iter().enumerate() {
             let at = offset as usize + i;
-            let mask = self.wmask[at];
-            self.data[at] = (self.data[at] & !mask) | (byte & mask);
+            // Both vectors are PCI_CONFIG_SPACE_SIZE long unless a snapshot
+            // was tampered with; never index past them.
+            let mask = self.wmask.get(at).copied().unwrap_or(0);
+            if let Some(d) = self.data.get_mut(at) {
+                *d = (*d & !mask) | (byte & mask);
+            }
         }
         let end = offset + len as u16;
         let touches = |start: u16, size: u16| offset < start + size && start < end;
@@ -438,7 +442,7 @@ impl PciConfigSpace {
     /// Set the address of BAR `index` (start-up allocation, restore).
     pub(crate) fn set_bar_address(&mut self, index: usize, address: u64) {
         if let Some(BarSlot::Bar { bar, .. }) = self.bars.get_mut(index) {
-            bar.address = address & !(bar.size - 1);
+            bar.address = address & !bar.size.wrapping_sub(1);
             self.store_bar_register(index);
         }
     }
@@ -462,7 +466,7 @@ impl PciConfigSpace {
         match self.bars[index] {
             BarSlot::Unused => {}
             BarSlot::Bar { mut bar, order } => {
-                let mask = !(bar.size - 1);
+                let mask = !bar.size.wrapping_sub(1);
                 bar.address = match bar.kind {
                     // Ports above 64 KiB do not exist (bhyve's PCI_EMUL_IOMASK).
                     BarKind::Io => u64::from(value) & mask & 0xFFFF,
@@ -476,9 +480,11 @@ impl PciConfigSpace {
                 self.store_bar_register(index);
             }
             BarSlot::Mem64Upper => {
-                let lower = index - 1;
+                let Some(lower) = index.checked_sub(1) else {
+                    return;
+                };
                 if let BarSlot::Bar { mut bar, order } = self.bars[lower] {
-                    let mask = !(bar.size - 1);
+                    let mask = !bar.size.wrapping_sub(1);
                     bar.address = (bar.address & 0xFFFF_FFFF) | ((u64::from(value) << 32) & mask);
                     self.bars[lower] = BarSlot::Bar { bar, order };
                     self.store_bar_register(lower);
@@ -520,8 +526,10 @@ impl PciConfigSpace {
         self.set_u8(offset + 1, 0);
         for (i, &b) in body.iter().enumerate() {
             let at = offset as usize + 2 + i;
-            self.data[at] = b;
-            self.wmask[at] = writable.get(i).copied().unwrap_or(0);
+            self.set_u8(at as u16, b);
+            if let Some(m) = self.wmask.get_mut(at) {
+                *m = writable.get(i).copied().unwrap_or(0);
+            }
         }
         self.last_cap = offset;
         self.cap_end = offset + padded as u16;

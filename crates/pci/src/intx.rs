@@ -13,6 +13,10 @@
 //!   holds a valid IRQ, that ISA IRQ too (for guests using the 8259s). The
 //!   guest may re-point a link through the LPC bridge's PIRQ registers.
 //!
+//! bhyve's IOAPIC has 32 inputs, so its round robin spans pins 16-31; the
+//! router takes the pin count from the machine (KVM's IOAPIC has 24, so
+//! pins 16-23), which is the only difference a guest can see.
+//!
 //! KVM does not OR together levels driven by user space (one source ID), so
 //! the router counts assertions per GSI and drives a line only on 0<->1
 //! transitions; pins shared between slots then behave like wired-OR lines.
