@@ -1003,4 +1003,141 @@ mod tests {
         drop(_reader);
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// Body of the stdio tests: runs only inside the child processes the
+    /// tests below start (with RHYVE_STDIO_CHILD set).
+    #[test]
+    fn stdio_child() {
+        let Ok(mode) = std::env::var("RHYVE_STDIO_CHILD") else {
+            return;
+        };
+        let b = SerialBackend::open("stdio").unwrap();
+        assert!(matches!(
+            SerialBackend::open("stdio"),
+            Err(SerialError::StdioInUse)
+        ));
+        b.write(b"guest says hi\n");
+        if mode.starts_with("pty") {
+            // SAFETY: termios is plain data filled by tcgetattr.
+            let mut t: libc::termios = unsafe { std::mem::zeroed() };
+            assert_eq!(unsafe { libc::tcgetattr(0, &mut t) }, 0);
+            let raw = t.c_lflag & libc::ICANON == 0;
+            b.write(if raw { b"raw=1\n" } else { b"raw=0\n" });
+            assert!(b.drain_output(Duration::from_secs(5)));
+            if mode == "pty-signal" {
+                // Die from a signal: the signal hook must restore it.
+                // SAFETY: raising a signal in our own process.
+                unsafe { libc::raise(libc::SIGHUP) };
+            }
+            // Leave through exit(3) without dropping anything: the atexit
+            // hook must restore the terminal.
+            std::process::exit(0);
+        }
+        assert!(b.drain_output(Duration::from_secs(5)));
+    }
+
+    fn stdio_child_command(mode: &str) -> std::process::Command {
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            "--exact",
+            "serial::tests::stdio_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("RHYVE_STDIO_CHILD", mode);
+        cmd
+    }
+
+    #[test]
+    fn stdio_works_with_stdin_closed_and_no_terminal() {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = stdio_child_command("closed");
+        cmd.stdout(std::process::Stdio::piped());
+        // SAFETY: close(2) is async-signal-safe; runs in the forked child.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::close(0);
+                Ok(())
+            });
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("guest says hi"), "{text}");
+    }
+
+    /// Run the stdio child on a fresh pty; returns its exit status, what it
+    /// printed and whether the pty is back in canonical mode afterwards.
+    fn run_on_pty(mode: &str) -> (std::process::ExitStatus, String, bool) {
+        // SAFETY: pty setup on fds we own.
+        let master = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY) };
+        assert!(master >= 0);
+        let master = unsafe { File::from_raw_fd(master) };
+        let mut name = [0 as libc::c_char; 128];
+        unsafe {
+            assert_eq!(libc::grantpt(master.as_raw_fd()), 0);
+            assert_eq!(libc::unlockpt(master.as_raw_fd()), 0);
+            assert_eq!(
+                libc::ptsname_r(master.as_raw_fd(), name.as_mut_ptr(), name.len()),
+                0
+            );
+        }
+        let slave_path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
+        let slave = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open(&slave_path)
+            .unwrap();
+        let mut cmd = stdio_child_command(mode);
+        cmd.stdin(slave.try_clone().unwrap())
+            .stdout(slave.try_clone().unwrap())
+            .stderr(slave.try_clone().unwrap());
+        let reader = {
+            let mut m = master.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let mut all = Vec::new();
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = m.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    all.extend_from_slice(&buf[..n]);
+                    if all.windows(6).any(|w| w == b"raw=1\n" || w == b"raw=0\n") {
+                        break;
+                    }
+                }
+                all
+            })
+        };
+        let status = cmd.status().unwrap();
+        let text = String::from_utf8_lossy(&reader.join().unwrap()).into_owned();
+        // SAFETY: termios is plain data filled by tcgetattr.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::tcgetattr(slave.as_raw_fd(), &mut t) }, 0);
+        (status, text, t.c_lflag & libc::ICANON != 0)
+    }
+
+    #[test]
+    fn stdio_terminal_is_raw_while_running_and_restored_at_exit() {
+        let (status, text, canonical) = run_on_pty("pty");
+        assert!(status.success());
+        assert!(text.contains("guest says hi"), "{text}");
+        assert!(
+            text.contains("raw=1"),
+            "stdin was raw while running: {text}"
+        );
+        assert!(canonical, "terminal restored at exit");
+    }
+
+    #[test]
+    fn stdio_terminal_is_restored_when_killed_by_a_signal() {
+        use std::os::unix::process::ExitStatusExt;
+        let (status, text, canonical) = run_on_pty("pty-signal");
+        assert_eq!(status.signal(), Some(libc::SIGHUP), "{text}");
+        assert!(text.contains("raw=1"), "{text}");
+        assert!(canonical, "terminal restored by the signal hook");
+    }
 }
