@@ -665,6 +665,39 @@ impl PciConfigSpace {
         self.wires.intx = Some(pin);
     }
 
+    /// Take over the state of `saved` (a snapshot of this same function),
+    /// keeping this instance's connections to the interrupt controller.
+    /// Refused if the saved layout (BARs, MSI/MSI-X capabilities, sizes)
+    /// differs, so a snapshot cannot smuggle in a different device shape.
+    /// Afterwards call [`crate::PciRoot::resync_bars`] so the mappings
+    /// follow the restored BARs.
+    pub fn restore(&mut self, saved: PciConfigSpace) -> Result<(), PciError> {
+        let mismatch = |what| Err(PciError::SnapshotMismatch(what));
+        if saved.data.len() != PCI_CONFIG_SPACE_SIZE || saved.wmask.len() != PCI_CONFIG_SPACE_SIZE {
+            return mismatch("config space size");
+        }
+        let same_bars = self
+            .bars
+            .iter()
+            .zip(&saved.bars)
+            .all(|(a, b)| match (a, b) {
+                (BarSlot::Bar { bar: a, .. }, BarSlot::Bar { bar: b, .. }) => {
+                    a.kind == b.kind && a.size == b.size
+                }
+                _ => a == b,
+            });
+        if !same_bars {
+            return mismatch("BARs");
+        }
+        if !crate::msi::same_shape(self, &saved) {
+            return mismatch("MSI/MSI-X capabilities");
+        }
+        let wires = std::mem::take(&mut self.wires);
+        *self = saved;
+        self.wires = wires;
+        Ok(())
+    }
+
     /// Where MSI and MSI-X messages are sent; the root connects this when
     /// the function is added. Device tests without a root can call it.
     pub fn connect_msi(&mut self, sender: Arc<dyn MsiSender>) {

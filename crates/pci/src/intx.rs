@@ -205,6 +205,21 @@ impl IntxRouter {
         self.lock().clone()
     }
 
+    /// Replace the state with a saved one (a snapshot) and drive every
+    /// line to its saved level.
+    pub fn restore(&self, saved: IntxRouterState) {
+        let mut s = self.lock();
+        let old = std::mem::replace(&mut *s, saved);
+        for gsi in old.gsi_levels.keys() {
+            if !s.gsi_levels.contains_key(gsi) {
+                self.line(*gsi).set_level(false);
+            }
+        }
+        for (gsi, n) in &s.gsi_levels {
+            self.line(*gsi).set_level(*n > 0);
+        }
+    }
+
     /// Route slot pin `pin` (1-4) of `slot`: an IOAPIC pin and a PIRQ link
     /// (0 = LNKA).
     pub(crate) fn route(&self, slot: u8, pin: u8) -> Option<(u32, u8)> {

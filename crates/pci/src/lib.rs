@@ -104,6 +104,8 @@ pub enum PciError {
     LpcNotOnBus0,
     #[error("invalid value \"{value}\" for \"{key}\"")]
     BadValue { key: String, value: String },
+    #[error("saved PCI state does not match the device: {0} differ")]
+    SnapshotMismatch(&'static str),
     #[error("PCI devices cannot be added after start-up routing")]
     AlreadyFinalized,
     #[error(transparent)]

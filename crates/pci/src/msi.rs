@@ -113,6 +113,28 @@ impl MsixState {
     }
 }
 
+/// True if `a` and `b` have the same MSI and MSI-X layout.
+pub(crate) fn same_shape(a: &PciConfigSpace, b: &PciConfigSpace) -> bool {
+    let msi = match (&a.msi, &b.msi) {
+        (None, None) => true,
+        (Some(x), Some(y)) => x.cap_offset == y.cap_offset && x.vectors == y.vectors,
+        _ => false,
+    };
+    let msix = match (&a.msix, &b.msix) {
+        (None, None) => true,
+        (Some(x), Some(y)) => {
+            x.cap_offset == y.cap_offset
+                && x.bar == y.bar
+                && x.table_offset == y.table_offset
+                && x.pba_offset == y.pba_offset
+                && x.table.len() == y.table.len()
+                && x.pending.len() == y.pending.len()
+        }
+        _ => false,
+    };
+    msi && msix
+}
+
 impl PciConfigSpace {
     // ---- MSI ----
 

@@ -434,6 +434,19 @@ impl PciRoot {
         lock(&self.state).functions.keys().copied().collect()
     }
 
+    /// Make every BAR mapping match its function's config space again,
+    /// after functions' state was restored from a snapshot.
+    pub fn resync_bars(&self) {
+        let mut st = lock(&self.state);
+        if !st.finalized {
+            return;
+        }
+        let bdfs: Vec<PciBdf> = st.functions.keys().copied().collect();
+        for bdf in bdfs {
+            self.sync_bars(&mut st, bdf);
+        }
+    }
+
     pub fn function(&self, bdf: PciBdf) -> Option<SharedFunction> {
         lock(&self.state)
             .functions

@@ -788,3 +788,32 @@ fn root_config_from_tree_follows_bhyve_defaults() {
     tree.set("pci.enable_bars", "true").unwrap();
     assert!(build(&tree).enable_bars);
 }
+
+#[test]
+fn snapshot_and_restore() {
+    let (m, a, _) = standard_machine();
+    let dev = bdf(0, 3, 0);
+    let router = m.root.intx_router();
+    a.lock().unwrap().config.intx_assert();
+    let saved_cfg = serde_json::to_string(&a.lock().unwrap().config).unwrap();
+    let saved_router = serde_json::to_string(&router.state()).unwrap();
+    // The guest moves on: BAR moved, line lowered.
+    m.cf8_write(dev, 0x10, 4, 0x5000);
+    a.lock().unwrap().config.intx_deassert();
+    assert!(!m.irqs.level(16) && m.io.contains(0x5000));
+    // Restore both and remap.
+    let cfg: PciConfigSpace = serde_json::from_str(&saved_cfg).unwrap();
+    a.lock().unwrap().config.restore(cfg).unwrap();
+    router.restore(serde_json::from_str(&saved_router).unwrap());
+    m.root.resync_bars();
+    assert!(m.io.contains(0x2000) && !m.io.contains(0x5000));
+    assert!(m.irqs.level(16) && m.irqs.level(5));
+    a.lock().unwrap().config.intx_deassert();
+    assert!(!m.irqs.level(16) && !m.irqs.level(5));
+    // A snapshot of a differently shaped function is refused.
+    let other = TestDev::new(1, false, false).config;
+    assert_eq!(
+        a.lock().unwrap().config.restore(other),
+        Err(PciError::SnapshotMismatch("BARs"))
+    );
+}
