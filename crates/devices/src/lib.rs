@@ -15,6 +15,7 @@ pub mod pctestdev;
 pub mod pm;
 pub mod post;
 pub mod rtc;
+pub mod shared_irq;
 pub mod timer;
 pub mod uart;
 

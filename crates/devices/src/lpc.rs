@@ -25,6 +25,7 @@ use crate::pctestdev::{
 use crate::pm::{AcpiPm, ResetControl, SmiCommand, PM_BLOCK_LEN};
 use crate::post::{PostPort, BHYVE_POST_READ_PORT};
 use crate::rtc::Rtc;
+use crate::shared_irq::SharedIrq;
 use crate::timer::{TimerThread, TimerWaker};
 use crate::uart::Uart;
 use rhyve_backends::serial::{self, SerialBackend, SerialError};
@@ -238,8 +239,18 @@ pub fn create_platform_devices(
     let mut backends = Vec::new();
     let mut com_ports = Vec::new();
     if has_lpc {
-        for (name, base, irq) in COM_PORTS {
-            let uart = Arc::new(Mutex::new(Uart::new(irqs.line(irq))));
+        // COM1/COM3 and COM2/COM4 share IRQs: wire each pair as an OR.
+        let mut shared: Vec<(u32, Arc<SharedIrq>)> = Vec::new();
+        for (unit, (name, base, irq)) in (0u32..).zip(COM_PORTS) {
+            let gate = match shared.iter().find(|(i, _)| *i == irq) {
+                Some((_, g)) => g.clone(),
+                None => {
+                    let g = SharedIrq::new(irqs.line(irq));
+                    shared.push((irq, g.clone()));
+                    g
+                }
+            };
+            let uart = Arc::new(Mutex::new(Uart::new(gate.input(unit))));
             let path = config.get(&format!("lpc.{name}.path"))?;
             if let Some(p) = &path {
                 let backend = SerialBackend::open(p).map_err(|source| PlatformError::Serial {
@@ -501,6 +512,24 @@ mod tests {
         m.io.write(0xF4, &[3]);
         assert_eq!(m.exits.pending().map(|e| e.status()), Some(7));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn com_ports_sharing_an_irq_are_wired_or() {
+        let mut c = ConfigTree::new();
+        c.set("pci.0.1.0.device", "lpc").unwrap();
+        let m = machine();
+        let _p = build(&m, &c).unwrap();
+        let irq4 = m.ctl.get(4);
+        // COM1 and COM3 both enable the THRE interrupt.
+        m.io.write(0x3F9, &[0x02]);
+        m.io.write(0x3E9, &[0x02]);
+        assert!(irq4.level());
+        // COM1's interrupt is acknowledged; COM3's still holds the line.
+        assert_eq!(inb(&m.io, 0x3FA), 0x02);
+        assert!(irq4.level());
+        assert_eq!(inb(&m.io, 0x3EA), 0x02);
+        assert!(!irq4.level());
     }
 
     #[test]
