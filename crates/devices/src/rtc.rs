@@ -561,14 +561,17 @@ impl Timed for Rtc {
     }
 
     fn fire(&mut self, now: u64) {
-        if let (Some(due), Some(period)) = (self.state.next_periodic_ns, self.periodic_period_ns())
-        {
-            if due <= now {
-                let c = self.state.regs[REG_C] | RTCIR_PERIOD;
-                self.set_reg_c(c);
-                // Catch up without a burst if the thread fell far behind.
-                let next = due + period;
-                self.state.next_periodic_ns = Some(if next <= now { now + period } else { next });
+        if let Some(due) = self.state.next_periodic_ns.filter(|d| *d <= now) {
+            match self.periodic_period_ns() {
+                Some(period) => {
+                    let c = self.state.regs[REG_C] | RTCIR_PERIOD;
+                    self.set_reg_c(c);
+                    // Catch up without a burst if the thread fell far behind.
+                    let next = due + period;
+                    self.state.next_periodic_ns =
+                        Some(if next <= now { now + period } else { next });
+                }
+                None => self.state.next_periodic_ns = None,
             }
         }
         if self.aintr() || self.uintr() {
