@@ -331,7 +331,8 @@ impl Uart {
         }
         let value = match offset {
             REG_DATA => {
-                let v = s.rx_fifo.pop_front().unwrap_or(0);
+                // An empty FIFO reads as bhyve's -1 truncated to a byte.
+                let v = s.rx_fifo.pop_front().unwrap_or(0xFF);
                 // Refill from the host as the guest drains.
                 self.pull_input();
                 return v;
@@ -419,6 +420,7 @@ mod tests {
         assert_eq!(u.read_reg(REG_DATA), 1);
         u.write_reg(REG_LCR, 0x03);
         assert_eq!(u.read_reg(REG_LCR), 0x03);
+        assert_eq!(u.read_reg(REG_DATA), 0xFF, "empty receive buffer");
         u.write_reg(REG_SCR, 0xA5);
         assert_eq!(u.read_reg(REG_SCR), 0xA5);
     }
