@@ -577,6 +577,27 @@ mod tests {
     }
 
     #[test]
+    fn hpet_comparators_fire_on_the_timer_thread() {
+        let m = machine();
+        let p = build(&m, &ConfigTree::new()).unwrap();
+        // Timer 0: periodic, edge, IOAPIC pin 23, 1 ms period.
+        let cnf: u64 = (1 << 2) | (1 << 3) | (1 << 6) | (23 << 9);
+        m.mmio.write(HPET_BASE + 0x100, &cnf.to_le_bytes());
+        m.mmio.write(HPET_BASE + 0x108, &16_777u32.to_le_bytes());
+        m.mmio.write(HPET_BASE + 0x10, &1u32.to_le_bytes());
+        let line = m.ctl.get(23);
+        let start = std::time::Instant::now();
+        while line.rises() < 3 && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert!(line.rises() >= 3, "periodic interrupts arrive");
+        drop(p);
+        let after = line.rises();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(line.rises(), after, "stopped with the platform");
+    }
+
+    #[test]
     fn rtc_interrupts_run_on_the_timer_thread() {
         let m = machine();
         let p = build(&m, &ConfigTree::new()).unwrap();
