@@ -5,6 +5,8 @@
 //! one thread per vCPU and supervises them until something ends the VM; the
 //! reason becomes bhyve's exit status.
 
+mod machine;
+mod proctitle;
 mod signals;
 mod spec;
 mod vcpu;
@@ -17,19 +19,29 @@ use rhyve_config::ConfigTree;
 use rhyve_platform::exit::{ExitRequest, ExitRequests};
 use vmm_sys_util::signal::Killable;
 
-pub use spec::{memory_size, vm_spec};
+pub use machine::{build, Machine};
+pub use spec::vm_spec;
 pub use vcpu::VcpuShared;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
     #[error("{0}")]
     Config(String),
+    /// A tree error with bhyve's own message and exit status.
+    #[error("{}", .0.message)]
+    Cli(rhyve_config::CliError),
     #[error("{0}")]
     Unsupported(String),
     #[error(transparent)]
     Hypervisor(#[from] rhyve_hypervisor::HvError),
     #[error("{0}")]
     Setup(String),
+}
+
+impl From<rhyve_config::CliError> for VmmError {
+    fn from(e: rhyve_config::CliError) -> Self {
+        VmmError::Cli(e)
+    }
 }
 
 /// How often the supervisor looks at signals.
@@ -43,6 +55,69 @@ pub struct Supervision {
     pub acpi_enabled: Box<dyn Fn() -> bool + Send>,
     /// Press the ACPI power button.
     pub press_power_button: Box<dyn Fn() + Send>,
+    /// Put the terminal back before the process dies of a signal.
+    pub restore_terminal: Box<dyn Fn() + Send>,
+}
+
+impl VmmError {
+    /// bhyve's exit status for a VM that could not be set up.
+    pub fn status(&self) -> i32 {
+        match self {
+            VmmError::Cli(e) => e.status,
+            _ => rhyve_config::EXIT_ERROR,
+        }
+    }
+}
+
+/// Build the VM the tree describes and run it to the end; returns bhyve's
+/// exit status.
+pub fn run(tree: &ConfigTree) -> i32 {
+    let machine = match machine::build(tree) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("bhyve: {e}");
+            return e.status();
+        }
+    };
+    let Machine {
+        mut platform,
+        pci,
+        vcpus,
+        io,
+        mmio,
+        exits,
+        vm,
+    } = machine;
+    if let Ok(Some(name)) = tree.get("name") {
+        proctitle::set(&name);
+    }
+    let strict_io = tree.bool_or("x86.strictio", false).unwrap_or(false);
+    let shared = Arc::new(VcpuShared::new(
+        io,
+        mmio,
+        exits.clone(),
+        strict_io,
+        vcpus.len() as u32,
+    ));
+    let (pm_query, pm_press) = (platform.pm.clone(), platform.pm.clone());
+    let hooks = Supervision {
+        acpi_enabled: Box::new(move || pm_query.lock().map(|p| p.acpi_enabled()).unwrap_or(false)),
+        press_power_button: Box::new(move || {
+            if let Ok(mut pm) = pm_press.lock() {
+                pm.power_button();
+            }
+        }),
+        restore_terminal: Box::new(rhyve_backends::serial::restore_terminal),
+    };
+    let why = supervise(vcpus, shared, exits, hooks);
+    platform.shutdown();
+    drop(pci);
+    drop(vm);
+    if let ExitRequest::Error(msg) = &why {
+        eprintln!("bhyve: {msg}");
+    }
+    tracing::info!("VM stopped: {why:?}");
+    why.status()
 }
 
 /// Run vCPU threads until the VM stops; returns why it stopped.
@@ -96,6 +171,7 @@ pub fn supervise(
                 (hooks.press_power_button)();
             } else {
                 // bhyve leaves SIGTERM its default action until ACPI is on.
+                (hooks.restore_terminal)();
                 signals::die_by_sigterm();
             }
         }

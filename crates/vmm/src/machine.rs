@@ -1,0 +1,182 @@
+//! Assembling the machine from the tree: the hypervisor VM, the buses, the
+//! PCI functions, the platform devices, the firmware tables and the guest.
+
+use std::sync::Arc;
+
+use rhyve_boot::{AcpiPlatform, CpuTopology, PciWindows};
+use rhyve_config::ConfigTree;
+use rhyve_devices::lpc::{create_platform_devices, PlatformDevices};
+use rhyve_hypervisor::kvm::KvmVm;
+use rhyve_hypervisor::{EntryRegs, Vcpu, Vm, VmSpec};
+use rhyve_pci::{create_function, PciBdf, PciRoot, PciRootConfig};
+use rhyve_platform::bus::Bus;
+use rhyve_platform::exit::ExitRequests;
+
+use crate::VmmError;
+
+fn setup<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> VmmError {
+    move |e| VmmError::Setup(format!("{what}: {e}"))
+}
+
+/// A built VM, ready for its vCPUs to run.
+pub struct Machine {
+    // Devices first: they hold guest memory mappings and threads that must
+    // stop before the VM goes away.
+    pub platform: PlatformDevices,
+    pub pci: Arc<PciRoot>,
+    pub vcpus: Vec<Box<dyn Vcpu>>,
+    pub io: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub exits: Arc<ExitRequests>,
+    pub vm: Box<dyn Vm>,
+}
+
+/// bhyve's `init_pci`: every configured function, created from its node.
+fn build_pci(
+    tree: &ConfigTree,
+    vm: &dyn Vm,
+    spec: &VmSpec,
+    io: &Arc<Bus>,
+    mmio: &Arc<Bus>,
+) -> Result<Arc<PciRoot>, VmmError> {
+    let config =
+        PciRootConfig::from_tree(tree, io.clone(), mmio.clone(), spec.memory, vm.interrupts())
+            .map_err(setup("PCI"))?;
+    let root = PciRoot::new(config).map_err(setup("PCI"))?;
+    let ctx = root.context();
+    for f in rhyve_config::pci_functions(tree)? {
+        let bdf = PciBdf::new(f.bus.into(), f.slot.into(), f.func.into()).map_err(setup("PCI"))?;
+        let function = create_function(&f.model, tree, &f.node, &ctx)
+            .map_err(|e| VmmError::Unsupported(e.to_string()))?;
+        root.add_function(bdf, function).map_err(setup("PCI"))?;
+    }
+    root.finalize().map_err(setup("PCI"))?;
+    Ok(root)
+}
+
+/// Where the boot vCPU starts: only direct kernel boot exists so far.
+fn load_guest(tree: &ConfigTree, vm: &dyn Vm, spec: &VmSpec) -> Result<EntryRegs, VmmError> {
+    let get = |k: &str| tree.get(k).map_err(|e| VmmError::Config(e.to_string()));
+    let Some(kernel) = get("boot.kernel")? else {
+        return Err(VmmError::Unsupported(
+            "no guest to start: give a kernel with -o boot.kernel=PATH (boot ROMs and bhyveload are not supported yet)".into(),
+        ));
+    };
+    let initrd = get("boot.initrd")?;
+    let cmdline = get("boot.cmdline")?.unwrap_or_default();
+    let entry = rhyve_boot::load_linux(
+        vm.memory(),
+        std::path::Path::new(&kernel),
+        initrd.as_deref().map(std::path::Path::new),
+        &cmdline,
+        &spec.memory,
+    )
+    .map_err(|e| VmmError::Setup(e.to_string()))?;
+    let r = entry.regs();
+    Ok(EntryRegs {
+        rip: r.rip,
+        rsi: r.rsi,
+        rbx: r.rbx,
+        rsp: r.rsp,
+        cr0: r.cr0,
+        cr3: r.cr3,
+        cr4: r.cr4,
+        efer: r.efer,
+        gdt_base: r.gdt_base,
+        gdt_limit: r.gdt_limit,
+        code_selector: r.code_selector,
+        data_selector: r.data_selector,
+        long_mode: r.long_mode,
+    })
+}
+
+/// The firmware tables bhyve puts in the BIOS area.
+fn write_tables(
+    tree: &ConfigTree,
+    vm: &dyn Vm,
+    spec: &VmSpec,
+    pci: &PciRoot,
+    platform: &PlatformDevices,
+) -> Result<(), VmmError> {
+    let routes: Vec<rhyve_boot::PciIntxRoute> = pci
+        .intx_routes()
+        .into_iter()
+        .map(|r| rhyve_boot::PciIntxRoute {
+            bus: r.bus,
+            slot: r.slot,
+            pin: r.pin,
+            gsi: r.gsi,
+            pirq: r.pirq,
+        })
+        .collect();
+    if tree
+        .bool_or("acpi_tables", true)
+        .map_err(|e| VmmError::Config(e.to_string()))?
+    {
+        let mut acpi = AcpiPlatform::new(spec.cpus, spec.memory, platform.hpet_capabilities());
+        acpi.com_ports = platform
+            .com_ports
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.base, c.irq, i as u8 + 1))
+            .collect();
+        acpi.pci_intx = routes.clone();
+        acpi.lpc = pci.lpc_bdf().map(|b| (b.slot, b.func));
+        acpi.i8042 = true;
+        acpi.pci_windows = Some(PciWindows::for_layout(&spec.memory));
+        rhyve_boot::write_acpi_tables(vm.memory(), &acpi).map_err(setup("ACPI tables"))?;
+    }
+    if tree
+        .bool_or("x86.mptable", true)
+        .map_err(|e| VmmError::Config(e.to_string()))?
+    {
+        rhyve_boot::write_mptable(vm.memory(), spec.cpus, &routes).map_err(setup("MP table"))?;
+    }
+    let topology = CpuTopology {
+        sockets: spec.sockets as u16,
+        cores: spec.cores as u16,
+        threads: spec.threads as u16,
+    };
+    rhyve_boot::write_smbios(vm.memory(), tree, &spec.memory, topology).map_err(setup("SMBIOS"))?;
+    Ok(())
+}
+
+/// Build the whole machine the tree describes.
+pub fn build(tree: &ConfigTree) -> Result<Machine, VmmError> {
+    rhyve_config::validate(tree)?;
+    crate::refuse_unsupported(tree)?;
+    let spec = crate::vm_spec(tree)?;
+    let vm: Box<dyn Vm> = Box::new(KvmVm::new(spec.clone())?);
+    let io = Arc::new(Bus::new());
+    let mmio = Arc::new(Bus::new());
+    let exits = Arc::new(ExitRequests::new());
+    let pci = build_pci(tree, vm.as_ref(), &spec, &io, &mmio)?;
+    let platform = create_platform_devices(
+        tree,
+        &io,
+        &mmio,
+        vm.interrupts(),
+        exits.clone(),
+        &spec.memory,
+    )
+    .map_err(|e| VmmError::Setup(e.to_string()))?;
+    if !platform.reset_on_bus {
+        pci.set_reset_register(platform.reset.clone());
+    }
+    write_tables(tree, vm.as_ref(), &spec, &pci, &platform)?;
+    let entry = load_guest(tree, vm.as_ref(), &spec)?;
+    let mut vcpus = Vec::with_capacity(spec.cpus as usize);
+    for id in 0..spec.cpus {
+        vcpus.push(vm.create_vcpu(id)?);
+    }
+    vcpus[0].set_entry(&entry)?;
+    Ok(Machine {
+        platform,
+        pci,
+        vcpus,
+        io,
+        mmio,
+        exits,
+        vm,
+    })
+}

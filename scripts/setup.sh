@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Install the Debian packages rhyve's build, tests and demo use.
+# Idempotent: installs only what is missing. Needs root (or sudo) and apt.
+set -euo pipefail
+
+packages=(
+  gcc               # guest test programs
+  acpica-tools      # iasl -d judges every ACPI table we build
+  busybox-static    # guest userland for initramfs images
+  cpio              # initramfs archives
+  user-mode-linux   # real Linux virtio drivers over vhost-user
+  iproute2          # network namespaces and taps for virtio-net tests
+  e2fsprogs         # mkfs.ext4 for disk images
+  dosfstools        # FAT images for grub-bhyve tests
+  xorriso           # ISO images for grub-bhyve tests
+  fdisk             # sfdisk for partitioned images
+  kmod              # depmod/modinfo for guest modules
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "setup: installing ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
