@@ -264,7 +264,11 @@ fn dup_fd(fd: RawFd) -> Option<File> {
 #[derive(Default)]
 struct OutputQueue {
     bytes: VecDeque<u8>,
-    dropped: u64,
+    /// The writer thread holds a chunk it has not finished writing.
+    in_flight: bool,
+    dropped_total: u64,
+    /// Inside an episode of dropping (logged once per episode).
+    dropping: bool,
     stopping: bool,
 }
 
@@ -279,7 +283,10 @@ type Notifier = Box<dyn Fn() + Send + Sync>;
 struct Shared {
     label: String,
     output: Mutex<OutputQueue>,
+    /// Wakes the writer thread: output queued or shutdown.
     output_ready: Condvar,
+    /// Wakes drain_output(): everything queued was written.
+    output_drained: Condvar,
     input: Mutex<InputQueue>,
     input_room: Condvar,
     notifier: Mutex<Option<Notifier>>,
@@ -374,6 +381,7 @@ impl SerialBackend {
             label: label.to_string(),
             output: Mutex::new(OutputQueue::default()),
             output_ready: Condvar::new(),
+            output_drained: Condvar::new(),
             input: Mutex::new(InputQueue::default()),
             input_room: Condvar::new(),
             notifier: Mutex::new(None),
@@ -570,13 +578,14 @@ impl SerialBackend {
         let n = room.min(data.len());
         q.bytes.extend(&data[..n]);
         if n < data.len() {
-            if q.dropped == 0 {
+            if !q.dropping {
+                q.dropping = true;
                 tracing::warn!(
                     "serial {}: consumer is not reading, dropping guest output",
                     self.shared.label
                 );
             }
-            q.dropped += (data.len() - n) as u64;
+            q.dropped_total += (data.len() - n) as u64;
         }
         drop(q);
         self.shared.output_ready.notify_one();
@@ -609,22 +618,22 @@ impl SerialBackend {
 
     /// Bytes of guest output dropped so far.
     pub fn dropped_output(&self) -> u64 {
-        lock(&self.shared.output).dropped
+        lock(&self.shared.output).dropped_total
     }
 
-    /// Wait until queued output has been handed to the host (or `timeout`
-    /// passes); true if the queue is empty. Used on VM exit.
+    /// Wait until queued output has been written to the host (or `timeout`
+    /// passes); true if everything was written. Used on VM exit.
     pub fn drain_output(&self, timeout: Duration) -> bool {
         let deadline = std::time::Instant::now() + timeout;
         let mut q = lock(&self.shared.output);
-        while !q.bytes.is_empty() {
+        while !q.bytes.is_empty() || q.in_flight {
             let now = std::time::Instant::now();
             if now >= deadline {
                 return false;
             }
             q = self
                 .shared
-                .output_ready
+                .output_drained
                 .wait_timeout(q, deadline - now)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
@@ -750,22 +759,25 @@ fn writer_loop(shared: Arc<Shared>) {
             let n = q.bytes.len().min(4096);
             chunk.clear();
             chunk.extend(q.bytes.drain(..n));
-            if q.bytes.is_empty() {
-                // Reset the "dropping" episode so the next one logs again.
-                q.dropped = 0;
+            q.in_flight = true;
+        }
+        let sink = lock(&shared.sink).clone();
+        if let Some(sink) = sink {
+            if let Err(e) = (&*sink).write_all(&chunk) {
+                tracing::warn!("serial {}: write: {e}; dropping output", shared.label);
+                // A TCP client that went away: forget it so the next can attach.
+                let mut cur = lock(&shared.sink);
+                if cur.as_ref().is_some_and(|s| Arc::ptr_eq(s, &sink)) {
+                    *cur = None;
+                }
             }
         }
-        // Wake drain_output() waiters.
-        shared.output_ready.notify_all();
-        let sink = lock(&shared.sink).clone();
-        let Some(sink) = sink else { continue };
-        if let Err(e) = (&*sink).write_all(&chunk) {
-            tracing::warn!("serial {}: write: {e}; dropping output", shared.label);
-            // A TCP client that went away: forget it so the next can attach.
-            let mut cur = lock(&shared.sink);
-            if cur.as_ref().is_some_and(|s| Arc::ptr_eq(s, &sink)) {
-                *cur = None;
-            }
+        let mut q = lock(&shared.output);
+        q.in_flight = false;
+        if q.bytes.is_empty() {
+            // The episode of dropping (if any) is over; the next one logs.
+            q.dropping = false;
+            shared.output_drained.notify_all();
         }
     }
 }
