@@ -148,6 +148,7 @@ impl Block {
             return Completion::Used(0);
         };
         let (status, data_written) = self.execute(&mut reader, &mut writer);
+        tracing::trace!("virtio-blk: request done, status {status}, {data_written} bytes");
         if status_writer.write_all(&[status]).is_err() {
             return Completion::Used(0);
         }
@@ -162,6 +163,11 @@ impl Block {
         }
         let kind = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
         let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap());
+        tracing::trace!(
+            "virtio-blk: request type {kind} sector {sector}, {} bytes in, {} bytes out",
+            reader.available_bytes(),
+            writer.available_bytes()
+        );
         let features = self.state.acked_features;
         let result = match kind {
             T_IN => self.read(sector, writer).map(|n| (S_OK, n)),
@@ -244,7 +250,9 @@ impl Block {
     /// DISCARD / WRITE_ZEROES: a list of {sector, num_sectors, flags} segments.
     fn ranges(&self, reader: &mut Reader<'_>, discard: bool) -> std::io::Result<(u8, usize)> {
         let count = reader.available_bytes() / 16;
-        if count == 0 || reader.available_bytes() % 16 != 0 || count > MAX_DISCARD_SEGMENTS as usize
+        if count == 0
+            || !reader.available_bytes().is_multiple_of(16)
+            || count > MAX_DISCARD_SEGMENTS as usize
         {
             return Ok((S_UNSUPP, 0));
         }

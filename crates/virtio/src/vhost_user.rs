@@ -5,10 +5,19 @@
 //! memory and owns the vrings; [`DeviceBackend`] only forwards: queue kicks
 //! and the device's host fd (registered edge-triggered on the vring epoll
 //! loop) become `process_queue` calls on the one device implementation, and
-//! a `true` result becomes a call-fd signal.
+//! a `true` result becomes a call-fd signal. The public socket is ours: each
+//! front-end connection is relayed to the daemon's private socket so that a
+//! known front-end quirk can be absorbed (see [`relay`]).
 
-use std::io;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rhyve_config::ConfigTree;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -21,11 +30,17 @@ use crate::{device_from_config, GuestMemory, VirtioDevice};
 
 type Mem = GuestMemoryAtomic<GuestMemory>;
 
+/// Largest ring a vhost-user front-end may set up.
+const VHOST_USER_MAX_QUEUE_SIZE: u16 = 1024;
+
 struct Inner {
     device: Box<dyn VirtioDevice>,
     mem: Mem,
     /// The device stopped on a fatal queue error until the front-end resets it.
     broken: bool,
+    /// The back-end request channel, held open: user-mode-linux takes its
+    /// closing as the back-end going away and unplugs the device.
+    backend_channel: Option<vhost::vhost_user::Backend>,
 }
 
 /// A [`VirtioDevice`] as a vhost-user backend.
@@ -41,11 +56,19 @@ impl DeviceBackend {
         let sizes = device.queue_max_sizes();
         Self {
             num_queues: sizes.len(),
-            max_queue_size: sizes.iter().copied().max().unwrap_or(0) as usize,
+            // Front-ends pick their ring sizes (user-mode-linux uses 256);
+            // the PCI transport's smaller bhyve sizes are no limit here.
+            max_queue_size: sizes
+                .iter()
+                .copied()
+                .max()
+                .unwrap_or(0)
+                .max(VHOST_USER_MAX_QUEUE_SIZE) as usize,
             inner: Arc::new(Mutex::new(Inner {
                 device,
                 mem: GuestMemoryAtomic::new(GuestMemory::default()),
                 broken: false,
+                backend_channel: None,
             })),
         }
     }
@@ -108,9 +131,12 @@ impl VhostUserBackend for DeviceBackend {
         self.inner.lock().unwrap().device.ack_features(features);
     }
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // BACKEND_REQ although we never send requests: user-mode-linux 6.1
+        // allocates its virtqueue interrupt only when that channel exists.
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::BACKEND_REQ
     }
     fn reset_device(&self) {
         let mut inner = self.inner.lock().unwrap();
@@ -136,6 +162,9 @@ impl VhostUserBackend for DeviceBackend {
             .device
             .write_config(u64::from(offset), buf);
         Ok(())
+    }
+    fn set_backend_req_fd(&self, channel: vhost::vhost_user::Backend) {
+        self.inner.lock().unwrap().backend_channel = Some(channel);
     }
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
         self.inner.lock().unwrap().mem = mem;
@@ -241,8 +270,18 @@ pub fn main_with_args(args: &[String]) -> i32 {
         }
     };
     let backend = DeviceBackend::new(dev);
+    // Like vhost-user back-ends generally, a stale socket file is replaced.
+    let _ = std::fs::remove_file(&socket);
+    let listener = match UnixListener::bind(&socket) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("rhyve-vhost-user: {socket}: {e}");
+            return 4;
+        }
+    };
+    tracing::info!("serving {device} on {socket}");
     loop {
-        if let Err(e) = serve_once(&backend, &socket) {
+        if let Err(e) = serve_once(&backend, &listener) {
             eprintln!("rhyve-vhost-user: {e}");
             return 4;
         }
@@ -250,8 +289,15 @@ pub fn main_with_args(args: &[String]) -> i32 {
     }
 }
 
-/// Serve one front-end connection on `socket`.
-pub fn serve_once(backend: &DeviceBackend, socket: &str) -> Result<(), String> {
+/// Serve one front-end connection accepted on `listener`: the vhost-user
+/// daemon listens on a private socket and [`relay`] joins the two.
+pub fn serve_once(backend: &DeviceBackend, listener: &UnixListener) -> Result<(), String> {
+    let (front, _) = listener
+        .accept()
+        .map_err(|e| format!("cannot accept a front-end: {e}"))?;
+    let dir =
+        private_dir().map_err(|e| format!("cannot create a private socket directory: {e}"))?;
+    let inner_path = dir.join("backend.sock");
     let mem = GuestMemoryAtomic::new(GuestMemory::default());
     let mut daemon = VhostUserDaemon::new("rhyve-vhost-user".into(), backend.clone(), mem)
         .map_err(|e| format!("cannot start the vhost-user daemon: {e}"))?;
@@ -267,7 +313,211 @@ pub fn serve_once(backend: &DeviceBackend, socket: &str) -> Result<(), String> {
                 .map_err(|e| format!("cannot poll the device's host fd: {e}"))?;
         }
     }
-    daemon.serve(socket).map_err(|e| format!("{socket}: {e}"))
+    let path = inner_path.clone();
+    let server = std::thread::spawn(move || daemon.serve(&path).map_err(|e| e.to_string()));
+    let back = connect_retrying(&inner_path);
+    let _ = std::fs::remove_dir_all(&dir);
+    let back = back.map_err(|e| format!("cannot reach the vhost-user daemon: {e}"))?;
+    relay(front, back);
+    server
+        .join()
+        .map_err(|_| "the vhost-user daemon thread panicked".to_string())?
+}
+
+/// A fresh directory only this process can use, for the daemon's socket.
+fn private_dir() -> io::Result<PathBuf> {
+    static SERIAL: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "rhyve-vhost-user.{}.{}",
+        std::process::id(),
+        SERIAL.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    Ok(dir)
+}
+
+fn connect_retrying(path: &Path) -> io::Result<UnixStream> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+/// vhost-user message header: request, flags, payload size.
+const HEADER_LEN: usize = 12;
+/// Largest payload relayed (the protocol's own limit is 4 KiB plus headers).
+const MAX_PAYLOAD: usize = 64 * 1024;
+const SET_MEM_TABLE: u32 = 5;
+/// Sizes of VhostUserMemory's header and of one region.
+const MEM_TABLE_HEADER: usize = 8;
+const MEM_REGION: usize = 32;
+
+/// Copy the front-end's messages to the daemon (with their fds) and the
+/// daemon's replies back, until either side hangs up.
+///
+/// user-mode-linux's virtio_uml sends SET_MEM_TABLE with room for two
+/// regions even when it describes one; vhost 0.18 refuses a payload longer
+/// than its region count says, so the relay trims that message. Nothing else
+/// is changed.
+fn relay(front: UnixStream, back: UnixStream) {
+    let (Ok(front2), Ok(back2)) = (front.try_clone(), back.try_clone()) else {
+        return;
+    };
+    let replies = std::thread::spawn(move || {
+        let mut from = back2;
+        let mut to = front2;
+        let _ = io::copy(&mut from, &mut to);
+        let _ = to.shutdown(Shutdown::Both);
+    });
+    if let Err(e) = relay_requests(&front, &back) {
+        tracing::debug!("vhost-user front-end connection ended: {e}");
+    }
+    let _ = back.shutdown(Shutdown::Both);
+    let _ = front.shutdown(Shutdown::Both);
+    let _ = replies.join();
+}
+
+fn relay_requests(front: &UnixStream, back: &UnixStream) -> io::Result<()> {
+    let mut payload = vec![0u8; MAX_PAYLOAD];
+    loop {
+        let mut header = [0u8; HEADER_LEN];
+        let fds = recv_with_fds(front, &mut header)?;
+        let request = u32::from_le_bytes(header[0..4].try_into().unwrap());
+        let mut size = u32::from_le_bytes(header[8..12].try_into().unwrap()) as usize;
+        if size > MAX_PAYLOAD {
+            return Err(io::Error::other(format!(
+                "oversized message ({size} bytes)"
+            )));
+        }
+        (&*front).read_exact(&mut payload[..size])?;
+        if request == SET_MEM_TABLE && size >= MEM_TABLE_HEADER {
+            let regions = u32::from_le_bytes(payload[0..4].try_into().unwrap()) as usize;
+            let exact = regions
+                .checked_mul(MEM_REGION)
+                .and_then(|n| n.checked_add(MEM_TABLE_HEADER));
+            if let Some(exact) = exact.filter(|&e| e < size) {
+                size = exact;
+                header[8..12].copy_from_slice(&(size as u32).to_le_bytes());
+            }
+        }
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        send_with_fds(back, &header, &payload[..size], &raw)?;
+    }
+}
+
+/// Most fds one vhost-user message carries (VHOST_MEMORY_BASELINE_NREGIONS).
+const MAX_FDS: usize = 8;
+
+/// Fill `buf` from a stream socket, collecting fds passed with it.
+fn recv_with_fds(sock: &UnixStream, buf: &mut [u8]) -> io::Result<Vec<OwnedFd>> {
+    let mut fds = Vec::new();
+    let mut got = 0;
+    while got < buf.len() {
+        // SAFETY: CMSG_SPACE is a pure size computation.
+        let space = unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<RawFd>()) as u32) };
+        let mut cmsg = vec![0u64; (space as usize).div_ceil(8)];
+        let mut iov = libc::iovec {
+            iov_base: buf[got..].as_mut_ptr() as *mut libc::c_void,
+            iov_len: buf.len() - got,
+        };
+        // SAFETY: zeroed msghdr is a valid empty header; we fill the fields we use.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cmsg.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = space as usize;
+        // SAFETY: msg points at buffers that live across the call.
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        // SAFETY: walking the control buffer the kernel filled, with its own macros.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                    let data = libc::CMSG_DATA(c) as *const RawFd;
+                    let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
+                        / std::mem::size_of::<RawFd>();
+                    for i in 0..count {
+                        fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
+                    }
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        got += n as usize;
+    }
+    Ok(fds)
+}
+
+/// Send `header` + `payload` as one message, with `fds` attached.
+fn send_with_fds(
+    sock: &UnixStream,
+    header: &[u8],
+    payload: &[u8],
+    fds: &[RawFd],
+) -> io::Result<()> {
+    let mut iov = [
+        libc::iovec {
+            iov_base: header.as_ptr() as *mut libc::c_void,
+            iov_len: header.len(),
+        },
+        libc::iovec {
+            iov_base: payload.as_ptr() as *mut libc::c_void,
+            iov_len: payload.len(),
+        },
+    ];
+    let fd_bytes = std::mem::size_of_val(fds);
+    // SAFETY: pure size computations.
+    let space = unsafe { libc::CMSG_SPACE(fd_bytes as u32) } as usize;
+    let mut cmsg = vec![0u64; space.div_ceil(8)];
+    // SAFETY: zeroed msghdr is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = if payload.is_empty() { 1 } else { 2 };
+    if !fds.is_empty() {
+        msg.msg_control = cmsg.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = space;
+        // SAFETY: the control buffer has CMSG_SPACE(fd_bytes) bytes.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(fd_bytes as u32) as usize;
+            std::ptr::copy_nonoverlapping(
+                fds.as_ptr(),
+                libc::CMSG_DATA(c) as *mut RawFd,
+                fds.len(),
+            );
+        }
+    }
+    let total = header.len() + payload.len();
+    // SAFETY: msg points at buffers that live across the call.
+    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    if n < total {
+        // The fds went with the first bytes; the rest is plain data.
+        let mut rest = Vec::with_capacity(total - n);
+        rest.extend_from_slice(header);
+        rest.extend_from_slice(payload);
+        (&*sock).write_all(&rest[n..])?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
