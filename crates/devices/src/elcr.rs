@@ -1,6 +1,7 @@
 //! Edge/level control registers of the two 8259s (ports 0x4D0/0x4D1).
 //!
-//! A bit set makes that ISA IRQ level-triggered. As in bhyve's vatpic, IRQs
+//! A bit set makes that ISA IRQ level-triggered. The platform starts with
+//! IRQ 9 (the SCI) level, as bhyve's `sci_init` leaves it. As in bhyve's vatpic, IRQs
 //! 0, 1, 2, 8 and 13 are always edge (their bits read 0). KVM's in-kernel
 //! PIC answers these ports itself when it is in use; this model serves
 //! otherwise and keeps the same masks.
@@ -28,6 +29,16 @@ impl Elcr {
 
     pub fn state(&self) -> ElcrState {
         self.state
+    }
+
+    /// Make ISA `irq` level-triggered, as bhyve's `vm_isa_set_irq_trigger`
+    /// does for the SCI and for IRQs given to PCI interrupt links. IRQs that
+    /// can only be edge-triggered are left alone.
+    pub fn set_level_triggered(&mut self, irq: u8) {
+        if irq < 16 {
+            let idx = usize::from(irq / 8);
+            self.state.regs[idx] |= (1 << (irq % 8)) & MASKS[idx];
+        }
     }
 
     /// True if ISA `irq` is level-triggered.
@@ -77,5 +88,10 @@ mod tests {
         e.read(1, &mut b[..1]);
         assert_eq!(b[0], 0x02);
         assert_eq!(e.state().regs, [0xF8, 0x02]);
+        let mut e = Elcr::new();
+        e.set_level_triggered(9);
+        e.set_level_triggered(2);
+        e.set_level_triggered(200);
+        assert_eq!(e.state().regs, [0, 0x02]);
     }
 }

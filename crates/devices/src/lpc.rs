@@ -338,7 +338,9 @@ pub fn create_platform_devices(
         NMI_STATUS_PORT.into(),
         1,
     )?;
-    let elcr = Arc::new(Mutex::new(Elcr::new()));
+    let mut elcr = Elcr::new();
+    elcr.set_level_triggered(SCI_IRQ as u8);
+    let elcr = Arc::new(Mutex::new(elcr));
     place(io, "ELCR", elcr.clone(), ELCR_PORT.into(), 2)?;
     let post = Arc::new(Mutex::new(PostPort::new()));
     place(io, "POST port", post.clone(), POST_PORT.into(), 1)?;
@@ -460,6 +462,7 @@ mod tests {
         for port in [0x60, 0x64, 0x61, 0x4D0, 0x4D1, 0x80, 0x84, 0xB2, 0xCF9] {
             assert!(m.io.contains(port), "{port:#x}");
         }
+        assert_eq!(inb(&m.io, 0x4D1), 0x02, "SCI (IRQ 9) is level");
         assert!(!m.io.contains(0xF4), "pc-testdev needs lpc");
         assert!(m.mmio.contains(HPET_BASE));
         assert_eq!(p.hpet_capabilities(), 0x8086_0701);
