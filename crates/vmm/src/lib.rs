@@ -92,13 +92,14 @@ pub fn run(tree: &ConfigTree) -> i32 {
         proctitle::set(&name);
     }
     let strict_io = tree.bool_or("x86.strictio", false).unwrap_or(false);
-    let shared = Arc::new(VcpuShared::new(
-        io,
-        mmio,
-        exits.clone(),
-        strict_io,
-        vcpus.len() as u32,
-    ));
+    let pinning = match rhyve_config::vcpu_pinning(tree, vcpus.len() as u16) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{}", e.message);
+            return e.status;
+        }
+    };
+    let shared = Arc::new(VcpuShared::new(io, mmio, exits.clone(), strict_io, pinning));
     let (pm_query, pm_press) = (platform.pm.clone(), platform.pm.clone());
     let hooks = Supervision {
         acpi_enabled: Box::new(move || pm_query.lock().map(|p| p.acpi_enabled()).unwrap_or(false)),

@@ -1,12 +1,25 @@
 //! The process title `bhyve: <vmname>`, by which tools such as vm-bhyve and
 //! libvirt find a running VM in `ps` output (bhyve uses setproctitle(3)).
 //!
-//! Linux has no setproctitle: the command line shown by ps is the memory
-//! between the kernel's arg_start and arg_end, which root can point at a
-//! new string with PR_SET_MM. Without that privilege only the thread name
-//! (15 bytes) changes.
+//! Linux has no setproctitle: `ps` shows the memory between the kernel's
+//! arg_start and arg_end, the original argv strings. Like other setproctitle
+//! emulations we overwrite that area in place (it is always long enough:
+//! it held the program name and the VM name already), padding with NULs.
+//! The command line must have been parsed before this is called.
 
 use std::ffi::CString;
+
+/// arg_start and arg_end from /proc/self/stat (fields 48 and 49).
+fn argv_area() -> Option<(usize, usize)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is parenthesised and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // `rest` starts at field 3.
+    let start = fields.get(48 - 3)?.parse().ok()?;
+    let end = fields.get(49 - 3)?.parse().ok()?;
+    (end > start).then_some((start, end))
+}
 
 pub fn set(vmname: &str) {
     let title = format!("bhyve: {vmname}");
@@ -14,21 +27,21 @@ pub fn set(vmname: &str) {
         // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
         unsafe { libc::prctl(libc::PR_SET_NAME, comm.as_ptr()) };
     }
-    let Ok(full) = CString::new(title) else {
+    let Some((start, end)) = argv_area() else {
+        tracing::debug!("cannot find the argv area to set the process title");
         return;
     };
-    // The title must outlive the process's use of it: leak it on purpose.
-    let bytes: &'static [u8] = Box::leak(full.into_bytes_with_nul().into_boxed_slice());
-    let start = bytes.as_ptr() as libc::c_ulong;
-    let end = start + bytes.len() as libc::c_ulong;
-    // SAFETY: plain prctl calls; a refused one leaves the old bound in place.
-    let set_start =
-        || unsafe { libc::prctl(libc::PR_SET_MM, libc::PR_SET_MM_ARG_START, start, 0, 0) };
-    let set_end = || unsafe { libc::prctl(libc::PR_SET_MM, libc::PR_SET_MM_ARG_END, end, 0, 0) };
-    // The kernel keeps arg_start <= arg_end at every step, so which bound
-    // moves first depends on where the new string lies: try both orders.
-    let moved = (set_start() == 0 && set_end() == 0) || (set_end() == 0 && set_start() == 0);
-    if !moved {
-        tracing::debug!("cannot set the process title (needs CAP_SYS_RESOURCE)");
+    let len = end - start;
+    let bytes = title.as_bytes();
+    if bytes.len() >= len {
+        return;
+    }
+    // SAFETY: [start, end) is this process's own argv block, mapped
+    // read-write on the initial stack for the life of the process; nothing
+    // reads argv after the command line was parsed.
+    unsafe {
+        let area = std::slice::from_raw_parts_mut(start as *mut u8, len);
+        area[..bytes.len()].copy_from_slice(bytes);
+        area[bytes.len()..].fill(0);
     }
 }

@@ -26,6 +26,8 @@ pub struct VcpuShared {
     pub strict_io: bool,
     states: Vec<AtomicU8>,
     halt_check: Vec<AtomicBool>,
+    /// `-p` / `vcpu.N.cpuset`: host CPUs each vCPU thread may run on.
+    pinning: Vec<Option<Vec<u32>>>,
 }
 
 impl VcpuShared {
@@ -34,9 +36,11 @@ impl VcpuShared {
         mmio: Arc<Bus>,
         exits: Arc<ExitRequests>,
         strict_io: bool,
-        cpus: u32,
+        pinning: Vec<Option<Vec<u32>>>,
     ) -> Self {
+        let cpus = pinning.len();
         Self {
+            pinning,
             io,
             mmio,
             exits,
@@ -76,9 +80,32 @@ fn unassigned_port(shared: &VcpuShared, id: u32, dir: &str, port: u16, len: usiz
     }
 }
 
+/// Pin the calling thread to `cpus` (sched_setaffinity).
+fn pin_current_thread(cpus: &[u32]) -> std::io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_SET bounds-checks the index.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cpus {
+            libc::CPU_SET(c as usize, &mut set);
+        }
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// Run `vcpu` until the VM is asked to stop.
 pub fn run_vcpu(mut vcpu: Box<dyn Vcpu>, shared: Arc<VcpuShared>) {
     let id = vcpu.id();
+    if let Some(Some(cpus)) = shared.pinning.get(id as usize) {
+        if let Err(e) = pin_current_thread(cpus) {
+            shared.exits.request(ExitRequest::Error(format!(
+                "vcpu {id}: cannot pin to host CPUs {cpus:?}: {e}"
+            )));
+            return;
+        }
+    }
     while shared.exits.pending().is_none() {
         let exit = match vcpu.run() {
             Ok(exit) => exit,
