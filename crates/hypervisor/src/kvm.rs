@@ -40,28 +40,6 @@ impl KvmVm {
         let kvm =
             Kvm::new().map_err(|e| HvError::NoKvm(std::io::Error::from_raw_os_error(e.errno())))?;
         let fd = kvm.create_vm().map_err(kvm_err("creating the VM"))?;
-        fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
-            .map_err(kvm_err("placing the identity map page"))?;
-        fd.set_tss_address(KVM_TSS_ADDR as usize)
-            .map_err(kvm_err("placing the TSS"))?;
-        fd.create_irq_chip()
-            .map_err(kvm_err("creating the in-kernel irqchip"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        fd.create_pit2(pit)
-            .map_err(kvm_err("creating the in-kernel PIT"))?;
-        if !spec.strict_msr {
-            // `-w`: unknown MSRs come to user space, which reads 0 and drops writes.
-            let mut cap = kvm_enable_cap {
-                cap: KVM_CAP_X86_USER_SPACE_MSR,
-                ..Default::default()
-            };
-            cap.args[0] = KVM_MSR_EXIT_REASON_UNKNOWN as u64;
-            fd.enable_cap(&cap)
-                .map_err(kvm_err("enabling user-space MSR handling for -w"))?;
-        }
         let ranges: Vec<(GuestAddress, usize)> = spec
             .memory
             .ram_regions()
@@ -94,6 +72,30 @@ impl KvmVm {
             };
             // SAFETY: the region outlives the VM (both are owned by `self`).
             unsafe { fd.set_user_memory_region(mr) }.map_err(kvm_err("mapping guest memory"))?;
+        }
+        // The irqchip comes after the memory slots: on some hosts a memslot
+        // change with an irqchip present waits for an SRCU grace period.
+        fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
+            .map_err(kvm_err("placing the identity map page"))?;
+        fd.set_tss_address(KVM_TSS_ADDR as usize)
+            .map_err(kvm_err("placing the TSS"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("creating the in-kernel irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit)
+            .map_err(kvm_err("creating the in-kernel PIT"))?;
+        if !spec.strict_msr {
+            // `-w`: unknown MSRs come to user space, which reads 0 and drops writes.
+            let mut cap = kvm_enable_cap {
+                cap: KVM_CAP_X86_USER_SPACE_MSR,
+                ..Default::default()
+            };
+            cap.args[0] = KVM_MSR_EXIT_REASON_UNKNOWN as u64;
+            fd.enable_cap(&cap)
+                .map_err(kvm_err("enabling user-space MSR handling for -w"))?;
         }
         Ok(Self {
             kvm,
