@@ -31,6 +31,7 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> HvError {
 pub struct KvmVm {
     kvm: Kvm,
     fd: Arc<VmFd>,
+    notifiers: Arc<KvmNotifiers>,
     memory: GuestMemoryMmap,
     spec: VmSpec,
 }
@@ -97,9 +98,14 @@ impl KvmVm {
             fd.enable_cap(&cap)
                 .map_err(kvm_err("enabling user-space MSR handling for -w"))?;
         }
+        let fd = Arc::new(fd);
         Ok(Self {
             kvm,
-            fd: Arc::new(fd),
+            notifiers: Arc::new(KvmNotifiers {
+                vm: fd.clone(),
+                msi_routes: Default::default(),
+            }),
+            fd,
             memory,
             spec,
         })
@@ -115,6 +121,10 @@ impl crate::Vm for KvmVm {
         Arc::new(KvmInterrupts {
             vm: self.fd.clone(),
         })
+    }
+
+    fn notifiers(&self) -> Arc<dyn rhyve_platform::notify::GuestNotifiers> {
+        self.notifiers.clone()
     }
 
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn crate::Vcpu>> {
@@ -398,5 +408,174 @@ impl crate::Vcpu for KvmVcpu {
             }
         };
         EmulationFailure { rip, bytes, detail }
+    }
+}
+
+/// KVM ioeventfds and irqfds with MSI routes (`KVM_SET_GSI_ROUTING`).
+///
+/// Setting the routing table replaces KVM's default, so the table always
+/// carries the default PIC/IOAPIC routes for GSIs 0-23 plus one MSI route
+/// per registered irqfd from GSI 24 up.
+pub struct KvmNotifiers {
+    vm: Arc<VmFd>,
+    msi_routes: std::sync::Mutex<std::collections::BTreeMap<u32, rhyve_platform::notify::MsiRoute>>,
+}
+
+/// First GSI given to MSI routes, after the IOAPIC's pins.
+const FIRST_MSI_GSI: u32 = rhyve_platform::layout::IOAPIC_PINS;
+/// KVM_MAX_IRQ_ROUTES on x86 is 4096.
+const LAST_MSI_GSI: u32 = 4095;
+
+fn io_err(e: kvm_ioctls::Error) -> std::io::Error {
+    std::io::Error::from_raw_os_error(e.errno())
+}
+
+/// An EventFd view of a borrowed descriptor, never closed by us.
+fn borrowed_eventfd(
+    fd: std::os::fd::BorrowedFd<'_>,
+) -> std::mem::ManuallyDrop<vmm_sys_util::eventfd::EventFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: the descriptor outlives this call; ManuallyDrop keeps it open.
+    std::mem::ManuallyDrop::new(unsafe {
+        vmm_sys_util::eventfd::EventFd::from_raw_fd(fd.as_raw_fd())
+    })
+}
+
+impl KvmNotifiers {
+    fn apply(
+        &self,
+        routes: &std::collections::BTreeMap<u32, rhyve_platform::notify::MsiRoute>,
+    ) -> std::io::Result<()> {
+        use kvm_bindings::{
+            kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+            KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+        };
+        let mut entries = Vec::new();
+        let chip = |gsi: u32, irqchip: u32, pin: u32| {
+            let mut e = kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_IRQCHIP,
+                ..Default::default()
+            };
+            e.u.irqchip.irqchip = irqchip;
+            e.u.irqchip.pin = pin;
+            e
+        };
+        for gsi in 0..rhyve_platform::layout::IOAPIC_PINS {
+            if gsi < 8 {
+                entries.push(chip(gsi, KVM_IRQCHIP_PIC_MASTER, gsi));
+            } else if gsi < 16 {
+                entries.push(chip(gsi, KVM_IRQCHIP_PIC_SLAVE, gsi - 8));
+            }
+            entries.push(chip(gsi, KVM_IRQCHIP_IOAPIC, gsi));
+        }
+        for (&gsi, r) in routes {
+            let mut e = kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_MSI,
+                ..Default::default()
+            };
+            e.u.msi.address_lo = r.address as u32;
+            e.u.msi.address_hi = (r.address >> 32) as u32;
+            e.u.msi.data = r.data;
+            entries.push(e);
+        }
+        let table = KvmIrqRouting::from_entries(&entries)
+            .map_err(|e| std::io::Error::other(format!("routing table: {e:?}")))?;
+        self.vm.set_gsi_routing(&table).map_err(io_err)
+    }
+}
+
+impl rhyve_platform::notify::GuestNotifiers for KvmNotifiers {
+    fn add_ioevent(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        addr: rhyve_platform::notify::IoAddress,
+        len: u32,
+        value: u64,
+    ) -> std::io::Result<()> {
+        let efd = borrowed_eventfd(fd);
+        let a = kvm_io_address(addr);
+        match len {
+            1 => self.vm.register_ioevent(&efd, &a, value as u8),
+            2 => self.vm.register_ioevent(&efd, &a, value as u16),
+            4 => self.vm.register_ioevent(&efd, &a, value as u32),
+            _ => self.vm.register_ioevent(&efd, &a, value),
+        }
+        .map_err(io_err)
+    }
+
+    fn remove_ioevent(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        addr: rhyve_platform::notify::IoAddress,
+        len: u32,
+        value: u64,
+    ) -> std::io::Result<()> {
+        let efd = borrowed_eventfd(fd);
+        let a = kvm_io_address(addr);
+        match len {
+            1 => self.vm.unregister_ioevent(&efd, &a, value as u8),
+            2 => self.vm.unregister_ioevent(&efd, &a, value as u16),
+            4 => self.vm.unregister_ioevent(&efd, &a, value as u32),
+            _ => self.vm.unregister_ioevent(&efd, &a, value),
+        }
+        .map_err(io_err)
+    }
+
+    fn add_msi(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        route: rhyve_platform::notify::MsiRoute,
+    ) -> std::io::Result<u32> {
+        let mut routes = self.msi_routes.lock().unwrap_or_else(|e| e.into_inner());
+        let gsi = (FIRST_MSI_GSI..=LAST_MSI_GSI)
+            .find(|g| !routes.contains_key(g))
+            .ok_or_else(|| std::io::Error::other("no free interrupt routes left"))?;
+        routes.insert(gsi, route);
+        if let Err(e) = self.apply(&routes) {
+            routes.remove(&gsi);
+            return Err(e);
+        }
+        let efd = borrowed_eventfd(fd);
+        if let Err(e) = self.vm.register_irqfd(&efd, gsi) {
+            routes.remove(&gsi);
+            let _ = self.apply(&routes);
+            return Err(io_err(e));
+        }
+        Ok(gsi)
+    }
+
+    fn update_msi(
+        &self,
+        handle: u32,
+        route: rhyve_platform::notify::MsiRoute,
+    ) -> std::io::Result<()> {
+        let mut routes = self.msi_routes.lock().unwrap_or_else(|e| e.into_inner());
+        match routes.get_mut(&handle) {
+            Some(r) if *r == route => Ok(()),
+            Some(r) => {
+                *r = route;
+                self.apply(&routes)
+            }
+            None => Err(std::io::Error::other(format!("no MSI route {handle}"))),
+        }
+    }
+
+    fn remove_msi(&self, fd: std::os::fd::BorrowedFd<'_>, handle: u32) -> std::io::Result<()> {
+        let efd = borrowed_eventfd(fd);
+        let result = self.vm.unregister_irqfd(&efd, handle).map_err(io_err);
+        let mut routes = self.msi_routes.lock().unwrap_or_else(|e| e.into_inner());
+        if routes.remove(&handle).is_some() {
+            self.apply(&routes)?;
+        }
+        result
+    }
+}
+
+fn kvm_io_address(addr: rhyve_platform::notify::IoAddress) -> kvm_ioctls::IoEventAddress {
+    match addr {
+        rhyve_platform::notify::IoAddress::Port(p) => kvm_ioctls::IoEventAddress::Pio(u64::from(p)),
+        rhyve_platform::notify::IoAddress::Mmio(a) => kvm_ioctls::IoEventAddress::Mmio(a),
     }
 }

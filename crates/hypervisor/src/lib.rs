@@ -6,6 +6,7 @@
 
 pub mod cpuid;
 pub mod kvm;
+pub mod registry;
 
 use std::sync::Arc;
 
@@ -129,6 +130,8 @@ impl std::fmt::Display for EmulationFailure {
 pub trait Vm: Send + Sync {
     fn memory(&self) -> &GuestMemoryMmap;
     fn interrupts(&self) -> Arc<dyn InterruptController>;
+    /// ioeventfds and MSI irqfds for device threads.
+    fn notifiers(&self) -> Arc<dyn rhyve_platform::notify::GuestNotifiers>;
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;
 }
 

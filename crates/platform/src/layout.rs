@@ -145,7 +145,10 @@ impl MemoryLayout {
             map.push(E820Entry::ram(BIOS_AREA_END, self.lowmem - BIOS_AREA_END));
         }
         map.push(E820Entry::reserved(PCI_ECAM_BASE, PCI_ECAM_SIZE));
-        map.push(E820Entry::reserved(BOOTROM_REGION_BASE, BOOTROM_REGION_SIZE));
+        map.push(E820Entry::reserved(
+            BOOTROM_REGION_BASE,
+            BOOTROM_REGION_SIZE,
+        ));
         if self.highmem > 0 {
             map.push(E820Entry::ram(HIGHMEM_BASE, self.highmem));
         }

@@ -10,3 +10,4 @@ pub mod bus;
 pub mod exit;
 pub mod irq;
 pub mod layout;
+pub mod notify;
