@@ -306,6 +306,9 @@ impl VirtioDevice for Block {
     fn ack_features(&mut self, features: u64) {
         self.state.acked_features = features & self.features();
     }
+    fn config_size(&self) -> usize {
+        60
+    }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config_bytes(), offset, data);
     }

@@ -406,6 +406,9 @@ impl VirtioDevice for Console {
     fn ack_features(&mut self, features: u64) {
         self.state.acked_features = features & self.features();
     }
+    fn config_size(&self) -> usize {
+        12
+    }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let mut c = [0u8; 12];
         c[0..2].copy_from_slice(&80u16.to_le_bytes());

@@ -16,6 +16,7 @@
 pub mod block;
 pub mod console;
 pub mod net;
+pub mod pci;
 pub mod queue;
 pub mod rng;
 pub mod vhost_user;
@@ -94,6 +95,8 @@ pub trait VirtioDevice: Send {
     fn features(&self) -> u64;
     /// The driver accepted `features` (already masked by [`Self::features`]).
     fn ack_features(&mut self, features: u64);
+    /// Bytes of device-specific config space.
+    fn config_size(&self) -> usize;
     /// Read from the device-specific config space; bytes past its end read as 0.
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Write to the device-specific config space; read-only fields ignore it.

@@ -370,6 +370,9 @@ impl VirtioDevice for Net {
             );
         }
     }
+    fn config_size(&self) -> usize {
+        12
+    }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let mut c = [0u8; 12];
         c[0..6].copy_from_slice(&self.state.mac);

@@ -80,6 +80,9 @@ impl VirtioDevice for Rng {
     fn ack_features(&mut self, features: u64) {
         self.state.acked_features = features & self.features();
     }
+    fn config_size(&self) -> usize {
+        0
+    }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&[], offset, data);
     }

@@ -1,0 +1,661 @@
+//! virtio over PCI as bhyve presents it (`virtio.c`): the legacy 0.9.5
+//! interface in I/O BAR 0, the MSI-X table in memory BAR 1 (or one plain
+//! MSI message with `-W`, `virtio_msix=false`), and INTx through the LPC's
+//! PIRQ links for drivers that use neither.
+//!
+//! The data path never runs on a vCPU thread: each queue's notify register
+//! is an eventfd (a KVM ioeventfd once the VMM's [`IoEventRegistrar`] has
+//! bound it to BAR 0 + 0x10 with the queue number as datamatch; until then
+//! a notify write through the bus signals the same eventfd), and a worker
+//! thread per device waits on those eventfds and the device's host fd,
+//! processes the queue and raises the interrupt itself (MSI-X/MSI through
+//! the config space's [`rhyve_platform::irq::MsiSender`], which the VMM
+//! implements with KVM MSI routes / irqfds).
+//!
+//! Locking: the function lock (held by the bus around every register
+//! access) is always taken before the queue lock, and the worker never
+//! holds the queue lock while it takes the function lock to interrupt. A
+//! reset bumps a generation number instead of joining the worker, so a
+//! vCPU never waits for I/O.
+
+use std::io;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex, Weak};
+
+use rhyve_config::ConfigTree;
+use rhyve_pci::{BarKind, PciConfigSpace, PciError, PciFunction};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddress;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::{
+    device_from_config, legacy_pci_device_id, ConfigureError, GuestMemory, VirtioDevice,
+    F_RING_EVENT_IDX, TYPE_BLOCK, TYPE_CONSOLE, TYPE_NET, TYPE_RNG, VIRTIO_VENDOR,
+};
+
+/// Legacy register offsets in BAR 0.
+pub mod regs {
+    pub const HOST_FEATURES: u64 = 0x00;
+    pub const GUEST_FEATURES: u64 = 0x04;
+    pub const QUEUE_PFN: u64 = 0x08;
+    pub const QUEUE_NUM: u64 = 0x0C;
+    pub const QUEUE_SEL: u64 = 0x0E;
+    pub const QUEUE_NOTIFY: u64 = 0x10;
+    pub const STATUS: u64 = 0x12;
+    pub const ISR: u64 = 0x13;
+    /// Present only while MSI-X is enabled.
+    pub const MSI_CONFIG_VECTOR: u64 = 0x14;
+    pub const MSI_QUEUE_VECTOR: u64 = 0x16;
+    /// Device config starts here without / with MSI-X enabled.
+    pub const CONFIG: u64 = 0x14;
+    pub const CONFIG_MSIX: u64 = 0x18;
+}
+
+pub const STATUS_ACKNOWLEDGE: u8 = 1;
+pub const STATUS_DRIVER: u8 = 2;
+pub const STATUS_DRIVER_OK: u8 = 4;
+pub const STATUS_FEATURES_OK: u8 = 8;
+pub const STATUS_NEEDS_RESET: u8 = 0x40;
+pub const STATUS_FAILED: u8 = 0x80;
+pub const ISR_QUEUE: u8 = 1;
+pub const ISR_CONFIG: u8 = 2;
+pub const NO_VECTOR: u16 = 0xFFFF;
+/// Legacy rings: the used ring starts on the next 4 KiB boundary.
+pub const VRING_ALIGN: u64 = 4096;
+/// QUEUE_PFN is in 4 KiB units.
+pub const PFN_SHIFT: u32 = 12;
+
+/// Binds an eventfd to guest writes of `datamatch` (2 bytes) at I/O port
+/// `port`, so queue notifications skip the vCPU exit path (KVM_IOEVENTFD).
+pub trait IoEventRegistrar: Send + Sync {
+    fn register(&self, port: u64, datamatch: u16, fd: &EventFd) -> io::Result<()>;
+    fn unregister(&self, port: u64, datamatch: u16, fd: &EventFd) -> io::Result<()>;
+}
+
+/// One queue's legacy registers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueRegs {
+    pub pfn: u32,
+    pub vector: u16,
+}
+
+/// The transport's guest-visible state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioPciState {
+    pub guest_features: u32,
+    pub queue_select: u16,
+    pub status: u8,
+    pub isr: u8,
+    pub config_vector: u16,
+    pub queues: Vec<QueueRegs>,
+}
+
+struct Core {
+    device: Box<dyn VirtioDevice>,
+    queues: Vec<Queue>,
+    mem: GuestMemory,
+    /// Bumped by every reset; a worker from an older generation stops.
+    generation: u64,
+    active: bool,
+}
+
+/// What a worker found after processing.
+enum Outcome {
+    Interrupt(usize),
+    NeedsReset,
+    Nothing,
+}
+
+pub struct VirtioPci {
+    config: PciConfigSpace,
+    state: VirtioPciState,
+    core: Arc<Mutex<Core>>,
+    queue_sizes: Vec<u16>,
+    kicks: Vec<Arc<EventFd>>,
+    registrar: Option<Arc<dyn IoEventRegistrar>>,
+    io_base: Option<u64>,
+    stop: Option<Arc<EventFd>>,
+    me: Weak<Mutex<VirtioPci>>,
+}
+
+/// bhyve's PCI class for each device type.
+fn class_of(device_type: u32) -> (u8, u8) {
+    match device_type {
+        TYPE_NET => (0x02, 0x00),
+        TYPE_BLOCK => (0x01, 0x00),
+        TYPE_CONSOLE => (0x07, 0x80),
+        TYPE_RNG => (0x10, 0x80),
+        _ => (0xFF, 0x00),
+    }
+}
+
+impl VirtioPci {
+    /// Wrap `device` as a legacy virtio PCI function over guest memory
+    /// `mem`. `msix` is bhyve's `virtio_msix` (false with `-W`).
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemory,
+        msix: bool,
+        registrar: Option<Arc<dyn IoEventRegistrar>>,
+    ) -> Result<Arc<Mutex<Self>>, PciError> {
+        let device_type = device.device_type();
+        let pci_id = legacy_pci_device_id(device_type).unwrap_or(0x1000);
+        let (class, subclass) = class_of(device_type);
+        let mut config = PciConfigSpace::new(VIRTIO_VENDOR, pci_id, class, subclass, 0);
+        config.set_subsystem(VIRTIO_VENDOR, device_type as u16);
+        let queue_sizes = device.queue_max_sizes();
+        let config_size = device.config_size();
+        let bar0 = (regs::CONFIG_MSIX + config_size as u64)
+            .next_power_of_two()
+            .max(32);
+        config.add_bar(0, BarKind::Io, bar0)?;
+        if msix {
+            config.add_msix_capability(queue_sizes.len() as u16 + 1, 1)?;
+        } else {
+            config.add_msi_capability(1)?;
+        }
+        config.request_intx();
+        let kicks = queue_sizes
+            .iter()
+            .map(|_| EventFd::new(EFD_NONBLOCK).map(Arc::new))
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|_| PciError::BadBar {
+                index: 0,
+                why: "cannot create queue notification eventfds",
+            })?;
+        let queues = queue_sizes
+            .iter()
+            .map(|&s| Queue::new(s).unwrap_or_else(|_| Queue::new(256).expect("valid size")))
+            .collect();
+        let state = VirtioPciState {
+            guest_features: 0,
+            queue_select: 0,
+            status: 0,
+            isr: 0,
+            config_vector: NO_VECTOR,
+            queues: vec![
+                QueueRegs {
+                    pfn: 0,
+                    vector: NO_VECTOR
+                };
+                queue_sizes.len()
+            ],
+        };
+        let core = Arc::new(Mutex::new(Core {
+            device,
+            queues,
+            mem,
+            generation: 0,
+            active: false,
+        }));
+        Ok(Arc::new_cyclic(|me| {
+            Mutex::new(Self {
+                config,
+                state,
+                core,
+                queue_sizes,
+                kicks,
+                registrar,
+                io_base: None,
+                stop: None,
+                me: me.clone(),
+            })
+        }))
+    }
+
+    /// The device config node `node` wrapped for PCI (`virtio_msix` from the tree root).
+    pub fn from_config(
+        tree: &ConfigTree,
+        node: &str,
+        mem: GuestMemory,
+        vm_name: &str,
+        slot: u8,
+        function: u8,
+        registrar: Option<Arc<dyn IoEventRegistrar>>,
+    ) -> Result<Arc<Mutex<Self>>, ConfigureError> {
+        let device = device_from_config(tree, node, vm_name, slot, function)?;
+        let msix = tree.bool_or("virtio_msix", true)?;
+        Self::new(device, mem, msix, registrar).map_err(|e| ConfigureError::Invalid {
+            node: node.to_string(),
+            why: e.to_string(),
+        })
+    }
+
+    pub fn state(&self) -> &VirtioPciState {
+        &self.state
+    }
+
+    /// The device's own state, as JSON.
+    pub fn device_state_json(&self) -> String {
+        self.core.lock().unwrap().device.state_json()
+    }
+
+    fn config_offset(&self) -> u64 {
+        if self.config.msix_enabled() {
+            regs::CONFIG_MSIX
+        } else {
+            regs::CONFIG
+        }
+    }
+
+    fn selected(&self) -> Option<usize> {
+        let q = usize::from(self.state.queue_select);
+        (q < self.queue_sizes.len()).then_some(q)
+    }
+
+    fn header_bytes(&self) -> [u8; 24] {
+        let mut h = [0u8; 24];
+        let features = self.core.lock().unwrap().device.features();
+        h[0..4].copy_from_slice(&(features as u32).to_le_bytes());
+        h[4..8].copy_from_slice(&self.state.guest_features.to_le_bytes());
+        if let Some(q) = self.selected() {
+            h[8..12].copy_from_slice(&self.state.queues[q].pfn.to_le_bytes());
+            h[12..14].copy_from_slice(&self.queue_sizes[q].to_le_bytes());
+            h[22..24].copy_from_slice(&self.state.queues[q].vector.to_le_bytes());
+        } else {
+            h[22..24].copy_from_slice(&NO_VECTOR.to_le_bytes());
+        }
+        h[14..16].copy_from_slice(&self.state.queue_select.to_le_bytes());
+        h[18] = self.state.status;
+        h[19] = self.state.isr;
+        h[20..22].copy_from_slice(&self.state.config_vector.to_le_bytes());
+        h
+    }
+
+    fn read_registers(&mut self, offset: u64, data: &mut [u8]) {
+        let cfg = self.config_offset();
+        if offset >= cfg {
+            self.core
+                .lock()
+                .unwrap()
+                .device
+                .read_config(offset - cfg, data);
+            return;
+        }
+        let h = self.header_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            let at = offset as usize + i;
+            *b = if (at as u64) < cfg { h[at] } else { 0 };
+        }
+        // Reading the ISR acknowledges it and lowers INTx.
+        if offset <= regs::ISR && regs::ISR < offset + data.len() as u64 {
+            self.state.isr = 0;
+            self.config.intx_deassert();
+        }
+    }
+
+    fn write_registers(&mut self, offset: u64, data: &[u8]) {
+        let cfg = self.config_offset();
+        if offset >= cfg {
+            self.core
+                .lock()
+                .unwrap()
+                .device
+                .write_config(offset - cfg, data);
+            return;
+        }
+        let value = match *data {
+            [a] => u32::from(a),
+            [a, b] => u32::from(u16::from_le_bytes([a, b])),
+            [a, b, c, d] => u32::from_le_bytes([a, b, c, d]),
+            _ => {
+                tracing::debug!(
+                    offset,
+                    len = data.len(),
+                    "virtio-pci: odd-sized register write ignored"
+                );
+                return;
+            }
+        };
+        match (offset, data.len()) {
+            (regs::GUEST_FEATURES, 4) => {
+                let mut core = self.core.lock().unwrap();
+                let offered = core.device.features() as u32;
+                self.state.guest_features = value & offered;
+                core.device
+                    .ack_features(u64::from(self.state.guest_features));
+            }
+            (regs::QUEUE_PFN, 4) => {
+                if let Some(q) = self.selected() {
+                    self.state.queues[q].pfn = value;
+                }
+            }
+            (regs::QUEUE_SEL, 2) => self.state.queue_select = value as u16,
+            (regs::QUEUE_NOTIFY, 2) => {
+                if let Some(kick) = self.kicks.get(value as usize) {
+                    let _ = kick.write(1);
+                }
+            }
+            (regs::STATUS, 1) => self.set_status(value as u8),
+            (regs::MSI_CONFIG_VECTOR, 2) if self.config.msix_enabled() => {
+                self.state.config_vector = self.valid_vector(value as u16);
+            }
+            (regs::MSI_QUEUE_VECTOR, 2) if self.config.msix_enabled() => {
+                let v = self.valid_vector(value as u16);
+                if let Some(q) = self.selected() {
+                    self.state.queues[q].vector = v;
+                }
+            }
+            _ => tracing::debug!(
+                offset,
+                len = data.len(),
+                "virtio-pci: write to read-only or unknown register"
+            ),
+        }
+    }
+
+    /// A vector the table has, else NO_VECTOR (which the driver reads back
+    /// and so learns the assignment failed).
+    fn valid_vector(&self, v: u16) -> u16 {
+        match self.config.msix() {
+            Some(m) if v < m.vectors() => v,
+            _ => NO_VECTOR,
+        }
+    }
+
+    fn set_status(&mut self, status: u8) {
+        if status == 0 {
+            self.reset();
+            return;
+        }
+        let was_ok = self.state.status & STATUS_DRIVER_OK != 0;
+        self.state.status = status;
+        if !was_ok && status & STATUS_DRIVER_OK != 0 && status & STATUS_FAILED == 0 {
+            if let Err(e) = self.activate() {
+                tracing::warn!("virtio-pci: cannot start the device: {e}");
+                self.state.status |= STATUS_NEEDS_RESET;
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        {
+            let mut core = self.core.lock().unwrap();
+            core.generation += 1;
+            core.active = false;
+            core.device.reset();
+            for (q, &size) in core.queues.iter_mut().zip(&self.queue_sizes) {
+                *q = Queue::new(size).unwrap_or_else(|_| Queue::new(256).expect("valid size"));
+            }
+        }
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.write(1);
+        }
+        self.state.guest_features = 0;
+        self.state.queue_select = 0;
+        self.state.status = 0;
+        self.state.isr = 0;
+        self.state.config_vector = NO_VECTOR;
+        for q in &mut self.state.queues {
+            *q = QueueRegs {
+                pfn: 0,
+                vector: NO_VECTOR,
+            };
+        }
+        self.config.intx_deassert();
+    }
+
+    /// DRIVER_OK: lay the queues out where the driver put them and start the worker.
+    fn activate(&mut self) -> io::Result<()> {
+        let generation = {
+            let mut guard = self.core.lock().unwrap();
+            let core = &mut *guard;
+            let event_idx = u64::from(self.state.guest_features) & F_RING_EVENT_IDX != 0;
+            for (i, queue) in core.queues.iter_mut().enumerate() {
+                let pfn = self.state.queues[i].pfn;
+                if pfn == 0 {
+                    continue;
+                }
+                let size = self.queue_sizes[i];
+                let desc = u64::from(pfn) << PFN_SHIFT;
+                let avail = desc + 16 * u64::from(size);
+                let used = (avail + 6 + 2 * u64::from(size)).div_ceil(VRING_ALIGN) * VRING_ALIGN;
+                let bad = |e: virtio_queue::Error| io::Error::other(format!("queue {i}: {e}"));
+                queue.try_set_size(size).map_err(bad)?;
+                queue
+                    .try_set_desc_table_address(GuestAddress(desc))
+                    .map_err(bad)?;
+                queue
+                    .try_set_avail_ring_address(GuestAddress(avail))
+                    .map_err(bad)?;
+                queue
+                    .try_set_used_ring_address(GuestAddress(used))
+                    .map_err(bad)?;
+                queue.set_event_idx(event_idx);
+                queue.set_ready(true);
+                if !queue.is_valid(&core.mem) {
+                    return Err(io::Error::other(format!(
+                        "queue {i} at page {pfn:#x} is outside guest memory"
+                    )));
+                }
+            }
+            core.active = true;
+            core.generation
+        };
+        let stop = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        self.stop = Some(stop.clone());
+        let worker = Worker {
+            core: self.core.clone(),
+            function: self.me.clone(),
+            kicks: self.kicks.clone(),
+            stop,
+            generation,
+        };
+        std::thread::Builder::new()
+            .name("virtio-worker".into())
+            .spawn(move || worker.run())?;
+        Ok(())
+    }
+
+    /// Tell the driver about used buffers on `queue` (bhyve's `vq_interrupt`).
+    fn interrupt_queue(&mut self, queue: usize) {
+        if self.config.msix_enabled() {
+            let vector = self.state.queues.get(queue).map_or(NO_VECTOR, |q| q.vector);
+            if vector != NO_VECTOR {
+                self.config.msix_notify(vector);
+            }
+            return;
+        }
+        self.state.isr |= ISR_QUEUE;
+        if !self.config.msi_notify(0) {
+            self.config.intx_assert();
+        }
+    }
+
+    /// The device failed: DEVICE_NEEDS_RESET and a config interrupt.
+    fn needs_reset(&mut self) {
+        self.state.status |= STATUS_NEEDS_RESET;
+        if self.config.msix_enabled() {
+            if self.state.config_vector != NO_VECTOR {
+                self.config.msix_notify(self.state.config_vector);
+            }
+            return;
+        }
+        self.state.isr |= ISR_CONFIG;
+        if !self.config.msi_notify(0) {
+            self.config.intx_assert();
+        }
+    }
+
+    fn update_ioevents(&mut self, base: Option<u64>) {
+        let Some(reg) = self.registrar.clone() else {
+            self.io_base = base;
+            return;
+        };
+        if let Some(old) = self.io_base.take() {
+            for (q, kick) in self.kicks.iter().enumerate() {
+                if let Err(e) = reg.unregister(old + regs::QUEUE_NOTIFY, q as u16, kick) {
+                    tracing::warn!("virtio-pci: cannot unbind queue {q} notifications: {e}");
+                }
+            }
+        }
+        if let Some(new) = base {
+            for (q, kick) in self.kicks.iter().enumerate() {
+                if let Err(e) = reg.register(new + regs::QUEUE_NOTIFY, q as u16, kick) {
+                    tracing::warn!("virtio-pci: cannot bind queue {q} notifications: {e}");
+                }
+            }
+        }
+        self.io_base = base;
+    }
+}
+
+impl PciFunction for VirtioPci {
+    fn config(&self) -> &PciConfigSpace {
+        &self.config
+    }
+    fn config_mut(&mut self) -> &mut PciConfigSpace {
+        &mut self.config
+    }
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        match bar {
+            0 => self.read_registers(offset, data),
+            _ => {
+                if !self.config.msix_read(bar, offset, data) {
+                    data.fill(0xFF);
+                }
+            }
+        }
+    }
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        match bar {
+            0 => self.write_registers(offset, data),
+            _ => {
+                self.config.msix_write(bar, offset, data);
+            }
+        }
+    }
+    fn bar_moved(&mut self, bar: usize, base: Option<u64>) {
+        if bar == 0 {
+            self.update_ioevents(base);
+        }
+    }
+}
+
+impl Drop for VirtioPci {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.write(1);
+        }
+    }
+}
+
+/// The thread that runs a device's queues.
+struct Worker {
+    core: Arc<Mutex<Core>>,
+    function: Weak<Mutex<VirtioPci>>,
+    kicks: Vec<Arc<EventFd>>,
+    stop: Arc<EventFd>,
+    generation: u64,
+}
+
+impl Worker {
+    fn run(self) {
+        if let Err(e) = self.serve() {
+            tracing::error!("virtio worker stopped: {e}");
+        }
+    }
+
+    fn serve(&self) -> io::Result<()> {
+        let n = self.kicks.len() as u64;
+        let host_token = n;
+        let stop_token = n + 1;
+        let epoll = Epoll::new()?;
+        for (q, k) in self.kicks.iter().enumerate() {
+            epoll.ctl(
+                ControlOperation::Add,
+                k.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, q as u64),
+            )?;
+        }
+        epoll.ctl(
+            ControlOperation::Add,
+            self.stop.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, stop_token),
+        )?;
+        let host_fd: Option<RawFd> = self.core.lock().unwrap().device.host_fd();
+        if let Some(fd) = host_fd {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, host_token),
+            )?;
+        }
+        // Buffers made available before the worker started.
+        for q in 0..self.kicks.len() {
+            if !self.process(q) {
+                return Ok(());
+            }
+        }
+        let mut events = vec![EpollEvent::default(); self.kicks.len() + 2];
+        loop {
+            let count = match epoll.wait(-1, &mut events) {
+                Ok(c) => c,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            for ev in &events[..count] {
+                let token = ev.data();
+                if token == stop_token {
+                    return Ok(());
+                }
+                let queues = if token == host_token {
+                    let mut core = self.core.lock().unwrap();
+                    if core.generation != self.generation {
+                        return Ok(());
+                    }
+                    core.device.host_event()
+                } else {
+                    let _ = self.kicks[token as usize].read();
+                    vec![token as usize]
+                };
+                for q in queues {
+                    if !self.process(q) {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Process queue `q`; false when this worker is obsolete.
+    fn process(&self, q: usize) -> bool {
+        let outcome = {
+            let mut guard = self.core.lock().unwrap();
+            let core = &mut *guard;
+            if core.generation != self.generation {
+                return false;
+            }
+            if !core.active {
+                return true;
+            }
+            let Some(queue) = core.queues.get_mut(q) else {
+                return true;
+            };
+            if !queue.ready() {
+                return true;
+            }
+            match core.device.process_queue(q, queue, &core.mem) {
+                Ok(true) => Outcome::Interrupt(q),
+                Ok(false) => Outcome::Nothing,
+                Err(e) => {
+                    tracing::error!("virtio device needs reset: {e}");
+                    core.active = false;
+                    Outcome::NeedsReset
+                }
+            }
+        };
+        let Some(function) = self.function.upgrade() else {
+            return false;
+        };
+        let mut f = function.lock().unwrap();
+        match outcome {
+            Outcome::Interrupt(q) => f.interrupt_queue(q),
+            Outcome::NeedsReset => f.needs_reset(),
+            Outcome::Nothing => {}
+        }
+        true
+    }
+}
