@@ -1,0 +1,106 @@
+//! Builds every test guest in `guest/` with gcc into `OUT_DIR/<name>.elf`.
+//!
+//! Each guest is the shared runtime (`start.S`, `trampoline.S`, `rt.c`)
+//! plus `guest/<name>.c`, compiled as freestanding 32-bit code (no libc
+//! headers beyond gcc's own stdint/stdarg), linked at 1 MiB as ELF32 and
+//! converted to ELF64: rhyve's PVH loader (linux-loader) reads ELF64 only,
+//! and the entry is 32-bit code either way.
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Keep in step with `GUESTS` in src/lib.rs.
+const GUESTS: &[&str] = &[
+    "exitcodes",
+    "powerbutton",
+    "pcienum",
+    "cmos",
+    "pmtimer",
+    "com1irq",
+    "acpitables",
+    "smp",
+];
+
+const RUNTIME: &[&str] = &["start.S", "trampoline.S", "rt.c"];
+
+const CFLAGS: &[&str] = &[
+    "-m32",
+    "-march=i686",
+    "-std=gnu11",
+    "-ffreestanding",
+    "-fno-builtin",
+    "-fno-pic",
+    "-fno-pie",
+    "-fno-stack-protector",
+    "-fno-asynchronous-unwind-tables",
+    "-fno-exceptions",
+    // No SSE/x87 state: the guest never sets it up, and some of the set-up
+    // instructions end the guest on this host's KVM.
+    "-mno-sse",
+    "-mno-mmx",
+    "-mno-80387",
+    "-mgeneral-regs-only",
+    "-O2",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+];
+
+fn run(cmd: &mut Command) {
+    let shown = format!("{cmd:?}");
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {shown}: {e} (the guests need gcc and binutils)"));
+    if !out.status.success() {
+        panic!(
+            "{shown} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn compile(src_dir: &Path, out_dir: &Path, source: &str) -> PathBuf {
+    let obj = out_dir.join(format!("{source}.o"));
+    run(Command::new("gcc")
+        .args(CFLAGS)
+        .arg("-I")
+        .arg(src_dir)
+        .arg("-c")
+        .arg(src_dir.join(source))
+        .arg("-o")
+        .arg(&obj));
+    obj
+}
+
+fn main() {
+    let src_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap()).join("guest");
+    let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
+    println!("cargo:rerun-if-changed={}", src_dir.display());
+    for entry in std::fs::read_dir(&src_dir).unwrap() {
+        println!("cargo:rerun-if-changed={}", entry.unwrap().path().display());
+    }
+
+    let runtime: Vec<PathBuf> = RUNTIME
+        .iter()
+        .map(|s| compile(&src_dir, &out_dir, s))
+        .collect();
+    for guest in GUESTS {
+        let obj = compile(&src_dir, &out_dir, &format!("{guest}.c"));
+        let elf32 = out_dir.join(format!("{guest}.elf32"));
+        run(Command::new("ld")
+            .args(["-m", "elf_i386", "-nostdlib", "--no-warn-rwx-segments"])
+            .arg("-T")
+            .arg(src_dir.join("link.ld"))
+            .arg("-o")
+            .arg(&elf32)
+            .args(&runtime)
+            .arg(&obj));
+        run(Command::new("objcopy")
+            .args(["-I", "elf32-i386", "-O", "elf64-x86-64"])
+            .arg(&elf32)
+            .arg(out_dir.join(format!("{guest}.elf"))));
+    }
+}

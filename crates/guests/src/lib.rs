@@ -1,0 +1,295 @@
+//! rhyve's own test guests, and the harness that runs them under `bhyve`.
+//!
+//! Each guest is a small freestanding program (C plus a little assembly in
+//! `guest/`, built by `build.rs` with gcc) booted through the PVH entry
+//! note with `-o boot.kernel=`. It reads its mode from the command line,
+//! prints lines on COM1 and ends in a defined way: most power off through
+//! ACPI S5 (bhyve exit 1) when done and print `FAIL: ...` then triple-fault
+//! (exit 3) when something is wrong. See each `guest/<name>.c` for what it
+//! checks and prints.
+//!
+//! The harness runs the `bhyve` binary with a deadline, captures COM1
+//! (`-l com1,stdio`) and the exit status, and can send a signal once a
+//! given line appeared (the ACPI power button is SIGTERM).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Every guest program, by name (`guest/<name>.c`).
+pub const GUESTS: &[&str] = &[
+    "exitcodes",
+    "powerbutton",
+    "pcienum",
+    "cmos",
+    "pmtimer",
+    "com1irq",
+    "acpitables",
+    "smp",
+];
+
+/// The ELF (PVH entry) of the named guest.
+///
+/// # Panics
+/// If `name` is not one of [`GUESTS`].
+pub fn guest_path(name: &str) -> PathBuf {
+    assert!(
+        GUESTS.contains(&name),
+        "no guest program named {name:?} (have {GUESTS:?})"
+    );
+    PathBuf::from(env!("OUT_DIR")).join(format!("{name}.elf"))
+}
+
+/// The smallest machine the guests expect: host bridge, LPC, COM1 on stdio.
+pub const BASE_MACHINE: &[&str] = &["-s", "0,hostbridge", "-s", "31,lpc", "-l", "com1,stdio"];
+
+/// `-o boot.kernel=<guest>` and, unless empty, `-o boot.cmdline=<cmdline>`.
+pub fn boot_args(guest: &str, cmdline: &str) -> Vec<String> {
+    let mut args = vec![
+        "-o".to_string(),
+        format!("boot.kernel={}", guest_path(guest).display()),
+    ];
+    if !cmdline.is_empty() {
+        args.push("-o".to_string());
+        args.push(format!("boot.cmdline={cmdline}"));
+    }
+    args
+}
+
+/// Panics unless /dev/kvm exists: tests that boot guests never skip.
+pub fn require_kvm() {
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "/dev/kvm is missing: guest tests run real VMs and are never skipped"
+    );
+}
+
+/// A VM name unique to this process and tag, so tests can run in parallel.
+pub fn vm_name(tag: &str) -> String {
+    format!("guest-{tag}-{}", std::process::id())
+}
+
+/// How a bhyve run ended.
+#[derive(Debug)]
+pub struct RunResult {
+    pub status: ExitStatus,
+    /// COM1 output (bhyve's stdout).
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl RunResult {
+    /// The exit code, or `None` if bhyve died from a signal.
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+
+    /// stdout's lines without the UART's carriage returns.
+    pub fn lines(&self) -> Vec<&str> {
+        self.stdout
+            .lines()
+            .map(|l| l.trim_end_matches('\r'))
+            .collect()
+    }
+
+    /// The lines starting with `prefix`.
+    pub fn lines_starting(&self, prefix: &str) -> Vec<&str> {
+        self.lines()
+            .into_iter()
+            .filter(|l| l.starts_with(prefix))
+            .collect()
+    }
+
+    /// True if some line is exactly `line`.
+    pub fn has_line(&self, line: &str) -> bool {
+        self.lines().contains(&line)
+    }
+
+    /// Panics with the whole run unless bhyve exited with `code`.
+    pub fn assert_code(&self, code: i32) {
+        assert_eq!(
+            self.code(),
+            Some(code),
+            "bhyve should exit {code}\n{}",
+            self.describe()
+        );
+    }
+
+    /// Panics with the whole run unless some line is exactly `line`.
+    pub fn assert_line(&self, line: &str) {
+        assert!(
+            self.has_line(line),
+            "guest output lacks the line {line:?}\n{}",
+            self.describe()
+        );
+    }
+
+    /// Panics with the whole run if the guest reported a failure.
+    pub fn assert_no_failure(&self) {
+        assert!(
+            !self.lines().iter().any(|l| l.starts_with("FAIL")),
+            "the guest reported a failure\n{}",
+            self.describe()
+        );
+    }
+
+    /// Status, stdout and stderr, for assertion messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "status: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Run `bin args...`; kill it and panic (showing its output) if it has not
+/// ended within `timeout`.
+pub fn run_bhyve<S: AsRef<std::ffi::OsStr>>(
+    bin: &Path,
+    args: &[S],
+    timeout: Duration,
+) -> RunResult {
+    run(bin, args, None, timeout)
+}
+
+/// Like [`run_bhyve`], and send `signal` to bhyve once a line equal to
+/// `line` appeared on its stdout.
+pub fn run_bhyve_signal_after<S: AsRef<std::ffi::OsStr>>(
+    bin: &Path,
+    args: &[S],
+    line: &str,
+    signal: i32,
+    timeout: Duration,
+) -> RunResult {
+    run(bin, args, Some((line, signal)), timeout)
+}
+
+/// Reads a pipe to its end into a shared buffer, so the output so far is
+/// visible while the process runs.
+fn drain<R: Read + Send + 'static>(
+    mut pipe: R,
+) -> (Arc<Mutex<Vec<u8>>>, std::thread::JoinHandle<()>) {
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&buf);
+    let handle = std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match pipe.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => sink.lock().unwrap().extend_from_slice(&chunk[..n]),
+            }
+        }
+    });
+    (buf, handle)
+}
+
+fn has_complete_line(out: &[u8], line: &str) -> bool {
+    String::from_utf8_lossy(out)
+        .split('\n')
+        .rev()
+        .skip(1) // the text after the last newline is not a complete line yet
+        .any(|l| l.trim_end_matches('\r') == line)
+}
+
+fn kill_and_reap(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn run<S: AsRef<std::ffi::OsStr>>(
+    bin: &Path,
+    args: &[S],
+    mut signal_after: Option<(&str, i32)>,
+    timeout: Duration,
+) -> RunResult {
+    let mut child = Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+    let (stdout, out_reader) = drain(child.stdout.take().unwrap());
+    let (stderr, err_reader) = drain(child.stderr.take().unwrap());
+    let deadline = Instant::now() + timeout;
+    let status =
+        loop {
+            if let Some(status) = child.try_wait().expect("waiting for bhyve") {
+                break status;
+            }
+            if let Some((line, signal)) = signal_after {
+                if has_complete_line(&stdout.lock().unwrap(), line) {
+                    let pid = child.id() as libc::pid_t;
+                    // SAFETY: kill(2) on our own child, which has not been reaped
+                    // (try_wait above saw it running), so the pid is still ours.
+                    let rc = unsafe { libc::kill(pid, signal) };
+                    assert_eq!(rc, 0, "kill({pid}, {signal}) failed");
+                    signal_after = None;
+                }
+            }
+            if Instant::now() > deadline {
+                kill_and_reap(&mut child);
+                let _ = out_reader.join();
+                let _ = err_reader.join();
+                panic!(
+                "{} {:?} did not end within {timeout:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                bin.display(),
+                args.iter().map(|a| a.as_ref().to_owned()).collect::<Vec<_>>(),
+                String::from_utf8_lossy(&stdout.lock().unwrap()),
+                String::from_utf8_lossy(&stderr.lock().unwrap()),
+            );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+    let _ = out_reader.join();
+    let _ = err_reader.join();
+    let stdout = String::from_utf8_lossy(&stdout.lock().unwrap()).into_owned();
+    let stderr = String::from_utf8_lossy(&stderr.lock().unwrap()).into_owned();
+    RunResult {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_guest_is_built_as_elf64_with_a_pvh_note() {
+        for name in GUESTS {
+            let elf = std::fs::read(guest_path(name)).unwrap();
+            assert_eq!(&elf[..4], b"\x7fELF", "{name}");
+            assert_eq!(elf[4], 2, "{name} is not ELF64");
+            // The PVH note: namesz 4, descsz 4, type 18, "Xen\0".
+            let note = [4u8, 0, 0, 0, 4, 0, 0, 0, 18, 0, 0, 0, b'X', b'e', b'n', 0];
+            assert!(
+                elf.windows(note.len()).any(|w| w == note),
+                "{name} lacks the PVH entry note"
+            );
+        }
+    }
+
+    #[test]
+    fn complete_lines_only() {
+        assert!(has_complete_line(b"a\r\nready\r\n", "ready"));
+        assert!(!has_complete_line(b"a\r\nready", "ready"));
+        assert!(!has_complete_line(b"already\r\n", "ready"));
+    }
+
+    #[test]
+    fn boot_args_skip_an_empty_command_line() {
+        assert_eq!(boot_args("cmos", "").len(), 2);
+        let args = boot_args("exitcodes", "reset");
+        assert_eq!(args[3], "boot.cmdline=reset");
+    }
+
+    #[test]
+    #[should_panic(expected = "no guest program")]
+    fn unknown_guest_is_refused() {
+        guest_path("nonesuch");
+    }
+}
