@@ -4,7 +4,7 @@
 //! PIRQ links for drivers that use neither.
 //!
 //! The data path never runs on a vCPU thread: each queue's notify register
-//! is an eventfd (a KVM ioeventfd once the VMM's [`IoEventRegistrar`] has
+//! is an eventfd (a KVM ioeventfd once the VMM's [`GuestNotifiers`] has
 //! bound it to BAR 0 + 0x10 with the queue number as datamatch; until then
 //! a notify write through the bus signals the same eventfd), and a worker
 //! thread per device waits on those eventfds and the device's host fd,
@@ -19,11 +19,13 @@
 //! vCPU never waits for I/O.
 
 use std::io;
+use std::os::fd::BorrowedFd;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, Weak};
 
 use rhyve_config::ConfigTree;
 use rhyve_pci::{BarKind, PciConfigSpace, PciError, PciFunction};
+use rhyve_platform::notify::{GuestNotifiers, IoAddress};
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
@@ -67,13 +69,6 @@ pub const VRING_ALIGN: u64 = 4096;
 /// QUEUE_PFN is in 4 KiB units.
 pub const PFN_SHIFT: u32 = 12;
 
-/// Binds an eventfd to guest writes of `datamatch` (2 bytes) at I/O port
-/// `port`, so queue notifications skip the vCPU exit path (KVM_IOEVENTFD).
-pub trait IoEventRegistrar: Send + Sync {
-    fn register(&self, port: u64, datamatch: u16, fd: &EventFd) -> io::Result<()>;
-    fn unregister(&self, port: u64, datamatch: u16, fd: &EventFd) -> io::Result<()>;
-}
-
 /// One queue's legacy registers.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueRegs {
@@ -114,7 +109,7 @@ pub struct VirtioPci {
     core: Arc<Mutex<Core>>,
     queue_sizes: Vec<u16>,
     kicks: Vec<Arc<EventFd>>,
-    registrar: Option<Arc<dyn IoEventRegistrar>>,
+    notifiers: Option<Arc<dyn GuestNotifiers>>,
     io_base: Option<u64>,
     stop: Option<Arc<EventFd>>,
     me: Weak<Mutex<VirtioPci>>,
@@ -138,7 +133,7 @@ impl VirtioPci {
         device: Box<dyn VirtioDevice>,
         mem: GuestMemory,
         msix: bool,
-        registrar: Option<Arc<dyn IoEventRegistrar>>,
+        notifiers: Option<Arc<dyn GuestNotifiers>>,
     ) -> Result<Arc<Mutex<Self>>, PciError> {
         let device_type = device.device_type();
         let pci_id = legacy_pci_device_id(device_type).unwrap_or(0x1000);
@@ -197,7 +192,7 @@ impl VirtioPci {
                 core,
                 queue_sizes,
                 kicks,
-                registrar,
+                notifiers,
                 io_base: None,
                 stop: None,
                 me: me.clone(),
@@ -213,11 +208,11 @@ impl VirtioPci {
         vm_name: &str,
         slot: u8,
         function: u8,
-        registrar: Option<Arc<dyn IoEventRegistrar>>,
+        notifiers: Option<Arc<dyn GuestNotifiers>>,
     ) -> Result<Arc<Mutex<Self>>, ConfigureError> {
         let device = device_from_config(tree, node, vm_name, slot, function)?;
         let msix = tree.bool_or("virtio_msix", true)?;
-        Self::new(device, mem, msix, registrar).map_err(|e| ConfigureError::Invalid {
+        Self::new(device, mem, msix, notifiers).map_err(|e| ConfigureError::Invalid {
             node: node.to_string(),
             why: e.to_string(),
         })
@@ -480,20 +475,29 @@ impl VirtioPci {
     }
 
     fn update_ioevents(&mut self, base: Option<u64>) {
-        let Some(reg) = self.registrar.clone() else {
+        let Some(notifiers) = self.notifiers.clone() else {
             self.io_base = base;
             return;
         };
-        if let Some(old) = self.io_base.take() {
+        let port = |b: u64| {
+            u16::try_from(b + regs::QUEUE_NOTIFY)
+                .ok()
+                .map(IoAddress::Port)
+        };
+        if let Some(addr) = self.io_base.take().and_then(port) {
             for (q, kick) in self.kicks.iter().enumerate() {
-                if let Err(e) = reg.unregister(old + regs::QUEUE_NOTIFY, q as u16, kick) {
+                // SAFETY: the eventfd outlives this call.
+                let fd = unsafe { BorrowedFd::borrow_raw(kick.as_raw_fd()) };
+                if let Err(e) = notifiers.remove_ioevent(fd, addr, 2, q as u64) {
                     tracing::warn!("virtio-pci: cannot unbind queue {q} notifications: {e}");
                 }
             }
         }
-        if let Some(new) = base {
+        if let Some(addr) = base.and_then(port) {
             for (q, kick) in self.kicks.iter().enumerate() {
-                if let Err(e) = reg.register(new + regs::QUEUE_NOTIFY, q as u16, kick) {
+                // SAFETY: the eventfd outlives this call.
+                let fd = unsafe { BorrowedFd::borrow_raw(kick.as_raw_fd()) };
+                if let Err(e) = notifiers.add_ioevent(fd, addr, 2, q as u64) {
                     tracing::warn!("virtio-pci: cannot bind queue {q} notifications: {e}");
                 }
             }
