@@ -154,6 +154,9 @@ pub fn run_bhyve<S: AsRef<std::ffi::OsStr>>(
     run(bin, args, None, timeout)
 }
 
+/// The power button signal (bhyve's SIGTERM handler), for [`run_bhyve_signal_after`].
+pub const SIGTERM: i32 = libc::SIGTERM;
+
 /// Like [`run_bhyve`], and send `signal` to bhyve once a line equal to
 /// `line` appeared on its stdout.
 pub fn run_bhyve_signal_after<S: AsRef<std::ffi::OsStr>>(

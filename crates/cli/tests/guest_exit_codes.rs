@@ -1,0 +1,88 @@
+//! bhyve's exit status for every way a guest can end the VM, driven by our
+//! own `exitcodes` guest (crates/guests/guest/exitcodes.c).
+
+use std::path::Path;
+use std::time::Duration;
+
+use rhyve_guests::{boot_args, require_kvm, run_bhyve, vm_name, RunResult, BASE_MACHINE};
+
+fn exitcodes(mode: &str, extra: &[&str]) -> RunResult {
+    require_kvm();
+    let mut args = boot_args("exitcodes", mode);
+    args.extend(BASE_MACHINE.iter().map(|s| s.to_string()));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let tag: String = mode.chars().filter(char::is_ascii_alphanumeric).collect();
+    args.push(vm_name(&format!("exit-{tag}")));
+    let run = run_bhyve(
+        Path::new(env!("CARGO_BIN_EXE_bhyve")),
+        &args,
+        Duration::from_secs(30),
+    );
+    run.assert_no_failure();
+    run
+}
+
+#[test]
+fn reset_register_0xcf9_exits_0() {
+    let run = exitcodes("reset", &[]);
+    run.assert_line("exitcodes: reset");
+    run.assert_code(0);
+}
+
+#[test]
+fn i8042_pulse_reset_exits_0() {
+    let run = exitcodes("kbdreset", &[]);
+    run.assert_line("exitcodes: kbdreset");
+    run.assert_code(0);
+}
+
+#[test]
+fn acpi_s5_power_off_exits_1() {
+    let run = exitcodes("poweroff", &[]);
+    run.assert_line("exitcodes: poweroff");
+    run.assert_code(1);
+}
+
+#[test]
+fn halt_with_interrupts_off_exits_2() {
+    let run = exitcodes("halt", &[]);
+    run.assert_line("exitcodes: halt");
+    run.assert_code(2);
+}
+
+#[test]
+fn triple_fault_exits_3() {
+    let run = exitcodes("triplefault", &[]);
+    run.assert_line("exitcodes: triplefault");
+    run.assert_code(3);
+}
+
+#[test]
+fn isa_debug_exit_exits_2v_plus_1() {
+    for (value, code) in [(0, 1), (5, 11), (0x40, 0x81)] {
+        let run = exitcodes(&format!("debugexit={value}"), &["-l", "pc-testdev"]);
+        run.assert_line(&format!("exitcodes: debugexit {value}"));
+        run.assert_code(code);
+    }
+}
+
+#[test]
+fn guest_failure_is_a_triple_fault() {
+    // No mode: the guest says why and triple-faults, which is how every
+    // guest reports a failed check.
+    require_kvm();
+    let mut args = boot_args("exitcodes", "");
+    args.extend(BASE_MACHINE.iter().map(|s| s.to_string()));
+    args.push(vm_name("exit-nomode"));
+    let run = run_bhyve(
+        Path::new(env!("CARGO_BIN_EXE_bhyve")),
+        &args,
+        Duration::from_secs(30),
+    );
+    assert!(
+        run.lines_starting("FAIL: no mode").len() == 1,
+        "{}",
+        run.describe()
+    );
+    run.assert_code(3);
+}

@@ -1,0 +1,28 @@
+//! SIGTERM is bhyve's ACPI power button once the guest enabled ACPI: our
+//! `powerbutton` guest (crates/guests/guest/powerbutton.c) takes the SCI
+//! through the IOAPIC, sees PWRBTN_STS and powers off.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rhyve_guests::{
+    boot_args, require_kvm, run_bhyve_signal_after, vm_name, BASE_MACHINE, SIGTERM,
+};
+
+#[test]
+fn sigterm_presses_the_power_button_and_the_guest_powers_off() {
+    require_kvm();
+    let mut args = boot_args("powerbutton", "");
+    args.extend(BASE_MACHINE.iter().map(|s| s.to_string()));
+    args.push(vm_name("powerbutton"));
+    let run = run_bhyve_signal_after(
+        Path::new(env!("CARGO_BIN_EXE_bhyve")),
+        &args,
+        "ready",
+        SIGTERM,
+        Duration::from_secs(30),
+    );
+    run.assert_no_failure();
+    assert_eq!(run.lines(), ["ready", "power button"], "{}", run.describe());
+    run.assert_code(1);
+}
