@@ -17,7 +17,7 @@ use rhyve_config::ConfigTree;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
 
-use crate::queue::{drain, Completion};
+use crate::queue::{drain, needs_interrupt, Completion};
 use crate::{
     read_config_bytes, ConfigureError, DeviceError, GuestMemory, VirtioDevice, F_RING_EVENT_IDX,
     F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_NET,
@@ -240,7 +240,7 @@ impl Net {
         if !used_any {
             return Ok(false);
         }
-        queue.needs_notification(mem).map_err(qerr)
+        needs_interrupt(RX_QUEUE, queue, mem)
     }
 
     /// Place one frame of `len` bytes; false when the ring has too little room.

@@ -7,6 +7,7 @@
 //! `virtio-queue` implements both, so devices only say what each chain does.
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::{DeviceError, GuestMemory};
 
@@ -70,10 +71,28 @@ fn finish(
     if !used_any {
         return Ok(false);
     }
-    queue
-        .needs_notification(mem)
-        .map_err(|source| DeviceError::Queue {
-            queue: index,
-            source,
-        })
+    needs_interrupt(index, queue, mem)
 }
+
+/// Whether the driver wants an interrupt for the buffers just used:
+/// EVENT_IDX's used_event when negotiated, else the avail ring's
+/// VRING_AVAIL_F_NO_INTERRUPT flag (which `virtio-queue` leaves to us).
+pub fn needs_interrupt(
+    index: usize,
+    queue: &mut Queue,
+    mem: &GuestMemory,
+) -> Result<bool, DeviceError> {
+    let err = |source| DeviceError::Queue {
+        queue: index,
+        source,
+    };
+    if !queue.event_idx_enabled() {
+        let flags: u16 = mem
+            .read_obj(GuestAddress(queue.avail_ring()))
+            .map_err(|e| err(virtio_queue::Error::GuestMemory(e)))?;
+        return Ok(flags & VRING_AVAIL_F_NO_INTERRUPT == 0);
+    }
+    queue.needs_notification(mem).map_err(err)
+}
+
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
