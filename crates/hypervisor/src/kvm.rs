@@ -373,6 +373,48 @@ impl crate::Vcpu for KvmVcpu {
         Ok(self.fd.get_regs().map_err(kvm_err("reading regs"))?.rip)
     }
 
+    fn registers(&mut self) -> Result<Vec<(&'static str, u64)>> {
+        let r = self.fd.get_regs().map_err(kvm_err("reading regs"))?;
+        let s = self.fd.get_sregs().map_err(kvm_err("reading sregs"))?;
+        Ok(vec![
+            ("rax", r.rax),
+            ("rbx", r.rbx),
+            ("rcx", r.rcx),
+            ("rdx", r.rdx),
+            ("rsi", r.rsi),
+            ("rdi", r.rdi),
+            ("rbp", r.rbp),
+            ("rsp", r.rsp),
+            ("r8", r.r8),
+            ("r9", r.r9),
+            ("r10", r.r10),
+            ("r11", r.r11),
+            ("r12", r.r12),
+            ("r13", r.r13),
+            ("r14", r.r14),
+            ("r15", r.r15),
+            ("rip", r.rip),
+            ("rflags", r.rflags),
+            ("cr0", s.cr0),
+            ("cr2", s.cr2),
+            ("cr3", s.cr3),
+            ("cr4", s.cr4),
+            ("efer", s.efer),
+            ("cs", u64::from(s.cs.selector)),
+            ("ds", u64::from(s.ds.selector)),
+            ("es", u64::from(s.es.selector)),
+            ("fs", u64::from(s.fs.selector)),
+            ("gs", u64::from(s.gs.selector)),
+            ("ss", u64::from(s.ss.selector)),
+            ("tr", u64::from(s.tr.selector)),
+            ("ldtr", u64::from(s.ldt.selector)),
+        ])
+    }
+
+    fn inject_nmi(&mut self) -> Result<()> {
+        self.fd.nmi().map_err(kvm_err("injecting an NMI"))
+    }
+
     fn emulation_failure(&mut self) -> EmulationFailure {
         let run = self.fd.get_kvm_run();
         // SAFETY: the exit reason was KVM_EXIT_INTERNAL_ERROR, so the union

@@ -149,4 +149,8 @@ pub trait Vcpu: Send {
     fn rip(&mut self) -> Result<u64>;
     /// Details of the last [`VcpuExit::EmulationFailure`].
     fn emulation_failure(&mut self) -> EmulationFailure;
+    /// Named register values, for `bhyvectl --get-*`.
+    fn registers(&mut self) -> Result<Vec<(&'static str, u64)>>;
+    /// Queue a non-maskable interrupt (`bhyvectl --inject-nmi`).
+    fn inject_nmi(&mut self) -> Result<()>;
 }

@@ -5,6 +5,8 @@
 //! one thread per vCPU and supervises them until something ends the VM; the
 //! reason becomes bhyve's exit status.
 
+pub mod bhyvectl;
+pub mod control;
 mod machine;
 mod proctitle;
 mod signals;
@@ -19,9 +21,9 @@ use rhyve_config::ConfigTree;
 use rhyve_platform::exit::{ExitRequest, ExitRequests};
 use vmm_sys_util::signal::Killable;
 
-pub use machine::{build, Machine};
+pub use machine::{build, entry_regs, Machine};
 pub use spec::vm_spec;
-pub use vcpu::VcpuShared;
+pub use vcpu::{VcpuRequest, VcpuShared};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -87,6 +89,7 @@ pub fn run(tree: &ConfigTree) -> i32 {
         mmio,
         exits,
         vm,
+        named,
     } = machine;
     if let Ok(Some(name)) = tree.get("name") {
         proctitle::set(&name);
@@ -100,6 +103,14 @@ pub fn run(tree: &ConfigTree) -> i32 {
         }
     };
     let shared = Arc::new(VcpuShared::new(io, mmio, exits.clone(), strict_io, pinning));
+    let control = control::ControlServer {
+        shared: shared.clone(),
+        exits: exits.clone(),
+        memory: vm.memory().clone(),
+    };
+    if let Err(e) = control.spawn(&named.dir().join("control")) {
+        tracing::warn!("no control socket for bhyvectl: {e}");
+    }
     let (pm_query, pm_press) = (platform.pm.clone(), platform.pm.clone());
     let hooks = Supervision {
         acpi_enabled: Box::new(move || pm_query.lock().map(|p| p.acpi_enabled()).unwrap_or(false)),
@@ -116,6 +127,14 @@ pub fn run(tree: &ConfigTree) -> i32 {
     drop(vm);
     if let ExitRequest::Error(msg) = &why {
         eprintln!("bhyve: {msg}");
+    }
+    // -D: a guest power-off destroys the VM; otherwise it stays listed.
+    if why == ExitRequest::PowerOff && tree.bool_or("destroy_on_poweroff", false).unwrap_or(false) {
+        let name = named.name().to_string();
+        drop(named);
+        if let Err(e) = rhyve_hypervisor::registry::Registry::from_env().remove(&name) {
+            eprintln!("bhyve: {e}");
+        }
     }
     tracing::info!("VM stopped: {why:?}");
     why.status()

@@ -7,10 +7,12 @@ use rhyve_boot::{AcpiPlatform, CpuTopology, PciWindows};
 use rhyve_config::ConfigTree;
 use rhyve_devices::lpc::{create_platform_devices, PlatformDevices};
 use rhyve_hypervisor::kvm::KvmVm;
+use rhyve_hypervisor::registry::{Registry, VmHandle};
 use rhyve_hypervisor::{EntryRegs, Vcpu, Vm, VmSpec};
 use rhyve_pci::{create_function, PciBdf, PciRoot, PciRootConfig};
 use rhyve_platform::bus::Bus;
 use rhyve_platform::exit::ExitRequests;
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::VmmError;
 
@@ -29,6 +31,8 @@ pub struct Machine {
     pub mmio: Arc<Bus>,
     pub exits: Arc<ExitRequests>,
     pub vm: Box<dyn Vm>,
+    /// The registry entry, held (locked) while the VM runs.
+    pub named: VmHandle,
 }
 
 /// bhyve's `init_pci`: every configured function, created from its node.
@@ -54,26 +58,9 @@ fn build_pci(
     Ok(root)
 }
 
-/// Where the boot vCPU starts: only direct kernel boot exists so far.
-fn load_guest(tree: &ConfigTree, vm: &dyn Vm, spec: &VmSpec) -> Result<EntryRegs, VmmError> {
-    let get = |k: &str| tree.get(k).map_err(|e| VmmError::Config(e.to_string()));
-    let Some(kernel) = get("boot.kernel")? else {
-        return Err(VmmError::Unsupported(
-            "no guest to start: give a kernel with -o boot.kernel=PATH (boot ROMs and bhyveload are not supported yet)".into(),
-        ));
-    };
-    let initrd = get("boot.initrd")?;
-    let cmdline = get("boot.cmdline")?.unwrap_or_default();
-    let entry = rhyve_boot::load_linux(
-        vm.memory(),
-        std::path::Path::new(&kernel),
-        initrd.as_deref().map(std::path::Path::new),
-        &cmdline,
-        &spec.memory,
-    )
-    .map_err(|e| VmmError::Setup(e.to_string()))?;
-    let r = entry.regs();
-    Ok(EntryRegs {
+/// The register state a loader's [`rhyve_boot::X86BootRegs`] asks for.
+pub fn entry_regs(r: &rhyve_boot::X86BootRegs) -> EntryRegs {
+    EntryRegs {
         rip: r.rip,
         rsi: r.rsi,
         rbx: r.rbx,
@@ -87,7 +74,70 @@ fn load_guest(tree: &ConfigTree, vm: &dyn Vm, spec: &VmSpec) -> Result<EntryRegs
         code_selector: r.code_selector,
         data_selector: r.data_selector,
         long_mode: r.long_mode,
-    })
+    }
+}
+
+/// Where the boot vCPU starts: a kernel given with `-o boot.kernel`, or what
+/// a loader (grub-bhyve) left in the named VM.
+fn load_guest(
+    tree: &ConfigTree,
+    vm: &dyn Vm,
+    spec: &VmSpec,
+    entry: &VmHandle,
+) -> Result<EntryRegs, VmmError> {
+    let get = |k: &str| tree.get(k).map_err(|e| VmmError::Config(e.to_string()));
+    if let Some(kernel) = get("boot.kernel")? {
+        let initrd = get("boot.initrd")?;
+        let cmdline = get("boot.cmdline")?.unwrap_or_default();
+        let loaded = rhyve_boot::load_linux(
+            vm.memory(),
+            std::path::Path::new(&kernel),
+            initrd.as_deref().map(std::path::Path::new),
+            &cmdline,
+            &spec.memory,
+        )
+        .map_err(|e| VmmError::Setup(e.to_string()))?;
+        return Ok(entry_regs(loaded.regs()));
+    }
+    let record = entry.record().map_err(setup("registry"))?;
+    let Some(regs) = record.entry else {
+        return Err(VmmError::Unsupported(format!(
+            "no guest to start in VM {}: load one with grub-bhyve first, or give a kernel with -o boot.kernel=PATH (boot ROMs and bhyveload are not supported yet)",
+            entry.name()
+        )));
+    };
+    for (addr, bytes) in entry.boot_image().map_err(setup("registry"))? {
+        vm.memory()
+            .write_slice(&bytes, GuestAddress(addr))
+            .map_err(|e| {
+                VmmError::Setup(format!("VM {}: boot image at {addr:#x}: {e}", entry.name()))
+            })?;
+    }
+    Ok(EntryRegs::from(&regs))
+}
+
+/// bhyve's `vm_open`/`vm_create` plus `vm_setup_memory`: take the named VM
+/// and check a loader prepared it for this much memory.
+fn take_named_vm(tree: &ConfigTree, spec: &VmSpec) -> Result<VmHandle, VmmError> {
+    let name = tree
+        .get("name")
+        .map_err(|e| VmmError::Config(e.to_string()))?
+        .ok_or_else(|| VmmError::Config("no VM name".into()))?;
+    let handle = Registry::from_env()
+        .open_or_create(&name)
+        .map_err(|e| VmmError::Setup(e.to_string()))?;
+    let mut record = handle.record().map_err(setup("registry"))?;
+    let size = spec.memory.total();
+    if record.entry.is_some() && record.memory_size.is_some_and(|m| m != size) {
+        return Err(VmmError::Setup(format!(
+            "Unable to setup memory (22): VM {name} was loaded with {} MiB, -m asks for {} MiB",
+            record.memory_size.unwrap_or(0) >> 20,
+            size >> 20
+        )));
+    }
+    record.memory_size = Some(size);
+    handle.save(&record).map_err(setup("registry"))?;
+    Ok(handle)
 }
 
 /// The firmware tables bhyve puts in the BIOS area.
@@ -146,6 +196,7 @@ pub fn build(tree: &ConfigTree) -> Result<Machine, VmmError> {
     rhyve_config::validate(tree)?;
     crate::refuse_unsupported(tree)?;
     let spec = crate::vm_spec(tree)?;
+    let named = take_named_vm(tree, &spec)?;
     let vm: Box<dyn Vm> = Box::new(KvmVm::new(spec.clone())?);
     let io = Arc::new(Bus::new());
     let mmio = Arc::new(Bus::new());
@@ -164,13 +215,14 @@ pub fn build(tree: &ConfigTree) -> Result<Machine, VmmError> {
         pci.set_reset_register(platform.reset.clone());
     }
     write_tables(tree, vm.as_ref(), &spec, &pci, &platform)?;
-    let entry = load_guest(tree, vm.as_ref(), &spec)?;
+    let entry = load_guest(tree, vm.as_ref(), &spec, &named)?;
     let mut vcpus = Vec::with_capacity(spec.cpus as usize);
     for id in 0..spec.cpus {
         vcpus.push(vm.create_vcpu(id)?);
     }
     vcpus[0].set_entry(&entry)?;
     Ok(Machine {
+        named,
         platform,
         pci,
         vcpus,

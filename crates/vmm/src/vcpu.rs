@@ -6,8 +6,9 @@
 //! found by the supervisor kicking vCPUs now and then and each one checking
 //! its own state.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
 
 use rhyve_hypervisor::{Vcpu, VcpuExit};
 use rhyve_platform::bus::Bus;
@@ -28,6 +29,50 @@ pub struct VcpuShared {
     halt_check: Vec<AtomicBool>,
     /// `-p` / `vcpu.N.cpuset`: host CPUs each vCPU thread may run on.
     pinning: Vec<Option<Vec<u32>>>,
+    /// Work other threads hand a vCPU (it owns its KVM file descriptor).
+    requests: Vec<Mutex<Vec<VcpuRequest>>>,
+    /// pthread ids of the vCPU threads, to kick them out of the guest.
+    threads: Vec<AtomicU64>,
+    counters: Vec<VcpuCounters>,
+}
+
+/// A request served by the vCPU thread on its next exit.
+pub enum VcpuRequest {
+    Registers(Sender<Result<Vec<(&'static str, u64)>, String>>),
+    Nmi(Sender<Result<(), String>>),
+}
+
+/// Exit counters, for `bhyvectl --get-stats`.
+#[derive(Default)]
+pub struct VcpuCounters {
+    pub exits: AtomicU64,
+    pub io: AtomicU64,
+    pub mmio: AtomicU64,
+    pub interrupted: AtomicU64,
+}
+
+impl VcpuCounters {
+    /// (description, value) in bhyvectl's order.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            (
+                "total number of vm exits",
+                self.exits.load(Ordering::Relaxed),
+            ),
+            (
+                "number of times in/out was intercepted",
+                self.io.load(Ordering::Relaxed),
+            ),
+            (
+                "number of MMIO accesses handled",
+                self.mmio.load(Ordering::Relaxed),
+            ),
+            (
+                "number of times the vcpu was kicked out",
+                self.interrupted.load(Ordering::Relaxed),
+            ),
+        ]
+    }
 }
 
 impl VcpuShared {
@@ -40,6 +85,9 @@ impl VcpuShared {
     ) -> Self {
         let cpus = pinning.len();
         Self {
+            requests: (0..cpus).map(|_| Mutex::new(Vec::new())).collect(),
+            threads: (0..cpus).map(|_| AtomicU64::new(0)).collect(),
+            counters: (0..cpus).map(|_| VcpuCounters::default()).collect(),
             pinning,
             io,
             mmio,
@@ -48,6 +96,32 @@ impl VcpuShared {
             states: (0..cpus).map(|_| AtomicU8::new(RUNNING)).collect(),
             halt_check: (0..cpus).map(|_| AtomicBool::new(false)).collect(),
         }
+    }
+
+    pub fn cpus(&self) -> usize {
+        self.states.len()
+    }
+
+    pub fn counters(&self, cpu: usize) -> Option<&VcpuCounters> {
+        self.counters.get(cpu)
+    }
+
+    /// Hand `request` to vCPU `cpu` and kick it out of the guest to serve it.
+    pub fn send(&self, cpu: usize, request: VcpuRequest) -> bool {
+        let Some(queue) = self.requests.get(cpu) else {
+            return false;
+        };
+        queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(request);
+        let tid = self.threads[cpu].load(Ordering::SeqCst);
+        if tid != 0 {
+            // SAFETY: tid is a live vCPU thread's pthread id (set by the
+            // thread itself); a signal to it only interrupts KVM_RUN.
+            unsafe { libc::pthread_kill(tid as libc::pthread_t, crate::signals::kick_signal()) };
+        }
+        true
     }
 
     /// Ask every vCPU to look at whether it is halted for good on its next exit.
@@ -98,6 +172,9 @@ fn pin_current_thread(cpus: &[u32]) -> std::io::Result<()> {
 /// Run `vcpu` until the VM is asked to stop.
 pub fn run_vcpu(mut vcpu: Box<dyn Vcpu>, shared: Arc<VcpuShared>) {
     let id = vcpu.id();
+    // SAFETY: pthread_self has no preconditions.
+    shared.threads[id as usize].store(unsafe { libc::pthread_self() } as u64, Ordering::SeqCst);
+    let counters = &shared.counters[id as usize];
     if let Some(Some(cpus)) = shared.pinning.get(id as usize) {
         if let Err(e) = pin_current_thread(cpus) {
             shared.exits.request(ExitRequest::Error(format!(
@@ -116,24 +193,29 @@ pub fn run_vcpu(mut vcpu: Box<dyn Vcpu>, shared: Arc<VcpuShared>) {
                 break;
             }
         };
+        counters.exits.fetch_add(1, Ordering::Relaxed);
         match exit {
             VcpuExit::IoIn { port, data } => {
+                counters.io.fetch_add(1, Ordering::Relaxed);
                 if !shared.io.read(u64::from(port), data) {
                     let len = data.len();
                     unassigned_port(&shared, id, "read", port, len);
                 }
             }
             VcpuExit::IoOut { port, data } => {
+                counters.io.fetch_add(1, Ordering::Relaxed);
                 if !shared.io.write(u64::from(port), data) {
                     unassigned_port(&shared, id, "write", port, data.len());
                 }
             }
             VcpuExit::MmioRead { addr, data } => {
+                counters.mmio.fetch_add(1, Ordering::Relaxed);
                 if !shared.mmio.read(addr, data) {
                     tracing::debug!("vcpu {id}: read of unassigned MMIO {addr:#x}");
                 }
             }
             VcpuExit::MmioWrite { addr, data } => {
+                counters.mmio.fetch_add(1, Ordering::Relaxed);
                 if !shared.mmio.write(addr, data) {
                     tracing::debug!("vcpu {id}: write to unassigned MMIO {addr:#x}");
                 }
@@ -151,6 +233,8 @@ pub fn run_vcpu(mut vcpu: Box<dyn Vcpu>, shared: Arc<VcpuShared>) {
                 .exits
                 .request(ExitRequest::Error(format!("vcpu {id}: {why}"))),
             VcpuExit::Interrupted => {
+                counters.interrupted.fetch_add(1, Ordering::Relaxed);
+                serve_requests(vcpu.as_mut(), &shared.requests[id as usize]);
                 if shared.halt_check[id as usize].load(Ordering::SeqCst) {
                     let idle = match (vcpu.started(), vcpu.halted_for_good()) {
                         (Ok(false), _) | (_, Ok(true)) => IDLE_FOR_GOOD,
@@ -159,6 +243,21 @@ pub fn run_vcpu(mut vcpu: Box<dyn Vcpu>, shared: Arc<VcpuShared>) {
                     shared.states[id as usize].store(idle, Ordering::SeqCst);
                     shared.halt_check[id as usize].store(false, Ordering::SeqCst);
                 }
+            }
+        }
+    }
+}
+
+fn serve_requests(vcpu: &mut dyn Vcpu, queue: &Mutex<Vec<VcpuRequest>>) {
+    let pending = std::mem::take(&mut *queue.lock().unwrap_or_else(|e| e.into_inner()));
+    for request in pending {
+        // A requester that gave up has dropped its receiver: nothing to do.
+        match request {
+            VcpuRequest::Registers(reply) => {
+                let _ = reply.send(vcpu.registers().map_err(|e| e.to_string()));
+            }
+            VcpuRequest::Nmi(reply) => {
+                let _ = reply.send(vcpu.inject_nmi().map_err(|e| e.to_string()));
             }
         }
     }

@@ -1,0 +1,251 @@
+//! `bhyvectl`, as bhyvectl(8): long options only, `--vm=NAME` required.
+//! A running VM is reached through its control socket; a VM that only
+//! exists in the registry answers from what its loader left there.
+
+use std::time::{Duration, Instant};
+
+use rhyve_hypervisor::registry::{Registry, RegistryError};
+
+use crate::control;
+
+/// Registers in the order bhyvectl prints them with `--get-all`.
+const REGISTERS: &[&str] = &[
+    "cr0", "cr2", "cr3", "cr4", "rsp", "rip", "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp",
+    "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rflags", "efer", "cs", "ds", "es", "fs",
+    "gs", "ss", "tr", "ldtr",
+];
+
+#[derive(Default)]
+struct Options {
+    vm: Option<String>,
+    cpu: usize,
+    create: bool,
+    destroy: bool,
+    force_reset: bool,
+    force_poweroff: bool,
+    get_stats: bool,
+    get_all: bool,
+    inject_nmi: bool,
+    list: bool,
+    registers: Vec<&'static str>,
+}
+
+pub fn usage() -> String {
+    let mut u = String::from(
+        "Usage: bhyvectl --vm=<vmname>\n       [--cpu=<vcpu_number>]\n       [--create]\n       [--destroy]\n       [--get-all]\n       [--get-stats]\n",
+    );
+    for r in REGISTERS {
+        u.push_str(&format!("       [--get-{r}]\n"));
+    }
+    u.push_str("       [--inject-nmi]\n       [--force-reset]\n       [--force-poweroff]\n       [--list]\n");
+    u
+}
+
+fn parse(args: &[String]) -> Result<Options, ()> {
+    let mut o = Options::default();
+    let mut i = 0;
+    while i < args.len() {
+        let arg = &args[i];
+        i += 1;
+        let Some(long) = arg.strip_prefix("--") else {
+            return Err(());
+        };
+        let (name, inline) = match long.split_once('=') {
+            Some((n, v)) => (n, Some(v.to_string())),
+            None => (long, None),
+        };
+        // getopt_long: a required argument is `--opt=value` or the next word.
+        let mut value = || -> Result<String, ()> {
+            if let Some(v) = inline.clone() {
+                return Ok(v);
+            }
+            let v = args.get(i).cloned().ok_or(())?;
+            i += 1;
+            Ok(v)
+        };
+        match name {
+            "vm" => o.vm = Some(value()?),
+            // atoi(3): garbage reads as 0.
+            "cpu" => o.cpu = value()?.trim().parse().unwrap_or(0),
+            "create" => o.create = true,
+            "destroy" => o.destroy = true,
+            "force-reset" => o.force_reset = true,
+            "force-poweroff" => o.force_poweroff = true,
+            "get-stats" => o.get_stats = true,
+            "get-all" => o.get_all = true,
+            "inject-nmi" => o.inject_nmi = true,
+            "list" => o.list = true,
+            _ => match name
+                .strip_prefix("get-")
+                .and_then(|r| REGISTERS.iter().find(|x| **x == r))
+            {
+                Some(r) => o.registers.push(r),
+                None => return Err(()),
+            },
+        }
+    }
+    Ok(o)
+}
+
+/// Wait until no process holds `name` (a destroyed VM's bhyve exiting).
+fn wait_released(registry: &Registry, name: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while registry.user_pid(name).is_some() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+fn print_registers(cpu: usize, values: &[(String, String)], wanted: &[&str]) {
+    for r in wanted {
+        let v = values
+            .iter()
+            .find(|(k, _)| k == r)
+            .and_then(|(_, v)| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok())
+            .unwrap_or(0);
+        let tabs = if r.len() + format!("[{cpu}]").len() >= 8 {
+            "\t"
+        } else {
+            "\t\t"
+        };
+        println!("{r}[{cpu}]{tabs}0x{v:016x}");
+    }
+}
+
+/// Run bhyvectl with `args` (without the program name); returns the exit status.
+pub fn main_with_args(args: &[String]) -> i32 {
+    let Ok(o) = parse(args) else {
+        eprint!("{}", usage());
+        return 1;
+    };
+    let registry = Registry::from_env();
+    if o.list {
+        for vm in registry.list() {
+            let mem = vm
+                .record
+                .memory_size
+                .map(|m| format!("{}M", m >> 20))
+                .unwrap_or_else(|| "-".into());
+            match vm.running {
+                Some(pid) => println!("{}\t{mem}\trunning (pid {pid})", vm.name),
+                None => println!("{}\t{mem}\tstopped", vm.name),
+            }
+        }
+        if o.vm.is_none() {
+            return 0;
+        }
+    }
+    let Some(name) = o.vm.clone() else {
+        eprint!("{}", usage());
+        return 1;
+    };
+    let fail = |msg: &str| {
+        eprintln!("bhyvectl: {msg}");
+        println!("errno = {}", libc::EINVAL);
+        255
+    };
+    if o.create {
+        match registry.create(&name) {
+            Ok(_) => {}
+            Err(RegistryError::Exists(_)) => {
+                println!("errno = {}", libc::EEXIST);
+                return 255;
+            }
+            Err(e) => return fail(&e.to_string()),
+        }
+    }
+    if !registry.exists(&name) {
+        println!("VM:{name} is not created.");
+        return 1;
+    }
+    let running = registry.user_pid(&name);
+    let socket = match registry.control_socket(&name) {
+        Ok(s) => s,
+        Err(e) => return fail(&e.to_string()),
+    };
+    let ask = |what: &str| -> Result<Vec<(String, String)>, String> {
+        if running.is_none() {
+            return Err(format!("VM {name} is not running"));
+        }
+        control::request(&socket, what)
+    };
+    if o.inject_nmi {
+        if let Err(e) = ask(&format!("nmi {}", o.cpu)) {
+            return fail(&e);
+        }
+    }
+    let mut wanted: Vec<&str> = o.registers.clone();
+    if o.get_all {
+        wanted = REGISTERS.to_vec();
+    }
+    if !wanted.is_empty() {
+        let values = if running.is_some() {
+            match ask(&format!("regs {}", o.cpu)) {
+                Ok(v) => v,
+                Err(e) => return fail(&e),
+            }
+        } else {
+            // A VM a loader prepared but nothing runs: its entry state.
+            let entry = registry
+                .open(&name)
+                .ok()
+                .and_then(|h| h.record().ok())
+                .and_then(|r| r.entry);
+            match entry {
+                Some(e) if o.cpu == 0 => vec![
+                    ("rip".into(), format!("{:#x}", e.rip)),
+                    ("rsp".into(), format!("{:#x}", e.rsp)),
+                    ("rsi".into(), format!("{:#x}", e.rsi)),
+                    ("rbx".into(), format!("{:#x}", e.rbx)),
+                    ("cr0".into(), format!("{:#x}", e.cr0)),
+                    ("cr3".into(), format!("{:#x}", e.cr3)),
+                    ("cr4".into(), format!("{:#x}", e.cr4)),
+                    ("efer".into(), format!("{:#x}", e.efer)),
+                    ("rflags".into(), "0x2".into()),
+                    ("cs".into(), format!("{:#x}", e.code_selector)),
+                    ("ds".into(), format!("{:#x}", e.data_selector)),
+                ],
+                _ => Vec::new(),
+            }
+        };
+        print_registers(o.cpu, &values, &wanted);
+    }
+    if o.get_stats || o.get_all {
+        let stats = if running.is_some() {
+            match ask(&format!("stats {}", o.cpu)) {
+                Ok(s) => s,
+                Err(e) => return fail(&e),
+            }
+        } else {
+            vec![("Resident memory".to_string(), "0".to_string())]
+        };
+        println!("vcpu{} stats:", o.cpu);
+        for (desc, value) in stats {
+            println!("{desc:<40}\t{value}");
+        }
+    }
+    for (flag, request) in [(o.force_reset, "reset"), (o.force_poweroff, "poweroff")] {
+        if flag {
+            if let Err(e) = ask(request) {
+                return fail(&e);
+            }
+        }
+    }
+    if o.destroy {
+        if running.is_some() {
+            if let Err(e) = ask("destroy") {
+                return fail(&e);
+            }
+            if !wait_released(&registry, &name) {
+                return fail(&format!("VM {name} did not stop"));
+            }
+        }
+        if let Err(e) = registry.remove(&name) {
+            return fail(&e.to_string());
+        }
+    }
+    0
+}
