@@ -12,6 +12,7 @@ use rhyve_hypervisor::{EntryRegs, Vcpu, Vm, VmSpec};
 use rhyve_pci::{create_function, PciBdf, PciRoot, PciRootConfig};
 use rhyve_platform::bus::Bus;
 use rhyve_platform::exit::ExitRequests;
+use rhyve_virtio::pci::VirtioPci;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::VmmError;
@@ -48,10 +49,24 @@ fn build_pci(
             .map_err(setup("PCI"))?;
     let root = PciRoot::new(config).map_err(setup("PCI"))?;
     let ctx = root.context();
+    let vm_name = tree.get("name").ok().flatten().unwrap_or_default();
     for f in rhyve_config::pci_functions(tree)? {
         let bdf = PciBdf::new(f.bus.into(), f.slot.into(), f.func.into()).map_err(setup("PCI"))?;
-        let function = create_function(&f.model, tree, &f.node, &ctx)
-            .map_err(|e| VmmError::Unsupported(e.to_string()))?;
+        let function: rhyve_pci::SharedFunction = if f.model.starts_with("virtio-") {
+            VirtioPci::from_config(
+                tree,
+                &f.node,
+                vm.memory().clone(),
+                &vm_name,
+                f.slot,
+                f.func,
+                Some(vm.notifiers()),
+            )
+            .map_err(|e| VmmError::Unsupported(format!("pci slot {bdf}: {e}")))?
+        } else {
+            create_function(&f.model, tree, &f.node, &ctx)
+                .map_err(|e| VmmError::Unsupported(e.to_string()))?
+        };
         root.add_function(bdf, function).map_err(setup("PCI"))?;
     }
     root.finalize().map_err(setup("PCI"))?;
