@@ -15,6 +15,7 @@
 
 pub mod block;
 pub mod console;
+pub mod fuzzing;
 pub mod net;
 pub mod pci;
 pub mod queue;
