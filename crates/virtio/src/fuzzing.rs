@@ -43,12 +43,11 @@ fn run(device: &mut dyn VirtioDevice, queue_index: usize, data: &[u8]) {
     let Some((mem, mut q)) = layout(data) else {
         return;
     };
-    let features = device.features()
-        & !(if data.len() % 2 == 0 {
-            0
-        } else {
-            F_RING_INDIRECT_DESC
-        });
+    // Odd-length inputs run without indirect descriptors.
+    let mut features = device.features();
+    if !data.len().is_multiple_of(2) {
+        features &= !F_RING_INDIRECT_DESC;
+    }
     device.ack_features(features | F_RING_EVENT_IDX);
     // Process twice: the second pass sees the ring state the first left.
     for _ in 0..2 {
