@@ -29,7 +29,7 @@ fn well_formed(r: &mut Rng) -> Vec<u8> {
     let mut img = vec![0u8; 0x4000];
     for i in 0..size {
         let d = 16 * i;
-        let addr = 0x3000 + (r.next() % 0x800) as u64;
+        let addr = 0x3000 + r.next() % 0x800;
         let len = (r.next() % 0x200) as u32;
         let flags = (r.next() % 4) as u16; // NEXT and WRITE bits
         let next = ((i + 1) % size) as u16;
