@@ -20,6 +20,7 @@ const GUESTS: &[&str] = &[
     "com1irq",
     "acpitables",
     "smp",
+    "virtioblk",
 ];
 
 const RUNTIME: &[&str] = &["start.S", "trampoline.S", "rt.c"];

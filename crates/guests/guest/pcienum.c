@@ -13,8 +13,7 @@
 
 static uint32_t cf8_read(uint32_t dev, uint32_t fn, uint32_t reg)
 {
-	outl(PCI_CF8, 0x80000000u | (dev << 11) | (fn << 8) | (reg & 0xFC));
-	return inl(PCI_CFC);
+	return pci_read32(dev, fn, reg);
 }
 
 static uint32_t ecam_read(uint32_t dev, uint32_t fn, uint32_t reg)

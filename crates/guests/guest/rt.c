@@ -420,6 +420,43 @@ void ioapic_route(uint32_t pin, uint32_t vector, uint32_t flags, uint32_t dest)
 	ioapic_write(0x10 + 2 * pin, (vector & 0xFF) | flags);
 }
 
+/* ---- PCI ---- */
+
+static void pci_select(uint32_t dev, uint32_t fn, uint32_t reg)
+{
+	outl(PCI_CF8, 0x80000000u | (dev << 11) | (fn << 8) | (reg & 0xFC));
+}
+
+uint32_t pci_read32(uint32_t dev, uint32_t fn, uint32_t reg)
+{
+	pci_select(dev, fn, reg);
+	return inl(PCI_CFC);
+}
+
+uint16_t pci_read16(uint32_t dev, uint32_t fn, uint32_t reg)
+{
+	pci_select(dev, fn, reg);
+	return inw((uint16_t)(PCI_CFC + (reg & 2)));
+}
+
+uint8_t pci_read8(uint32_t dev, uint32_t fn, uint32_t reg)
+{
+	pci_select(dev, fn, reg);
+	return inb((uint16_t)(PCI_CFC + (reg & 3)));
+}
+
+void pci_write32(uint32_t dev, uint32_t fn, uint32_t reg, uint32_t v)
+{
+	pci_select(dev, fn, reg);
+	outl(PCI_CFC, v);
+}
+
+void pci_write16(uint32_t dev, uint32_t fn, uint32_t reg, uint16_t v)
+{
+	pci_select(dev, fn, reg);
+	outw((uint16_t)(PCI_CFC + (reg & 2)), v);
+}
+
 /* ---- timing ---- */
 
 uint32_t pm_timer(void)

@@ -15,9 +15,9 @@
 
 /* ---- ports and memory-mapped registers ---- */
 
-static inline void outb(uint16_t port, uint8_t v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
-static inline void outw(uint16_t port, uint16_t v) { __asm__ volatile("outw %0, %1" ::"a"(v), "Nd"(port)); }
-static inline void outl(uint16_t port, uint32_t v) { __asm__ volatile("outl %0, %1" ::"a"(v), "Nd"(port)); }
+static inline void outb(uint16_t port, uint8_t v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port) : "memory"); }
+static inline void outw(uint16_t port, uint16_t v) { __asm__ volatile("outw %0, %1" ::"a"(v), "Nd"(port) : "memory"); }
+static inline void outl(uint16_t port, uint32_t v) { __asm__ volatile("outl %0, %1" ::"a"(v), "Nd"(port) : "memory"); }
 static inline uint8_t inb(uint16_t port) { uint8_t v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
 static inline uint16_t inw(uint16_t port) { uint16_t v; __asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(port)); return v; }
 static inline uint32_t inl(uint16_t port) { uint32_t v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port)); return v; }
@@ -134,6 +134,14 @@ uint32_t lapic_id(void);
 /* Route IOAPIC pin to vector on the CPU with APIC ID dest (fixed, physical). */
 void ioapic_route(uint32_t pin, uint32_t vector, uint32_t flags, uint32_t dest);
 uint32_t ioapic_pins(void);
+
+/* ---- PCI configuration space of bus 0 through 0xCF8/0xCFC ---- */
+
+uint32_t pci_read32(uint32_t dev, uint32_t fn, uint32_t reg);
+uint16_t pci_read16(uint32_t dev, uint32_t fn, uint32_t reg);
+uint8_t pci_read8(uint32_t dev, uint32_t fn, uint32_t reg);
+void pci_write32(uint32_t dev, uint32_t fn, uint32_t reg, uint32_t v);
+void pci_write16(uint32_t dev, uint32_t fn, uint32_t reg, uint16_t v);
 
 /* ---- timing ---- */
 

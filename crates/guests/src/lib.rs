@@ -28,6 +28,7 @@ pub const GUESTS: &[&str] = &[
     "com1irq",
     "acpitables",
     "smp",
+    "virtioblk",
 ];
 
 /// The ELF (PVH entry) of the named guest.
