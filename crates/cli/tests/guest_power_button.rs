@@ -26,3 +26,22 @@ fn sigterm_presses_the_power_button_and_the_guest_powers_off() {
     assert_eq!(run.lines(), ["ready", "power button"], "{}", run.describe());
     run.assert_code(1);
 }
+
+#[test]
+fn sigterm_before_the_guest_enabled_acpi_ends_bhyve_by_the_signal() {
+    use std::os::unix::process::ExitStatusExt;
+    require_kvm();
+    let mut args = boot_args("powerbutton", "noacpi");
+    args.extend(BASE_MACHINE.iter().map(|s| s.to_string()));
+    args.push(vm_name("powerbutton-noacpi"));
+    let run = run_bhyve_signal_after(
+        Path::new(env!("CARGO_BIN_EXE_bhyve")),
+        &args,
+        "ready",
+        SIGTERM,
+        Duration::from_secs(30),
+    );
+    run.assert_no_failure();
+    assert_eq!(run.lines(), ["ready"], "{}", run.describe());
+    assert_eq!(run.status.signal(), Some(SIGTERM), "{}", run.describe());
+}

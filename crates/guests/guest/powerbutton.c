@@ -7,6 +7,9 @@
  * the IOAPIC, prints "ready" and waits with interrupts on.  The SCI handler
  * reads PM1_STS, checks PWRBTN_STS, clears it, prints "power button" and
  * enters S5: exit 1.
+ *
+ * With "noacpi" on the command line it leaves ACPI off, prints "ready" and
+ * idles: bhyve then has no power button, and SIGTERM ends it as a signal.
  */
 #include "rt.h"
 
@@ -29,6 +32,10 @@ static void sci(uint32_t vector)
 
 void guest_main(void)
 {
+	if (cmdline_has_word("noacpi")) {
+		print("ready\n");
+		idle_forever();
+	}
 	pic_mask_all();
 	lapic_enable();
 	set_irq_handler(SCI_VECTOR, sci);

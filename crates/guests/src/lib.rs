@@ -8,6 +8,22 @@
 //! (exit 3) when something is wrong. See each `guest/<name>.c` for what it
 //! checks and prints.
 //!
+//! | guest | command line | prints | ends |
+//! |---|---|---|---|
+//! | `exitcodes` | `reset`, `kbdreset`, `poweroff`, `halt`, `triplefault`, `debugexit=N` | `exitcodes: <mode>` | by that action: exit 0, 0, 1, 2, 3, 2N+1 (`-l pc-testdev`) |
+//! | `powerbutton` | (`noacpi`) | `ready`, then on SIGTERM `power button` | S5 (exit 1); with `noacpi` SIGTERM kills bhyve |
+//! | `pcienum` | | `pci 00:1f.0 8086:7000 class 060100` per function via 0xCF8, the same with `ecam`, `pci agree N functions` | S5 |
+//! | `cmos` | | `cmos lowmem 0x1f00`, `cmos highmem 0x000000`, `rtc 2026-11-22 02:02:00` | S5 |
+//! | `pmtimer` | | `pmtimer hz 3579545` (PM timer ticks over one RTC second) | S5 |
+//! | `com1irq` | | `com1 irq ok` (THR-empty interrupt on IOAPIC pin 4) | S5 |
+//! | `acpitables` | | `rsdp 0x000f2400 rev 2`, `xsdt N entries`, `table SIG` each, `madt ...`, `acpi ok` | S5 |
+//! | `smp` | | `bsp 0, madt lists N cpus`, `ap K up` per AP, `cpus N` | S5 |
+//! | `virtioblk` | (`intx`) (`slot=N`) | `virtio-blk 00:04.0 capacity C queue Q`, `virtio-blk irq msix\|intx`, `sector0 xx ...` (16 bytes), `virtio-blk ok` | S5 |
+//!
+//! Interrupt handlers return with `popf; ret` instead of `iret`: on this
+//! host's KVM (PVM) every ring-0 instruction goes through KVM's emulator,
+//! which cannot emulate `iret` outside real mode (nor `int n`).
+//!
 //! The harness runs the `bhyve` binary with a deadline, captures COM1
 //! (`-l com1,stdio`) and the exit status, and can send a signal once a
 //! given line appeared (the ACPI power button is SIGTERM).
