@@ -192,39 +192,17 @@ impl VhostUserBackend for DeviceBackend {
 }
 
 /// Turn a `-s` device string without its slot (`virtio-blk,./d.img,ro`)
-/// into config node `pci.0.0.0`, with the legacy rules bhyve applies to the
-/// virtio models: the first bare word is the block `path` / network
-/// `backend`, `key=value` sets a key, a bare `key` sets it to true, and
-/// virtio-console's `name=path` pairs become `port.N.name` / `port.N.path`.
+/// into config node `pci.0.0.0`, with the config crate's bhyve(8) parser
+/// (so the legacy option rules are bhyve's, in one place).
 pub fn device_tree(device: &str) -> Result<ConfigTree, String> {
-    const NODE: &str = "pci.0.0.0";
-    let mut parts = device.split(',');
-    let model = parts.next().unwrap_or_default();
-    let mut tree = ConfigTree::new();
-    let set = |tree: &mut ConfigTree, k: &str, v: &str| {
-        tree.set(&format!("{NODE}.{k}"), v)
-            .map_err(|e| format!("{device}: {e}"))
-    };
-    set(&mut tree, "device", model)?;
-    let mut port = 0;
-    for (i, opt) in parts.enumerate() {
-        if opt.is_empty() {
-            continue;
-        }
-        match (model, opt.split_once('=')) {
-            ("virtio-console", Some((name, path))) => {
-                set(&mut tree, &format!("port.{port}.name"), name)?;
-                set(&mut tree, &format!("port.{port}.path"), path)?;
-                port += 1;
-            }
-            ("virtio-console", None) => return Err(format!("vtcon: port {opt} requires a path")),
-            (_, Some((k, v))) => set(&mut tree, k, v)?,
-            ("virtio-blk", None) if i == 0 => set(&mut tree, "path", opt)?,
-            ("virtio-net", None) if i == 0 => set(&mut tree, "backend", opt)?,
-            (_, None) => set(&mut tree, opt, "true")?,
-        }
-    }
-    Ok(tree)
+    let args = [
+        "-s".to_string(),
+        format!("0:0,{device}"),
+        "vhostuser".to_string(),
+    ];
+    rhyve_config::parse_bhyve_args(&args)
+        .map(|inv| inv.tree)
+        .map_err(|e| e.render("rhyve-vhost-user").trim_end().to_string())
 }
 
 const USAGE: &str = "usage: rhyve-vhost-user --socket PATH DEVICE\n  DEVICE: a -s device string without the slot, e.g. virtio-blk,./disk.img,ro";
@@ -553,8 +531,13 @@ mod tests {
             ])),
             4
         );
+        // Unknown to bhyve: a usage error; known but not served here: an error.
         assert_eq!(
             main_with_args(&a(&["x", "--socket", "/tmp/s", "virtio-foo"])),
+            1
+        );
+        assert_eq!(
+            main_with_args(&a(&["x", "--socket", "/tmp/s", "virtio-scsi,/dev/x"])),
             4
         );
     }
