@@ -67,6 +67,11 @@ const RTCIR_ALARM: u8 = 0x20;
 const RTCIR_UPDATE: u8 = 0x10;
 const RTCSD_PWR: u8 = 0x80;
 
+/// First general-purpose NVRAM register (after the clock and status registers).
+const NVRAM_START: usize = 0x0E;
+/// Registers bhyve fills at start-up: century, memory below 4 GiB, memory above.
+const HOST_OWNED_CELLS: [usize; 6] = [0x32, 0x34, 0x35, 0x5B, 0x5C, 0x5D];
+
 /// Length of the update cycle flagged by UIP before each second ticks.
 const UPDATE_CYCLE_NS: u64 = 244_000;
 const POSIX_BASE_YEAR: i64 = 1970;
@@ -188,6 +193,23 @@ impl Rtc {
             rtc.secs_to_rtc(t, true);
         }
         rtc
+    }
+
+    /// The NVRAM bytes (registers 0x0E-0x7F) a guest may keep across
+    /// reboots: bhyve's RTC lives in the kernel VM, which outlives bhyve.
+    pub fn nvram(&self) -> Vec<u8> {
+        self.state.regs[NVRAM_START..].to_vec()
+    }
+
+    /// Put back NVRAM saved by [`Self::nvram`], except the cells bhyve
+    /// itself fills (memory size, century): those describe this run.
+    pub fn restore_nvram(&mut self, saved: &[u8]) {
+        for (i, &byte) in saved.iter().enumerate() {
+            let reg = NVRAM_START + i;
+            if reg < self.state.regs.len() && !HOST_OWNED_CELLS.contains(&reg) {
+                self.state.regs[reg] = byte;
+            }
+        }
     }
 
     pub fn state(&self) -> &RtcState {
@@ -800,6 +822,20 @@ mod tests {
         let json = serde_json::to_string(f.rtc.state()).unwrap();
         let back: RtcState = serde_json::from_str(&json).unwrap();
         assert_eq!(&back, f.rtc.state());
+    }
+
+    #[test]
+    fn nvram_survives_a_restart_but_memory_cells_describe_the_new_run() {
+        let mut old = fixture(256 << 20);
+        wr(&mut old.rtc, 0x50, 0xA5);
+        let saved = old.rtc.nvram();
+        let mut new = fixture(512 << 20);
+        let cells = (rd(&mut new.rtc, 0x34), rd(&mut new.rtc, 0x35));
+        new.rtc.restore_nvram(&saved);
+        assert_eq!(rd(&mut new.rtc, 0x50), 0xA5);
+        assert_eq!((rd(&mut new.rtc, 0x34), rd(&mut new.rtc, 0x35)), cells);
+        new.rtc.restore_nvram(&[0xFF; 500]);
+        assert_eq!(rd(&mut new.rtc, 0x7F), 0xFF);
     }
 
     #[test]

@@ -51,6 +51,9 @@ pub struct VmRecord {
     pub entry: Option<EntryRegsRecord>,
     /// Guest command line the loader chose, for display.
     pub cmdline: Option<String>,
+    /// The RTC's NVRAM, kept across reboots as bhyve's in-kernel RTC keeps it.
+    #[serde(default)]
+    pub rtc_nvram: Option<Vec<u8>>,
 }
 
 /// [`EntryRegs`] as stored on disk.
@@ -497,6 +500,7 @@ mod tests {
                 ..Default::default()
             }),
             cmdline: Some("console=ttyS0".into()),
+            rtc_nvram: Some(vec![1, 2, 3]),
         };
         h.save(&rec).unwrap();
         h.save_boot_image(&[(0x7000, b"zero page"), (0x100000, &[1, 2, 3])])

@@ -121,7 +121,25 @@ pub fn run(tree: &ConfigTree) -> i32 {
         }),
         restore_terminal: Box::new(rhyve_backends::serial::restore_terminal),
     };
+    if let Some(nvram) = named.record().ok().and_then(|r| r.rtc_nvram) {
+        platform
+            .rtc
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore_nvram(&nvram);
+    }
     let why = supervise(vcpus, shared, exits, hooks);
+    // The VM outlives this process: keep what its RTC remembers.
+    if let Ok(mut record) = named.record() {
+        record.rtc_nvram = Some(
+            platform
+                .rtc
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .nvram(),
+        );
+        let _ = named.save(&record);
+    }
     platform.shutdown();
     drop(pci);
     drop(vm);
