@@ -223,7 +223,12 @@ void fail(const char *fmt, ...)
 {
 	va_list ap;
 	cli();
-	spin_lock(&print_lock);
+	/* The failure may come from inside print() on this CPU (an exception
+	 * with the lock held): take the lock if it frees up soon, else print
+	 * regardless rather than hang. */
+	for (int spins = 0; spins < 100000; spins++)
+		if (!__atomic_exchange_n(&print_lock.locked, 1, __ATOMIC_ACQUIRE))
+			break;
 	put_str("FAIL: ");
 	va_start(ap, fmt);
 	vprint(fmt, ap);
