@@ -208,6 +208,10 @@ impl BlockFile {
     pub fn size(&self) -> u64 {
         self.size
     }
+    /// Opened with O_DIRECT (`nocache`): buffers must be aligned.
+    pub fn direct(&self) -> bool {
+        self.direct
+    }
     pub fn readonly(&self) -> bool {
         self.readonly
     }

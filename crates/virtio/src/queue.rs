@@ -18,6 +18,9 @@ pub enum Completion {
     /// The device cannot take this chain now (no room on the host side):
     /// leave it on the available ring and stop.
     Retry,
+    /// Taken; the device puts it on the used ring itself when the host I/O
+    /// completes.
+    Deferred,
 }
 
 /// Pop and handle chains until the ring is empty (or the device says retry).
@@ -26,6 +29,21 @@ pub fn drain<F>(
     index: usize,
     queue: &mut Queue,
     mem: &GuestMemory,
+    handle: F,
+) -> Result<bool, DeviceError>
+where
+    F: FnMut(DescriptorChain<&GuestMemory>) -> Completion,
+{
+    drain_after(index, queue, mem, false, handle)
+}
+
+/// [`drain`] for a device that already put `used_before` buffers on the
+/// used ring in this pass (completions of deferred chains).
+pub fn drain_after<F>(
+    index: usize,
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    used_before: bool,
     mut handle: F,
 ) -> Result<bool, DeviceError>
 where
@@ -35,7 +53,7 @@ where
         queue: index,
         source,
     };
-    let mut used_any = false;
+    let mut used_any = used_before;
     loop {
         queue.disable_notification(mem).map_err(err)?;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
@@ -45,6 +63,7 @@ where
                     queue.add_used(mem, head, len).map_err(err)?;
                     used_any = true;
                 }
+                Completion::Deferred => {}
                 Completion::Retry => {
                     queue.set_next_avail(queue.next_avail().wrapping_sub(1));
                     queue.enable_notification(mem).map_err(err)?;
