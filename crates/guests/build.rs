@@ -21,6 +21,7 @@ const GUESTS: &[&str] = &[
     "acpitables",
     "smp",
     "virtioblk",
+    "rebootonce",
 ];
 
 const RUNTIME: &[&str] = &["start.S", "trampoline.S", "rt.c"];
