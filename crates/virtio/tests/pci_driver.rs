@@ -67,10 +67,18 @@ impl Driver {
 
     /// Spec 4.1.5 (legacy): reset, ACK, DRIVER, features, queue 0, MSI-X, DRIVER_OK.
     fn start(device: Box<dyn rhyve_virtio::VirtioDevice>, want: impl Fn(u64) -> u64) -> Self {
+        Self::start_with(device, true, want)
+    }
+
+    fn start_with(
+        device: Box<dyn rhyve_virtio::VirtioDevice>,
+        msix: bool,
+        want: impl Fn(u64) -> u64,
+    ) -> Self {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-        let f = VirtioPci::new(device, mem.clone(), true, None).unwrap();
+        let f = VirtioPci::new(device, mem.clone(), msix, None).unwrap();
         let msis = Arc::new(Msis::default());
-        {
+        if msix {
             let mut g = f.lock().unwrap();
             g.config_mut().connect_msi(msis.clone());
             // Enable MSI-X (capability ID 0x11, control at +2) and program
@@ -112,9 +120,11 @@ impl Driver {
         d.avail = d.desc + 16 * u64::from(d.size);
         d.used = (d.avail + 6 + 2 * u64::from(d.size)).div_ceil(4096) * 4096;
         d.write(regs::QUEUE_PFN, (RING_PAGE >> 12) as u32, 4);
-        d.write(regs::MSI_CONFIG_VECTOR, 0, 2);
-        d.write(regs::MSI_QUEUE_VECTOR, 1, 2);
-        assert_eq!(d.read(regs::MSI_QUEUE_VECTOR, 2), 1);
+        if msix {
+            d.write(regs::MSI_CONFIG_VECTOR, 0, 2);
+            d.write(regs::MSI_QUEUE_VECTOR, 1, 2);
+            assert_eq!(d.read(regs::MSI_QUEUE_VECTOR, 2), 1);
+        }
         d.write(regs::STATUS, 7, 1);
         d
     }
@@ -434,4 +444,87 @@ fn rnd_fills_buffers() {
     // A read-only buffer gets nothing written.
     let head = d.post(&[(DATA, 64, false)]);
     assert_eq!(d.complete(), (head, 0));
+}
+
+#[test]
+fn many_requests_in_flight_complete() {
+    let dir = scratch("inflight");
+    let img = dir.join("d.img");
+    let disk: Vec<u8> = (0..(4u32 << 20)).map(|i| (i / 512) as u8).collect();
+    std::fs::write(&img, &disk).unwrap();
+    let mut d = Driver::start(blk_device(&img, &[]), |f| f);
+    // 32 reads of 4 KiB queued before one notification.
+    let mut heads = Vec::new();
+    for i in 0..32u64 {
+        let hdr = DATA + 0x10_0000 + i * 0x100;
+        let buf = DATA + 0x20_0000 + i * 0x1000;
+        let st = hdr + 0x40;
+        d.mem.write_obj(T_IN, GuestAddress(hdr)).unwrap();
+        d.mem.write_obj(i * 8 * 3, GuestAddress(hdr + 8)).unwrap();
+        d.mem.write_obj(0xEEu8, GuestAddress(st)).unwrap();
+        let head = d.next_desc;
+        for (j, (addr, len, flags)) in [
+            (hdr, 16u32, DESC_F_NEXT),
+            (buf, 4096, DESC_F_NEXT | DESC_F_WRITE),
+            (st, 1, DESC_F_WRITE),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let idx = (head + j as u16) % d.size;
+            let a = d.desc + 16 * u64::from(idx);
+            d.mem.write_obj(addr, GuestAddress(a)).unwrap();
+            d.mem.write_obj(len, GuestAddress(a + 8)).unwrap();
+            d.mem.write_obj(flags, GuestAddress(a + 12)).unwrap();
+            d.mem
+                .write_obj((idx + 1) % d.size, GuestAddress(a + 14))
+                .unwrap();
+        }
+        d.next_desc = (head + 3) % d.size;
+        let slot = d.avail + 4 + 2 * u64::from(d.avail_idx % d.size);
+        d.mem.write_obj(head, GuestAddress(slot)).unwrap();
+        d.avail_idx = d.avail_idx.wrapping_add(1);
+        heads.push((head, hdr, buf));
+    }
+    d.mem
+        .write_obj(d.avail_idx, GuestAddress(d.avail + 2))
+        .unwrap();
+    d.write(regs::QUEUE_NOTIFY, 0, 2);
+    let mut done = Vec::new();
+    for _ in 0..32 {
+        done.push(d.complete());
+    }
+    for (i, (head, hdr, buf)) in heads.into_iter().enumerate() {
+        let (_, len) = *done.iter().find(|(h, _)| *h == head).expect("completed");
+        assert_eq!(len, 4097);
+        assert_eq!(
+            d.mem.read_obj::<u8>(GuestAddress(hdr + 0x40)).unwrap(),
+            S_OK
+        );
+        let mut b = vec![0u8; 4096];
+        d.mem.read_slice(&mut b, GuestAddress(buf)).unwrap();
+        let off = i * 8 * 3 * 512;
+        assert_eq!(b, disk[off..off + 4096]);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn without_msix_the_isr_reports_and_clears() {
+    let dir = scratch("isr");
+    let img = dir.join("d.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let mut d = Driver::start_with(blk_device(&img, &[]), false, |f| f);
+    // Without MSI-X the config space follows the 20-byte header.
+    let cap = d.read(regs::CONFIG, 4);
+    assert_eq!(cap, (1 << 20) / 512);
+    assert_eq!(d.blk(T_FLUSH, 0, None).0, S_OK);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut isr = 0;
+    while isr == 0 && Instant::now() < deadline {
+        isr = d.read(regs::ISR, 1);
+    }
+    assert_eq!(isr, 1, "queue interrupt in the ISR");
+    assert_eq!(d.read(regs::ISR, 1), 0, "reading the ISR clears it");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
