@@ -227,9 +227,8 @@ fn msdos_partitions(disk: &Region, mbr: &[u8; 512]) -> Vec<Partition> {
     }
     if let Some(ext_base) = extended {
         let mut ebr_at = ext_base;
-        let mut number = 5;
         let mut seen = Vec::new();
-        for _ in 0..MAX_LOGICAL {
+        for number in 5..5 + MAX_LOGICAL as u32 {
             if seen.contains(&ebr_at) {
                 break;
             }
@@ -252,7 +251,6 @@ fn msdos_partitions(disk: &Region, mbr: &[u8; 512]) -> Vec<Partition> {
                     });
                 }
             }
-            number += 1;
             if next[4] == 0 || le32(next, 8) == 0 {
                 break;
             }

@@ -69,6 +69,8 @@ pub struct Interp<'a> {
     steps: u64,
     depth: usize,
     status: i32,
+    /// A key read ahead while decoding an escape sequence.
+    pub(crate) pending_key: Option<u8>,
 }
 
 const BUILTINS: &[(&str, &str)] = &[
@@ -202,6 +204,7 @@ impl<'a> Interp<'a> {
             steps: 0,
             depth: 0,
             status: 0,
+            pending_key: None,
         }
     }
 
@@ -461,9 +464,7 @@ impl<'a> Interp<'a> {
 
     fn call_function(&mut self, body: Rc<Vec<Stmt>>, args: &[String]) -> Flow {
         if self.depth >= MAX_CALL_DEPTH {
-            return Err(Ctl::Fatal(GrubError::Command(format!(
-                "calls nested deeper than {MAX_CALL_DEPTH}; giving up"
-            ))));
+            return self.fail(format!("calls nested deeper than {MAX_CALL_DEPTH}"));
         }
         self.depth += 1;
         let saved = std::mem::replace(&mut self.positional, args.to_vec());
@@ -757,7 +758,7 @@ impl<'a> Interp<'a> {
         };
         let mut set_var: Option<String> = None;
         let mut hints: Vec<String> = Vec::new();
-        let mut key: Option<String> = None;
+        let mut positional: Vec<String> = Vec::new();
         let mut i = 0;
         while i < args.len() {
             let a = args[i].as_str();
@@ -786,12 +787,18 @@ impl<'a> Interp<'a> {
                 _ if a.starts_with('-') && a.len() > 1 => {
                     return self.fail(format!("search: unknown option `{a}'"));
                 }
-                _ => key = Some(a.to_string()),
+                _ => positional.push(a.to_string()),
             }
         }
-        let Some(key) = key else {
+        // NAME [VARIABLE [HINT...]], as GRUB's search and search.* take them.
+        let mut positional = positional.into_iter();
+        let Some(key) = positional.next() else {
             return self.fail("one argument expected");
         };
+        if let Some(v) = positional.next() {
+            set_var = Some(v);
+        }
+        hints.extend(positional);
         let mut order: Vec<String> = Vec::new();
         for h in hints {
             let h = h.trim_start_matches('(').trim_end_matches(')').to_string();
@@ -995,9 +1002,7 @@ impl<'a> Interp<'a> {
             Err(e) => return self.fail(e),
         };
         if self.depth >= MAX_CALL_DEPTH {
-            return Err(Ctl::Fatal(GrubError::Command(format!(
-                "config files nested deeper than {MAX_CALL_DEPTH}; giving up"
-            ))));
+            return self.fail(format!("config files nested deeper than {MAX_CALL_DEPTH}"));
         }
         if new_menu {
             self.menu.clear();

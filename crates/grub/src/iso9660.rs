@@ -124,7 +124,8 @@ fn records(dir: &[u8]) -> Vec<Record<'_>> {
         if 33 + name_len > len {
             break;
         }
-        let su_start = 33 + name_len + if name_len % 2 == 0 { 1 } else { 0 };
+        // An even-length name is followed by one pad byte.
+        let su_start = 33 + name_len + usize::from(name_len & 1 == 0);
         out.push(Record {
             flags: r[25],
             extent: u32le(r, 2) as u64,

@@ -36,8 +36,6 @@ pub use options::{
 };
 pub use script::{parse as parse_script, Stmt};
 
-use std::path::Path;
-
 /// What to boot, as chosen from the menu or the prompt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootSelection {
@@ -127,7 +125,7 @@ pub fn run_with_devices(
             _ => None,
         },
         Err(e) => {
-            let msg = format!("error: ({root}){}: {e}.\n", Path::new(&cfg).display());
+            let msg = format!("error: {e}.\n");
             interp
                 .console
                 .write_bytes(msg.as_bytes())

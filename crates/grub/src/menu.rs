@@ -45,6 +45,9 @@ impl Interp<'_> {
     }
 
     fn key(&mut self, timeout: Option<Duration>) -> Result<Option<u8>, GrubError> {
+        if let Some(k) = self.pending_key.take() {
+            return Ok(Some(k));
+        }
         self.console.read_byte(timeout).map_err(console_err)
     }
 
@@ -169,7 +172,11 @@ impl Interp<'_> {
         let short = Some(Duration::from_millis(100));
         match self.key(short)? {
             Some(b'[') | Some(b'O') => {}
-            Some(other) => return Ok(Some(other)),
+            Some(other) => {
+                // A lone ESC followed at once by another key.
+                self.pending_key = Some(other);
+                return Ok(None);
+            }
             None => return Ok(None),
         }
         let Some(k) = self.key(short)? else {
@@ -207,10 +214,14 @@ impl Interp<'_> {
             if items.is_empty() {
                 return self.prompt(false);
             }
-            let spec = default_path
-                .first()
-                .cloned()
-                .unwrap_or_else(|| self.var("default"));
+            let spec = default_path.first().cloned().unwrap_or_else(|| {
+                let d = self.var("default");
+                if d == "saved" {
+                    self.var("saved_entry")
+                } else {
+                    d
+                }
+            });
             let default = self.default_index(&items, &spec);
             let timeout = if use_timeout {
                 self.timeout_value()
@@ -291,11 +302,7 @@ impl Interp<'_> {
                         self.put("\n")?;
                         break;
                     }
-                    0x7f | 0x08 => {
-                        if line.pop().is_some() {
-                            self.put("\x08 \x08")?;
-                        }
-                    }
+                    0x7f | 0x08 if line.pop().is_some() => self.put("\x08 \x08")?,
                     ESC => {
                         let seq = self.escape()?;
                         if seq.is_none() && from_menu {
