@@ -95,6 +95,15 @@ fn load_devices(opts: &GrubOptions, console: &mut dyn Console) -> Result<Devices
     Ok(devices)
 }
 
+/// The console `-c` names (a tty such as an nmdm(4) end or a Linux
+/// pseudo-terminal), or stdio without `-c`.
+pub fn open_console(opts: &GrubOptions) -> std::io::Result<FdConsole> {
+    match &opts.cons_dev {
+        Some(dev) => FdConsole::open(dev),
+        None => FdConsole::stdio(),
+    }
+}
+
 /// Run a grub-bhyve session: read the device map, run the root device's
 /// config, show the menu or prompt, and return what was chosen.
 pub fn run(opts: &GrubOptions, console: &mut dyn Console) -> Result<BootSelection, GrubError> {
