@@ -212,7 +212,7 @@ impl Interp<'_> {
         let mut use_timeout = true;
         loop {
             if items.is_empty() {
-                return self.prompt(false);
+                return self.prompt(false, depth);
             }
             let spec = default_path.first().cloned().unwrap_or_else(|| {
                 let d = self.var("default");
@@ -231,7 +231,7 @@ impl Interp<'_> {
             let choice = self.choose(&items, default, timeout, depth > 0)?;
             let idx = match choice {
                 Choice::Back => return Ok(None),
-                Choice::CommandLine => match self.prompt(true)? {
+                Choice::CommandLine => match self.prompt(true, depth)? {
                     Some(o) => return Ok(Some(o)),
                     None => {
                         use_timeout = false;
@@ -272,7 +272,7 @@ impl Interp<'_> {
                 Err(Ctl::Fatal(e)) => return Err(e),
                 Err(Ctl::Boot) => return Ok(Some(booted(&item))),
                 _ if self.loaded.is_some() => return Ok(Some(booted(&item))),
-                _ if self.menu_replaced => return self.menu_loop(depth, &[]),
+                _ if self.menu_replaced => return self.menu_loop(depth + 1, &[]),
                 _ => {
                     self.put("\nPress any key to continue...")?;
                     self.key(None)?;
@@ -283,7 +283,11 @@ impl Interp<'_> {
     }
 
     /// The `grub>` prompt. With `from_menu`, Esc returns `Ok(None)` to it.
-    pub(crate) fn prompt(&mut self, from_menu: bool) -> Result<Option<Outcome>, GrubError> {
+    pub(crate) fn prompt(
+        &mut self,
+        from_menu: bool,
+        depth: usize,
+    ) -> Result<Option<Outcome>, GrubError> {
         self.put(
             "\n                 Minimal BASH-like line editing is supported.\n     \
              Type `help' for a list of commands.",
@@ -333,7 +337,7 @@ impl Interp<'_> {
             if self.menu_replaced && !self.menu.is_empty()
                 || (!from_menu && before == 0 && !self.menu.is_empty())
             {
-                if let Some(o) = self.menu_loop(0, &[])? {
+                if let Some(o) = self.menu_loop(depth + 1, &[])? {
                     return Ok(Some(o));
                 }
             }
