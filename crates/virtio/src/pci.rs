@@ -1,7 +1,10 @@
 //! virtio over PCI as bhyve presents it (`virtio.c`): the legacy 0.9.5
 //! interface in I/O BAR 0, the MSI-X table in memory BAR 1 (or one plain
 //! MSI message with `-W`, `virtio_msix=false`), and INTx through the LPC's
-//! PIRQ links for drivers that use neither.
+//! PIRQ links for drivers that use neither. A device node with
+//! `transport=modern` presents the virtio 1.x interface instead (device ID
+//! 0x1040 + type, revision 1, vendor capabilities into memory BAR 2): never
+//! both at once, since firmware mishandles transitional devices.
 //!
 //! The data path never runs on a vCPU thread: each queue's notify register
 //! is an eventfd (a KVM ioeventfd once the VMM's [`GuestNotifiers`] has
@@ -69,17 +72,72 @@ pub const VRING_ALIGN: u64 = 4096;
 /// QUEUE_PFN is in 4 KiB units.
 pub const PFN_SHIFT: u32 = 12;
 
-/// One queue's legacy registers.
+/// Which virtio-pci interface a function presents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Transport {
+    /// bhyve's: virtio 0.9.5 registers in I/O BAR 0, device IDs 0x1000+.
+    Legacy,
+    /// virtio 1.x: capabilities pointing into memory BAR 2, device IDs
+    /// 0x1040 + type, revision 1 (`transport=modern` on the device).
+    Modern,
+}
+
+/// Modern layout inside BAR 2.
+pub mod modern {
+    pub const BAR: usize = 2;
+    pub const BAR_SIZE: u64 = 0x4000;
+    pub const COMMON: u64 = 0x0000;
+    pub const COMMON_LEN: u32 = 0x38;
+    pub const ISR: u64 = 0x1000;
+    pub const DEVICE: u64 = 0x2000;
+    pub const DEVICE_LEN: u32 = 0x1000;
+    pub const NOTIFY: u64 = 0x3000;
+    /// Queue q is notified at NOTIFY + q * NOTIFY_MULTIPLIER.
+    pub const NOTIFY_MULTIPLIER: u32 = 4;
+    /// Capability cfg_type values.
+    pub const CAP_COMMON: u8 = 1;
+    pub const CAP_NOTIFY: u8 = 2;
+    pub const CAP_ISR: u8 = 3;
+    pub const CAP_DEVICE: u8 = 4;
+    /// Common configuration register offsets.
+    pub const DEVICE_FEATURE_SELECT: u64 = 0x00;
+    pub const DEVICE_FEATURE: u64 = 0x04;
+    pub const DRIVER_FEATURE_SELECT: u64 = 0x08;
+    pub const DRIVER_FEATURE: u64 = 0x0C;
+    pub const MSIX_CONFIG: u64 = 0x10;
+    pub const NUM_QUEUES: u64 = 0x12;
+    pub const DEVICE_STATUS: u64 = 0x14;
+    pub const CONFIG_GENERATION: u64 = 0x15;
+    pub const QUEUE_SELECT: u64 = 0x16;
+    pub const QUEUE_SIZE: u64 = 0x18;
+    pub const QUEUE_MSIX_VECTOR: u64 = 0x1A;
+    pub const QUEUE_ENABLE: u64 = 0x1C;
+    pub const QUEUE_NOTIFY_OFF: u64 = 0x1E;
+    pub const QUEUE_DESC: u64 = 0x20;
+    pub const QUEUE_DRIVER: u64 = 0x28;
+    pub const QUEUE_DEVICE: u64 = 0x30;
+}
+
+/// One queue's registers (legacy uses `pfn`, modern the rest).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueRegs {
     pub pfn: u32,
     pub vector: u16,
+    pub size: u16,
+    pub enabled: bool,
+    pub desc: u64,
+    pub driver: u64,
+    pub device: u64,
 }
 
 /// The transport's guest-visible state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VirtioPciState {
-    pub guest_features: u32,
+    pub transport: Transport,
+    /// Legacy: the low 32 bits; modern: all 64.
+    pub guest_features: u64,
+    pub device_feature_select: u32,
+    pub driver_feature_select: u32,
     pub queue_select: u16,
     pub status: u8,
     pub isr: u8,
@@ -133,19 +191,60 @@ impl VirtioPci {
         device: Box<dyn VirtioDevice>,
         mem: GuestMemory,
         msix: bool,
+        transport: Transport,
         notifiers: Option<Arc<dyn GuestNotifiers>>,
     ) -> Result<Arc<Mutex<Self>>, PciError> {
         let device_type = device.device_type();
-        let pci_id = legacy_pci_device_id(device_type).unwrap_or(0x1000);
+        let pci_id = match transport {
+            Transport::Legacy => legacy_pci_device_id(device_type).unwrap_or(0x1000),
+            Transport::Modern => 0x1040 + device_type as u16,
+        };
         let (class, subclass) = class_of(device_type);
         let mut config = PciConfigSpace::new(VIRTIO_VENDOR, pci_id, class, subclass, 0);
         config.set_subsystem(VIRTIO_VENDOR, device_type as u16);
         let queue_sizes = device.queue_max_sizes();
         let config_size = device.config_size();
-        let bar0 = (regs::CONFIG_MSIX + config_size as u64)
-            .next_power_of_two()
-            .max(32);
-        config.add_bar(0, BarKind::Io, bar0)?;
+        match transport {
+            Transport::Legacy => {
+                let bar0 = (regs::CONFIG_MSIX + config_size as u64)
+                    .next_power_of_two()
+                    .max(32);
+                config.add_bar(0, BarKind::Io, bar0)?;
+            }
+            Transport::Modern => {
+                config.set_revision(1);
+                config.add_bar(modern::BAR, BarKind::Mem32, modern::BAR_SIZE)?;
+                let cap = |cfg_type: u8, offset: u64, len: u32, extra: &[u8]| {
+                    let mut body = vec![
+                        (16 + extra.len()) as u8,
+                        cfg_type,
+                        modern::BAR as u8,
+                        0,
+                        0,
+                        0,
+                    ];
+                    body.extend_from_slice(&(offset as u32).to_le_bytes());
+                    body.extend_from_slice(&len.to_le_bytes());
+                    body.extend_from_slice(extra);
+                    body
+                };
+                let n = queue_sizes.len() as u32;
+                let caps = [
+                    cap(modern::CAP_COMMON, modern::COMMON, modern::COMMON_LEN, &[]),
+                    cap(
+                        modern::CAP_NOTIFY,
+                        modern::NOTIFY,
+                        n.max(1) * modern::NOTIFY_MULTIPLIER,
+                        &modern::NOTIFY_MULTIPLIER.to_le_bytes(),
+                    ),
+                    cap(modern::CAP_ISR, modern::ISR, 1, &[]),
+                    cap(modern::CAP_DEVICE, modern::DEVICE, modern::DEVICE_LEN, &[]),
+                ];
+                for body in caps {
+                    config.add_capability(0x09, &body, &[])?;
+                }
+            }
+        }
         if msix {
             config.add_msix_capability(queue_sizes.len() as u16 + 1, 1)?;
         } else {
@@ -165,18 +264,22 @@ impl VirtioPci {
             .map(|&s| Queue::new(s).unwrap_or_else(|_| Queue::new(256).expect("valid size")))
             .collect();
         let state = VirtioPciState {
+            transport,
             guest_features: 0,
+            device_feature_select: 0,
+            driver_feature_select: 0,
             queue_select: 0,
             status: 0,
             isr: 0,
             config_vector: NO_VECTOR,
-            queues: vec![
-                QueueRegs {
-                    pfn: 0,
-                    vector: NO_VECTOR
-                };
-                queue_sizes.len()
-            ],
+            queues: queue_sizes
+                .iter()
+                .map(|&size| QueueRegs {
+                    vector: NO_VECTOR,
+                    size,
+                    ..QueueRegs::default()
+                })
+                .collect(),
         };
         let core = Arc::new(Mutex::new(Core {
             device,
@@ -212,7 +315,17 @@ impl VirtioPci {
     ) -> Result<Arc<Mutex<Self>>, ConfigureError> {
         let device = device_from_config(tree, node, vm_name, slot, function)?;
         let msix = tree.bool_or("virtio_msix", true)?;
-        Self::new(device, mem, msix, notifiers).map_err(|e| ConfigureError::Invalid {
+        let transport = match tree.get(&format!("{node}.transport"))?.as_deref() {
+            None | Some("legacy") => Transport::Legacy,
+            Some("modern") => Transport::Modern,
+            Some(other) => {
+                return Err(ConfigureError::Invalid {
+                    node: node.to_string(),
+                    why: format!("unknown virtio transport \"{other}\" (legacy or modern)"),
+                })
+            }
+        };
+        Self::new(device, mem, msix, transport, notifiers).map_err(|e| ConfigureError::Invalid {
             node: node.to_string(),
             why: e.to_string(),
         })
@@ -244,7 +357,7 @@ impl VirtioPci {
         let mut h = [0u8; 24];
         let features = self.core.lock().unwrap().device.features();
         h[0..4].copy_from_slice(&(features as u32).to_le_bytes());
-        h[4..8].copy_from_slice(&self.state.guest_features.to_le_bytes());
+        h[4..8].copy_from_slice(&(self.state.guest_features as u32).to_le_bytes());
         if let Some(q) = self.selected() {
             h[8..12].copy_from_slice(&self.state.queues[q].pfn.to_le_bytes());
             h[12..14].copy_from_slice(&self.queue_sizes[q].to_le_bytes());
@@ -308,9 +421,8 @@ impl VirtioPci {
             (regs::GUEST_FEATURES, 4) => {
                 let mut core = self.core.lock().unwrap();
                 let offered = core.device.features() as u32;
-                self.state.guest_features = value & offered;
-                core.device
-                    .ack_features(u64::from(self.state.guest_features));
+                self.state.guest_features = u64::from(value & offered);
+                core.device.ack_features(self.state.guest_features);
             }
             (regs::QUEUE_PFN, 4) => {
                 if let Some(q) = self.selected() {
@@ -341,6 +453,165 @@ impl VirtioPci {
         }
     }
 
+    fn common_bytes(&self) -> [u8; modern::COMMON_LEN as usize] {
+        let mut c = [0u8; modern::COMMON_LEN as usize];
+        let features = self.core.lock().unwrap().device.features();
+        let st = &self.state;
+        let put = |c: &mut [u8], at: u64, bytes: &[u8]| {
+            c[at as usize..at as usize + bytes.len()].copy_from_slice(bytes)
+        };
+        put(
+            &mut c,
+            modern::DEVICE_FEATURE_SELECT,
+            &st.device_feature_select.to_le_bytes(),
+        );
+        let word = match st.device_feature_select {
+            0 => features as u32,
+            1 => (features >> 32) as u32,
+            _ => 0,
+        };
+        put(&mut c, modern::DEVICE_FEATURE, &word.to_le_bytes());
+        put(
+            &mut c,
+            modern::DRIVER_FEATURE_SELECT,
+            &st.driver_feature_select.to_le_bytes(),
+        );
+        let word = match st.driver_feature_select {
+            0 => st.guest_features as u32,
+            1 => (st.guest_features >> 32) as u32,
+            _ => 0,
+        };
+        put(&mut c, modern::DRIVER_FEATURE, &word.to_le_bytes());
+        put(&mut c, modern::MSIX_CONFIG, &st.config_vector.to_le_bytes());
+        put(
+            &mut c,
+            modern::NUM_QUEUES,
+            &(self.queue_sizes.len() as u16).to_le_bytes(),
+        );
+        c[modern::DEVICE_STATUS as usize] = st.status;
+        put(&mut c, modern::QUEUE_SELECT, &st.queue_select.to_le_bytes());
+        if let Some(q) = self.selected() {
+            let r = &st.queues[q];
+            put(&mut c, modern::QUEUE_SIZE, &r.size.to_le_bytes());
+            put(&mut c, modern::QUEUE_MSIX_VECTOR, &r.vector.to_le_bytes());
+            put(
+                &mut c,
+                modern::QUEUE_ENABLE,
+                &u16::from(r.enabled).to_le_bytes(),
+            );
+            put(&mut c, modern::QUEUE_NOTIFY_OFF, &(q as u16).to_le_bytes());
+            put(&mut c, modern::QUEUE_DESC, &r.desc.to_le_bytes());
+            put(&mut c, modern::QUEUE_DRIVER, &r.driver.to_le_bytes());
+            put(&mut c, modern::QUEUE_DEVICE, &r.device.to_le_bytes());
+        }
+        c
+    }
+
+    fn read_modern(&mut self, offset: u64, data: &mut [u8]) {
+        if offset < modern::COMMON + u64::from(modern::COMMON_LEN) {
+            let c = self.common_bytes();
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = c.get(offset as usize + i).copied().unwrap_or(0);
+            }
+        } else if offset == modern::ISR {
+            data.fill(0);
+            data[0] = self.state.isr;
+            self.state.isr = 0;
+            self.config.intx_deassert();
+        } else if (modern::DEVICE..modern::DEVICE + u64::from(modern::DEVICE_LEN)).contains(&offset)
+        {
+            self.core
+                .lock()
+                .unwrap()
+                .device
+                .read_config(offset - modern::DEVICE, data);
+        } else {
+            data.fill(0);
+        }
+    }
+
+    fn write_modern(&mut self, offset: u64, data: &[u8]) {
+        if (modern::DEVICE..modern::DEVICE + u64::from(modern::DEVICE_LEN)).contains(&offset) {
+            self.core
+                .lock()
+                .unwrap()
+                .device
+                .write_config(offset - modern::DEVICE, data);
+            return;
+        }
+        if offset >= modern::NOTIFY {
+            let q = (offset - modern::NOTIFY) / u64::from(modern::NOTIFY_MULTIPLIER);
+            if let Some(kick) = self.kicks.get(q as usize) {
+                let _ = kick.write(1);
+            }
+            return;
+        }
+        let mut word = [0u8; 8];
+        let n = data.len().min(8);
+        word[..n].copy_from_slice(&data[..n]);
+        let v = u64::from_le_bytes(word);
+        let q = self.selected();
+        // Queue registers may not change once the queue is enabled.
+        let live = q.is_some_and(|q| self.state.queues[q].enabled);
+        match (offset, data.len()) {
+            (modern::DEVICE_FEATURE_SELECT, 4) => self.state.device_feature_select = v as u32,
+            (modern::DRIVER_FEATURE_SELECT, 4) => self.state.driver_feature_select = v as u32,
+            (modern::DRIVER_FEATURE, 4) if self.state.status & STATUS_FEATURES_OK == 0 => {
+                let shift = match self.state.driver_feature_select {
+                    0 => 0,
+                    1 => 32,
+                    _ => return,
+                };
+                let f = &mut self.state.guest_features;
+                *f = (*f & !(0xFFFF_FFFFu64 << shift)) | ((v & 0xFFFF_FFFF) << shift);
+            }
+            (modern::MSIX_CONFIG, 2) => self.state.config_vector = self.valid_vector(v as u16),
+            (modern::DEVICE_STATUS, 1) => self.set_status(v as u8),
+            (modern::QUEUE_SELECT, 2) => self.state.queue_select = v as u16,
+            (modern::QUEUE_SIZE, 2) if !live => {
+                if let Some(q) = q {
+                    // A power of two no larger than the maximum, else ignored.
+                    let max = self.queue_sizes[q];
+                    if (v as u16).is_power_of_two() && v as u16 <= max {
+                        self.state.queues[q].size = v as u16;
+                    }
+                }
+            }
+            (modern::QUEUE_MSIX_VECTOR, 2) => {
+                let vector = self.valid_vector(v as u16);
+                if let Some(q) = q {
+                    self.state.queues[q].vector = vector;
+                }
+            }
+            (modern::QUEUE_ENABLE, 2) if v == 1 => {
+                if let Some(q) = q {
+                    self.state.queues[q].enabled = true;
+                }
+            }
+            (modern::QUEUE_DESC..=0x37, 4 | 8) if !live => {
+                let Some(q) = q else { return };
+                let base = offset & !7;
+                let high = offset & 4 != 0;
+                let r = &mut self.state.queues[q];
+                let field = match base {
+                    modern::QUEUE_DESC => &mut r.desc,
+                    modern::QUEUE_DRIVER => &mut r.driver,
+                    _ => &mut r.device,
+                };
+                *field = match (data.len(), high) {
+                    (8, _) => v,
+                    (_, false) => (*field & !0xFFFF_FFFF) | (v & 0xFFFF_FFFF),
+                    (_, true) => (*field & 0xFFFF_FFFF) | ((v & 0xFFFF_FFFF) << 32),
+                };
+            }
+            _ => tracing::debug!(
+                offset,
+                len = data.len(),
+                "virtio-pci: ignored write to the modern common configuration"
+            ),
+        }
+    }
+
     /// A vector the table has, else NO_VECTOR (which the driver reads back
     /// and so learns the assignment failed).
     fn valid_vector(&self, v: u16) -> u16 {
@@ -356,6 +627,23 @@ impl VirtioPci {
             return;
         }
         let was_ok = self.state.status & STATUS_DRIVER_OK != 0;
+        let mut status = status;
+        if self.state.transport == Transport::Modern
+            && status & STATUS_FEATURES_OK != 0
+            && self.state.status & STATUS_FEATURES_OK == 0
+        {
+            // Accept only offered features, VERSION_1 included; otherwise
+            // FEATURES_OK does not stick and the driver gives up.
+            let mut core = self.core.lock().unwrap();
+            let offered = core.device.features();
+            let f = self.state.guest_features;
+            if f & !offered != 0 || f & crate::F_VERSION_1 == 0 {
+                tracing::warn!("virtio-pci: driver features {f:#x} refused");
+                status &= !STATUS_FEATURES_OK;
+            } else {
+                core.device.ack_features(f);
+            }
+        }
         self.state.status = status;
         if !was_ok && status & STATUS_DRIVER_OK != 0 && status & STATUS_FAILED == 0 {
             if let Err(e) = self.activate() {
@@ -383,10 +671,13 @@ impl VirtioPci {
         self.state.status = 0;
         self.state.isr = 0;
         self.state.config_vector = NO_VECTOR;
-        for q in &mut self.state.queues {
+        self.state.device_feature_select = 0;
+        self.state.driver_feature_select = 0;
+        for (q, &size) in self.state.queues.iter_mut().zip(&self.queue_sizes) {
             *q = QueueRegs {
-                pfn: 0,
                 vector: NO_VECTOR,
+                size,
+                ..QueueRegs::default()
             };
         }
         self.config.intx_deassert();
@@ -397,16 +688,28 @@ impl VirtioPci {
         let generation = {
             let mut guard = self.core.lock().unwrap();
             let core = &mut *guard;
-            let event_idx = u64::from(self.state.guest_features) & F_RING_EVENT_IDX != 0;
+            let event_idx = self.state.guest_features & F_RING_EVENT_IDX != 0;
             for (i, queue) in core.queues.iter_mut().enumerate() {
-                let pfn = self.state.queues[i].pfn;
-                if pfn == 0 {
-                    continue;
-                }
-                let size = self.queue_sizes[i];
-                let desc = u64::from(pfn) << PFN_SHIFT;
-                let avail = desc + 16 * u64::from(size);
-                let used = (avail + 6 + 2 * u64::from(size)).div_ceil(VRING_ALIGN) * VRING_ALIGN;
+                let regs = &self.state.queues[i];
+                let (size, desc, avail, used) = match self.state.transport {
+                    Transport::Legacy => {
+                        if regs.pfn == 0 {
+                            continue;
+                        }
+                        let size = self.queue_sizes[i];
+                        let desc = u64::from(regs.pfn) << PFN_SHIFT;
+                        let avail = desc + 16 * u64::from(size);
+                        let used =
+                            (avail + 6 + 2 * u64::from(size)).div_ceil(VRING_ALIGN) * VRING_ALIGN;
+                        (size, desc, avail, used)
+                    }
+                    Transport::Modern => {
+                        if !regs.enabled {
+                            continue;
+                        }
+                        (regs.size, regs.desc, regs.driver, regs.device)
+                    }
+                };
                 let bad = |e: virtio_queue::Error| io::Error::other(format!("queue {i}: {e}"));
                 queue.try_set_size(size).map_err(bad)?;
                 queue
@@ -422,7 +725,7 @@ impl VirtioPci {
                 queue.set_ready(true);
                 if !queue.is_valid(&core.mem) {
                     return Err(io::Error::other(format!(
-                        "queue {i} at page {pfn:#x} is outside guest memory"
+                        "queue {i} at {desc:#x} is outside guest memory"
                     )));
                 }
             }
@@ -479,25 +782,31 @@ impl VirtioPci {
             self.io_base = base;
             return;
         };
-        let port = |b: u64| {
-            u16::try_from(b + regs::QUEUE_NOTIFY)
+        let transport = self.state.transport;
+        let addr = move |b: u64, q: usize| match transport {
+            Transport::Legacy => u16::try_from(b + regs::QUEUE_NOTIFY)
                 .ok()
-                .map(IoAddress::Port)
+                .map(IoAddress::Port),
+            Transport::Modern => Some(IoAddress::Mmio(
+                b + modern::NOTIFY + q as u64 * u64::from(modern::NOTIFY_MULTIPLIER),
+            )),
         };
-        if let Some(addr) = self.io_base.take().and_then(port) {
+        if let Some(old) = self.io_base.take() {
             for (q, kick) in self.kicks.iter().enumerate() {
+                let Some(a) = addr(old, q) else { continue };
                 // SAFETY: the eventfd outlives this call.
                 let fd = unsafe { BorrowedFd::borrow_raw(kick.as_raw_fd()) };
-                if let Err(e) = notifiers.remove_ioevent(fd, addr, 2, q as u64) {
+                if let Err(e) = notifiers.remove_ioevent(fd, a, 2, q as u64) {
                     tracing::warn!("virtio-pci: cannot unbind queue {q} notifications: {e}");
                 }
             }
         }
-        if let Some(addr) = base.and_then(port) {
+        if let Some(new) = base {
             for (q, kick) in self.kicks.iter().enumerate() {
+                let Some(a) = addr(new, q) else { continue };
                 // SAFETY: the eventfd outlives this call.
                 let fd = unsafe { BorrowedFd::borrow_raw(kick.as_raw_fd()) };
-                if let Err(e) = notifiers.add_ioevent(fd, addr, 2, q as u64) {
+                if let Err(e) = notifiers.add_ioevent(fd, a, 2, q as u64) {
                     tracing::warn!("virtio-pci: cannot bind queue {q} notifications: {e}");
                 }
             }
@@ -515,7 +824,10 @@ impl PciFunction for VirtioPci {
     }
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
         match bar {
-            0 => self.read_registers(offset, data),
+            0 if self.state.transport == Transport::Legacy => self.read_registers(offset, data),
+            modern::BAR if self.state.transport == Transport::Modern => {
+                self.read_modern(offset, data)
+            }
             _ => {
                 if !self.config.msix_read(bar, offset, data) {
                     data.fill(0xFF);
@@ -525,14 +837,21 @@ impl PciFunction for VirtioPci {
     }
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
         match bar {
-            0 => self.write_registers(offset, data),
+            0 if self.state.transport == Transport::Legacy => self.write_registers(offset, data),
+            modern::BAR if self.state.transport == Transport::Modern => {
+                self.write_modern(offset, data)
+            }
             _ => {
                 self.config.msix_write(bar, offset, data);
             }
         }
     }
     fn bar_moved(&mut self, bar: usize, base: Option<u64>) {
-        if bar == 0 {
+        let notify_bar = match self.state.transport {
+            Transport::Legacy => 0,
+            Transport::Modern => modern::BAR,
+        };
+        if bar == notify_bar {
             self.update_ioevents(base);
         }
     }

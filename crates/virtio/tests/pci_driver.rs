@@ -15,7 +15,9 @@ use rhyve_virtio::block::{
     F_DISCARD, F_FLUSH, F_RO, S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT,
     T_WRITE_ZEROES,
 };
-use rhyve_virtio::pci::{regs, VirtioPci, NO_VECTOR, STATUS_NEEDS_RESET};
+use rhyve_virtio::pci::{
+    modern, regs, Transport, VirtioPci, NO_VECTOR, STATUS_FEATURES_OK, STATUS_NEEDS_RESET,
+};
 use rhyve_virtio::{device_from_config, GuestMemory, F_RING_EVENT_IDX};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -50,6 +52,7 @@ struct Driver {
     avail_idx: u16,
     used_seen: u16,
     event_idx: bool,
+    modern: bool,
 }
 
 impl Driver {
@@ -76,7 +79,7 @@ impl Driver {
         want: impl Fn(u64) -> u64,
     ) -> Self {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-        let f = VirtioPci::new(device, mem.clone(), msix, None).unwrap();
+        let f = VirtioPci::new(device, mem.clone(), msix, Transport::Legacy, None).unwrap();
         let msis = Arc::new(Msis::default());
         if msix {
             let mut g = f.lock().unwrap();
@@ -105,6 +108,7 @@ impl Driver {
             avail_idx: 0,
             used_seen: 0,
             event_idx: false,
+            modern: false,
         };
         d.write(regs::STATUS, 0, 1);
         assert_eq!(d.read(regs::STATUS, 1), 0);
@@ -157,7 +161,14 @@ impl Driver {
         self.mem
             .write_obj(self.avail_idx, GuestAddress(self.avail + 2))
             .unwrap();
-        self.write(regs::QUEUE_NOTIFY, 0, 2);
+        if self.modern {
+            self.f
+                .lock()
+                .unwrap()
+                .bar_write(modern::BAR, modern::NOTIFY, &0u16.to_le_bytes());
+        } else {
+            self.write(regs::QUEUE_NOTIFY, 0, 2);
+        }
     }
 
     /// Wait for the next used entry: (head, len).
@@ -250,7 +261,14 @@ fn pci_identity_and_bars() {
     let img = dir.join("d.img");
     std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
     let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-    let f = VirtioPci::new(blk_device(&img, &[]), mem.clone(), true, None).unwrap();
+    let f = VirtioPci::new(
+        blk_device(&img, &[]),
+        mem.clone(),
+        true,
+        Transport::Legacy,
+        None,
+    )
+    .unwrap();
     let mut g = f.lock().unwrap();
     assert_eq!(g.config_read(0), 0x1001_1AF4, "vendor 1AF4, device 1001");
     assert_eq!(g.config_read(0x2C), 0x0002_1AF4, "subsystem: virtio type 2");
@@ -258,7 +276,7 @@ fn pci_identity_and_bars() {
     assert!(g.config().find_capability(0x11).is_some(), "MSI-X");
     drop(g);
     // -W: plain MSI instead of MSI-X.
-    let f = VirtioPci::new(blk_device(&img, &[]), mem, false, None).unwrap();
+    let f = VirtioPci::new(blk_device(&img, &[]), mem, false, Transport::Legacy, None).unwrap();
     let g = f.lock().unwrap();
     assert!(g.config().find_capability(0x11).is_none());
     assert!(g.config().find_capability(0x05).is_some(), "MSI");
@@ -526,5 +544,137 @@ fn without_msix_the_isr_reports_and_clears() {
     }
     assert_eq!(isr, 1, "queue interrupt in the ISR");
     assert_eq!(d.read(regs::ISR, 1), 0, "reading the ISR clears it");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn mread(f: &Arc<Mutex<VirtioPci>>, off: u64, len: usize) -> u64 {
+    let mut b = [0u8; 8];
+    f.lock().unwrap().bar_read(modern::BAR, off, &mut b[..len]);
+    u64::from_le_bytes(b)
+}
+
+fn mwrite(f: &Arc<Mutex<VirtioPci>>, off: u64, v: u64, len: usize) {
+    f.lock()
+        .unwrap()
+        .bar_write(modern::BAR, off, &v.to_le_bytes()[..len]);
+}
+
+#[test]
+fn modern_transport_negotiates_and_serves() {
+    let dir = scratch("modern");
+    let img = dir.join("d.img");
+    std::fs::write(&img, vec![0x33u8; 1 << 20]).unwrap();
+    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let f = VirtioPci::new(
+        blk_device(&img, &[]),
+        mem.clone(),
+        true,
+        Transport::Modern,
+        None,
+    )
+    .unwrap();
+    let msis = Arc::new(Msis::default());
+    {
+        let mut g = f.lock().unwrap();
+        assert_eq!(g.config_read(0), 0x1042_1AF4, "modern ID 0x1040 + 2");
+        assert_eq!(g.config_read(8) & 0xFF, 1, "revision 1");
+        // Four vendor capabilities: common, notify, ISR, device config.
+        let mut types = Vec::new();
+        let mut at = g.config_read(0x34) as u16 & 0xFF;
+        while at != 0 {
+            let head = g.config_read(at & !3) >> ((at & 3) * 8);
+            if head & 0xFF == 0x09 {
+                let t = g.config_read((at + 3) & !3) >> (((at + 3) & 3) * 8);
+                types.push(t as u8);
+            }
+            at = ((head >> 8) & 0xFF) as u16;
+        }
+        types.sort();
+        assert_eq!(types, vec![1, 2, 3, 4]);
+        g.config_mut().connect_msi(msis.clone());
+        let cap = g.config().find_capability(0x11).unwrap();
+        g.config_write(cap + 2, &0x8000u16.to_le_bytes());
+        for v in 0..2u64 {
+            g.bar_write(1, v * 16, &0xFEE0_0000u32.to_le_bytes());
+            g.bar_write(1, v * 16 + 8, &(0x40 + v as u32).to_le_bytes());
+            g.bar_write(1, v * 16 + 12, &0u32.to_le_bytes());
+        }
+    }
+    mwrite(&f, modern::DEVICE_STATUS, 0, 1);
+    mwrite(&f, modern::DEVICE_STATUS, 3, 1);
+    mwrite(&f, modern::DEVICE_FEATURE_SELECT, 1, 4);
+    let high = mread(&f, modern::DEVICE_FEATURE, 4);
+    assert!(high & 1 != 0, "VERSION_1 offered");
+    mwrite(&f, modern::DEVICE_FEATURE_SELECT, 0, 4);
+    let low = mread(&f, modern::DEVICE_FEATURE, 4);
+    // Without VERSION_1, FEATURES_OK does not stick.
+    mwrite(&f, modern::DRIVER_FEATURE_SELECT, 0, 4);
+    mwrite(&f, modern::DRIVER_FEATURE, low, 4);
+    mwrite(
+        &f,
+        modern::DEVICE_STATUS,
+        3 | u64::from(STATUS_FEATURES_OK),
+        1,
+    );
+    assert_eq!(
+        mread(&f, modern::DEVICE_STATUS, 1) as u8 & STATUS_FEATURES_OK,
+        0
+    );
+    mwrite(&f, modern::DRIVER_FEATURE_SELECT, 1, 4);
+    mwrite(&f, modern::DRIVER_FEATURE, 1, 4);
+    mwrite(
+        &f,
+        modern::DEVICE_STATUS,
+        3 | u64::from(STATUS_FEATURES_OK),
+        1,
+    );
+    assert_ne!(
+        mread(&f, modern::DEVICE_STATUS, 1) as u8 & STATUS_FEATURES_OK,
+        0
+    );
+    // Queue 0: shrink to 64, split rings where we like them.
+    mwrite(&f, modern::QUEUE_SELECT, 0, 2);
+    assert_eq!(mread(&f, modern::QUEUE_SIZE, 2), 128);
+    mwrite(&f, modern::QUEUE_SIZE, 64, 2);
+    mwrite(&f, modern::QUEUE_DESC, RING_PAGE, 8);
+    mwrite(&f, modern::QUEUE_DRIVER, RING_PAGE + 0x1000, 4);
+    mwrite(&f, modern::QUEUE_DRIVER + 4, 0, 4);
+    mwrite(&f, modern::QUEUE_DEVICE, RING_PAGE + 0x2000, 8);
+    mwrite(&f, modern::MSIX_CONFIG, 0, 2);
+    mwrite(&f, modern::QUEUE_MSIX_VECTOR, 1, 2);
+    mwrite(&f, modern::QUEUE_ENABLE, 1, 2);
+    mwrite(
+        &f,
+        modern::DEVICE_STATUS,
+        7 | u64::from(STATUS_FEATURES_OK),
+        1,
+    );
+    let mut d = Driver {
+        f: f.clone(),
+        mem,
+        msis,
+        size: 64,
+        desc: RING_PAGE,
+        avail: RING_PAGE + 0x1000,
+        used: RING_PAGE + 0x2000,
+        next_desc: 0,
+        avail_idx: 0,
+        used_seen: 0,
+        event_idx: low & F_RING_EVENT_IDX != 0,
+        modern: true,
+    };
+    // Device config (capacity) in BAR 2 at DEVICE.
+    assert_eq!(mread(&f, modern::DEVICE, 8), (1 << 20) / 512);
+    d.mem
+        .write_slice(&[0x77u8; 1024], GuestAddress(DATA))
+        .unwrap();
+    assert_eq!(d.blk(T_OUT, 2, Some((DATA, 1024, false))), (S_OK, 1));
+    assert_eq!(d.blk(T_IN, 0, Some((DATA, 2048, true))), (S_OK, 2049));
+    let mut back = vec![0u8; 2048];
+    d.mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+    assert!(back[..1024].iter().all(|&b| b == 0x33));
+    assert!(back[1024..].iter().all(|&b| b == 0x77));
+    d.wait_msis(1);
+    assert_eq!(d.msis.sent.lock().unwrap()[0].1, 0x41);
     std::fs::remove_dir_all(&dir).unwrap();
 }
