@@ -2,15 +2,13 @@
 //! the reader for a region.
 //!
 //! ext2/3/4 go through `ext4-view` (written for untrusted images: checksums,
-//! bounded symlink following). FAT12/16/32 go through `fatfs`, but every
-//! directory walk is ours and counted, because fatfs follows cluster chains
-//! without a cycle check and a hostile image could make a lookup spin.
-//! ISO 9660 is our own reader (`iso9660.rs`, see why there). The host
-//! filesystem (`(host)`, grub-emu's hostfs) is std::fs.
+//! bounded symlink following). FAT12/16/32 (`fat.rs`) and ISO 9660
+//! (`iso9660.rs`) are our own readers; each says why. The host filesystem
+//! (`(host)`, grub-emu's hostfs) is std::fs.
 
 use crate::disk::Region;
 use crate::error::GrubError;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Read;
 
 /// Largest file we read into memory (kernels and initrds fit well below).
 pub const MAX_FILE_SIZE: u64 = 1 << 30;
@@ -73,14 +71,10 @@ pub fn probe(region: &Region) -> Result<Box<dyn Filesystem>, GrubError> {
     if region.read_at(1024 + 56, &mut magic).is_ok() && magic == [0x53, 0xEF] {
         return ExtFs::open(region.clone()).map(|f| Box::new(f) as Box<dyn Filesystem>);
     }
-    let mut boot = [0u8; 512];
-    if region.read_at(0, &mut boot).is_ok() && boot[510] == 0x55 && boot[511] == 0xAA {
-        let bps = u16::from_le_bytes([boot[11], boot[12]]);
-        if matches!(bps, 512 | 1024 | 2048 | 4096) && boot[13].is_power_of_two() && boot[16] > 0 {
-            return FatFs::open(region.clone()).map(|f| Box::new(f) as Box<dyn Filesystem>);
-        }
+    match crate::fat::FatFs::open(region.clone()) {
+        Ok(f) => Ok(Box::new(f)),
+        Err(_) => Err(GrubError::UnknownFilesystem),
     }
-    Err(GrubError::UnknownFilesystem)
 }
 
 fn too_large(path: &str, len: u64) -> GrubError {
@@ -183,171 +177,6 @@ impl Filesystem for ExtFs {
             .ok()
             .and_then(|p| self.fs.metadata(p.as_str()).ok())
             .is_some_and(|m| m.is_dir())
-    }
-}
-
-// ---------------------------------------------------------------- FAT
-
-/// A Region as the Read+Write+Seek stream fatfs wants; writes are refused.
-struct RegionIo {
-    region: Region,
-    pos: u64,
-}
-
-impl Read for RegionIo {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let left = self.region.len().saturating_sub(self.pos);
-        let n = (buf.len() as u64).min(left) as usize;
-        if n == 0 {
-            return Ok(0);
-        }
-        self.region
-            .read_at(self.pos, &mut buf[..n])
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        self.pos += n as u64;
-        Ok(n)
-    }
-}
-
-impl Write for RegionIo {
-    fn write(&mut self, _buf: &[u8]) -> std::io::Result<usize> {
-        Err(std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            "read-only",
-        ))
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Seek for RegionIo {
-    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
-        let new = match pos {
-            SeekFrom::Start(p) => Some(p),
-            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
-            SeekFrom::End(d) => self.region.len().checked_add_signed(d),
-        };
-        self.pos = new.ok_or_else(|| std::io::Error::other("seek out of range"))?;
-        Ok(self.pos)
-    }
-}
-
-/// FAT12/16/32 through fatfs.
-pub struct FatFs {
-    fs: fatfs::FileSystem<RegionIo>,
-}
-
-type FatDir<'a> = fatfs::Dir<'a, RegionIo>;
-type FatEntry<'a> = fatfs::DirEntry<'a, RegionIo>;
-
-impl FatFs {
-    pub fn open(region: Region) -> Result<FatFs, GrubError> {
-        let io = RegionIo { region, pos: 0 };
-        let fs = fatfs::FileSystem::new(io, fatfs::FsOptions::new())
-            .map_err(|e| GrubError::BadFilesystem(format!("fat: {e}")))?;
-        Ok(FatFs { fs })
-    }
-
-    /// Entries of a directory, counted so a cluster-chain loop ends.
-    fn entries<'a>(&self, dir: &FatDir<'a>) -> Result<Vec<FatEntry<'a>>, GrubError> {
-        let mut out = Vec::new();
-        for ent in dir.iter() {
-            let ent = ent.map_err(|e| GrubError::BadFilesystem(format!("fat: {e}")))?;
-            out.push(ent);
-            if out.len() >= MAX_DIR_ENTRIES {
-                break;
-            }
-        }
-        Ok(out)
-    }
-
-    fn lookup(&self, path: &str) -> Result<Option<FatEntry<'_>>, GrubError> {
-        let comps = components(path)?;
-        let mut dir = self.fs.root_dir();
-        let mut found = None;
-        for (i, c) in comps.iter().enumerate() {
-            let ents = self.entries(&dir)?;
-            let ent = ents
-                .into_iter()
-                .find(|e| e.file_name().eq_ignore_ascii_case(c))
-                .ok_or_else(|| GrubError::NotFound(path.to_string()))?;
-            if i + 1 < comps.len() {
-                if !ent.is_dir() {
-                    return Err(GrubError::NotDirectory(path.to_string()));
-                }
-                dir = ent.to_dir();
-            }
-            found = Some(ent);
-        }
-        Ok(found)
-    }
-}
-
-impl Filesystem for FatFs {
-    fn kind(&self) -> &'static str {
-        "fat"
-    }
-
-    fn ls(&self, dir: &str) -> Result<Vec<DirEntry>, GrubError> {
-        let d = match self.lookup(dir)? {
-            None => self.fs.root_dir(),
-            Some(e) if e.is_dir() => e.to_dir(),
-            Some(_) => return Err(GrubError::NotDirectory(dir.to_string())),
-        };
-        Ok(self
-            .entries(&d)?
-            .into_iter()
-            .filter(|e| e.file_name() != "." && e.file_name() != "..")
-            .map(|e| DirEntry {
-                name: e.file_name(),
-                is_dir: e.is_dir(),
-                size: e.len(),
-            })
-            .collect())
-    }
-
-    fn read(&self, path: &str) -> Result<Vec<u8>, GrubError> {
-        let ent = self
-            .lookup(path)?
-            .ok_or_else(|| GrubError::IsDirectory(path.to_string()))?;
-        if ent.is_dir() {
-            return Err(GrubError::IsDirectory(path.to_string()));
-        }
-        if ent.len() > MAX_FILE_SIZE {
-            return Err(too_large(path, ent.len()));
-        }
-        let mut data = Vec::with_capacity(ent.len() as usize);
-        ent.to_file()
-            .take(ent.len())
-            .read_to_end(&mut data)
-            .map_err(|e| GrubError::BadFilesystem(format!("fat: {path}: {e}")))?;
-        if (data.len() as u64) < ent.len() {
-            return Err(GrubError::BadFilesystem(format!(
-                "fat: {path}: premature end of file"
-            )));
-        }
-        Ok(data)
-    }
-
-    fn label(&self) -> Option<String> {
-        let from_root = self.fs.read_volume_label_from_root_dir().ok().flatten();
-        let l = from_root.unwrap_or_else(|| self.fs.volume_label());
-        let l = l.trim_end().to_string();
-        (!l.is_empty() && l != "NO NAME").then_some(l)
-    }
-
-    fn uuid(&self) -> Option<String> {
-        let id = self.fs.volume_id();
-        Some(format!("{:04X}-{:04X}", id >> 16, id & 0xffff))
-    }
-
-    fn is_dir(&self, path: &str) -> bool {
-        match self.lookup(path) {
-            Ok(None) => true,
-            Ok(Some(e)) => e.is_dir(),
-            Err(_) => false,
-        }
     }
 }
 

@@ -17,6 +17,7 @@ mod console;
 mod devices;
 mod disk;
 mod error;
+mod fat;
 mod fs;
 mod interp;
 mod iso9660;
