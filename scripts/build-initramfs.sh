@@ -10,6 +10,7 @@ trap 'rm -rf "$tmp"' EXIT
 mkdir -p "$tmp"/{bin,sbin,proc,sys,dev,etc,tmp,root}
 cp /bin/busybox "$tmp/bin/busybox"
 for applet in $("$tmp/bin/busybox" --list); do
+  [ "$applet" = busybox ] && continue
   ln -sf busybox "$tmp/bin/$applet"
 done
 if [ -n "$init_script" ]; then
