@@ -242,6 +242,33 @@ fn flat_segment(selector: u16, code: bool, long_mode: bool) -> kvm_bindings::kvm
 }
 
 impl KvmVcpu {
+    /// KVM_EXIT_INTERNAL_ERROR's suberror.
+    fn internal_suberror(&mut self) -> u32 {
+        // SAFETY: only called after KVM_EXIT_INTERNAL_ERROR, when the
+        // union holds `internal`.
+        unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror }
+    }
+
+    /// The instruction bytes KVM reported with an emulation failure, if any.
+    fn kernel_instruction_bytes(&mut self) -> Vec<u8> {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: only called after KVM_EXIT_INTERNAL_ERROR, when the union
+        // holds `emulation_failure` (its flags say whether bytes follow).
+        unsafe {
+            let ef = run.__bindgen_anon_1.emulation_failure;
+            const FLAG_INSTRUCTION_BYTES: u64 = 1;
+            if ef.suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION
+                && ef.ndata >= 3
+                && ef.flags & FLAG_INSTRUCTION_BYTES != 0
+            {
+                let b = ef.__bindgen_anon_1.__bindgen_anon_1;
+                b.insn_bytes[..(b.insn_size as usize).min(15)].to_vec()
+            } else {
+                Vec::new()
+            }
+        }
+    }
+
     /// Linear address of CS:RIP, for reading the bytes of a failed instruction.
     fn code_address(&self) -> Option<(u64, u64)> {
         let regs: kvm_regs = self.fd.get_regs().ok()?;
@@ -415,24 +442,14 @@ impl crate::Vcpu for KvmVcpu {
         self.fd.nmi().map_err(kvm_err("injecting an NMI"))
     }
 
+    fn assist_emulation(&mut self) -> Result<Option<&'static str>> {
+        let bytes = self.kernel_instruction_bytes();
+        Ok(crate::assist::complete(&self.fd, &self.memory, &bytes)?.map(|k| k.name()))
+    }
+
     fn emulation_failure(&mut self) -> EmulationFailure {
-        let run = self.fd.get_kvm_run();
-        // SAFETY: the exit reason was KVM_EXIT_INTERNAL_ERROR, so the union
-        // holds `internal` / `emulation_failure`.
-        let (suberror, kernel_bytes) = unsafe {
-            let ef = run.__bindgen_anon_1.emulation_failure;
-            const FLAG_INSTRUCTION_BYTES: u64 = 1;
-            let bytes = if ef.suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION
-                && ef.ndata >= 3
-                && ef.flags & FLAG_INSTRUCTION_BYTES != 0
-            {
-                let b = ef.__bindgen_anon_1.__bindgen_anon_1;
-                b.insn_bytes[..(b.insn_size as usize).min(15)].to_vec()
-            } else {
-                Vec::new()
-            };
-            (ef.suberror, bytes)
-        };
+        let kernel_bytes = self.kernel_instruction_bytes();
+        let suberror = self.internal_suberror();
         let detail = match suberror {
             kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => {
                 "KVM's instruction emulator gave up".to_string()

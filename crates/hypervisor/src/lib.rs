@@ -4,6 +4,7 @@
 //! them on Linux KVM. A FreeBSD vmm.ko backend would implement the same two
 //! traits. Exits are reported in backend-neutral terms ([`VcpuExit`]).
 
+mod assist;
 pub mod cpuid;
 pub mod kvm;
 pub mod registry;
@@ -153,4 +154,8 @@ pub trait Vcpu: Send {
     fn registers(&mut self) -> Result<Vec<(&'static str, u64)>>;
     /// Queue a non-maskable interrupt (`bhyvectl --inject-nmi`).
     fn inject_nmi(&mut self) -> Result<()>;
+    /// After [`VcpuExit::EmulationFailure`]: complete the instruction in
+    /// user space if it is one rhyve knows; returns its kind's name, or
+    /// `None` when the run cannot go on.
+    fn assist_emulation(&mut self) -> Result<Option<&'static str>>;
 }

@@ -109,7 +109,7 @@ impl ControlServer {
                     .map(|c| c.snapshot())
                     .unwrap_or_default()
                     .into_iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .map(|(k, v)| (k, v.to_string()))
                     .collect();
                 lines.push((
                     "Resident memory".into(),

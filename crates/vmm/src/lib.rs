@@ -7,6 +7,7 @@
 
 pub mod bhyvectl;
 pub mod control;
+mod loader;
 mod machine;
 mod proctitle;
 mod signals;
@@ -21,6 +22,7 @@ use rhyve_config::ConfigTree;
 use rhyve_platform::exit::{ExitRequest, ExitRequests};
 use vmm_sys_util::signal::Killable;
 
+pub use loader::prepare_named_vm;
 pub use machine::{build, entry_regs, Machine};
 pub use spec::vm_spec;
 pub use vcpu::{VcpuRequest, VcpuShared};

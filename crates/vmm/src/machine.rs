@@ -229,8 +229,10 @@ pub fn build(tree: &ConfigTree) -> Result<Machine, VmmError> {
     if !platform.reset_on_bus {
         pci.set_reset_register(platform.reset.clone());
     }
-    write_tables(tree, vm.as_ref(), &spec, &pci, &platform)?;
+    // The guest first: the firmware tables then overwrite anything a
+    // loader's page-granular boot image carried into the BIOS area.
     let entry = load_guest(tree, vm.as_ref(), &spec, &named)?;
+    write_tables(tree, vm.as_ref(), &spec, &pci, &platform)?;
     let mut vcpus = Vec::with_capacity(spec.cpus as usize);
     for id in 0..spec.cpus {
         vcpus.push(vm.create_vcpu(id)?);

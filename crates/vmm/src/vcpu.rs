@@ -49,29 +49,30 @@ pub struct VcpuCounters {
     pub io: AtomicU64,
     pub mmio: AtomicU64,
     pub interrupted: AtomicU64,
+    /// Instructions completed in user space because KVM could not, by kind.
+    pub assists: Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
 impl VcpuCounters {
     /// (description, value) in bhyvectl's order.
-    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
-        vec![
-            (
-                "total number of vm exits",
-                self.exits.load(Ordering::Relaxed),
-            ),
-            (
-                "number of times in/out was intercepted",
-                self.io.load(Ordering::Relaxed),
-            ),
-            (
-                "number of MMIO accesses handled",
-                self.mmio.load(Ordering::Relaxed),
-            ),
-            (
-                "number of times the vcpu was kicked out",
-                self.interrupted.load(Ordering::Relaxed),
-            ),
-        ]
+    pub fn snapshot(&self) -> Vec<(String, u64)> {
+        let fixed = [
+            ("total number of vm exits", &self.exits),
+            ("number of times in/out was intercepted", &self.io),
+            ("number of MMIO accesses handled", &self.mmio),
+            ("number of times the vcpu was kicked out", &self.interrupted),
+        ];
+        let mut out: Vec<(String, u64)> = fixed
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.load(Ordering::Relaxed)))
+            .collect();
+        let assists = self.assists.lock().unwrap_or_else(|e| e.into_inner());
+        out.extend(
+            assists
+                .iter()
+                .map(|(kind, n)| (format!("emulation assists: {kind}"), *n)),
+        );
+        out
     }
 }
 
@@ -224,6 +225,19 @@ pub fn run_vcpu(mut vcpu: Box<dyn Vcpu>, shared: Arc<VcpuShared>) {
             VcpuExit::SystemReset => shared.exits.request(ExitRequest::Reset),
             VcpuExit::SystemPowerOff => shared.exits.request(ExitRequest::PowerOff),
             VcpuExit::EmulationFailure => {
+                match vcpu.assist_emulation() {
+                    Ok(Some(kind)) => {
+                        *counters
+                            .assists
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .entry(kind)
+                            .or_insert(0) += 1;
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!("vcpu {id}: emulation assist failed: {e}"),
+                }
                 let failure = vcpu.emulation_failure();
                 shared
                     .exits
