@@ -208,7 +208,7 @@ pub(crate) fn software_interrupt(
     match gate_type {
         GATE_INTERRUPT_32 | GATE_TRAP_32 if gate_is_system => {}
         // Task gates and 16-bit gates exist in legacy mode only.
-        0x5 | 0x6 | 0x7 if gate_is_system && !ia32e => return Err(Fault::Unsupported),
+        0x5..=0x7 if gate_is_system && !ia32e => return Err(Fault::Unsupported),
         _ => return Err(Fault::gp(idt_error)),
     }
     if gate_dpl < cpu.cpl {
@@ -222,7 +222,9 @@ pub(crate) fn software_interrupt(
     }
     let code = read_descriptor(cpu, mem, selector)?;
     let code_error = u32::from(selector & 0xfffc);
-    if !code.is_code() || code.dpl() > cpu.cpl || (ia32e && !(code.l() && !code.db())) {
+    // An IA-32e gate must lead to 64-bit code (L set, D clear).
+    let wrong_code_size = ia32e && (!code.l() || code.db());
+    if !code.is_code() || code.dpl() > cpu.cpl || wrong_code_size {
         return Err(Fault::gp(code_error));
     }
     if !code.present() {
@@ -299,7 +301,7 @@ pub(crate) fn software_interrupt(
 /// RFLAGS bits IRET loads at CPL 0: CF PF AF ZF SF TF IF DF OF IOPL NT RF
 /// AC VIF VIP ID. VM is left out: a return to virtual-8086 mode is refused
 /// and in IA-32e mode VM stays clear.
-const IRET_FLAGS: u64 = 0x003f_7fd5;
+const IRET_FLAGS: u64 = 0x003d_7fd5;
 
 /// `iret` at CPL 0 returning to CPL 0.
 pub(crate) fn iret(
