@@ -199,7 +199,7 @@ fn random_disks_and_partition_tables() {
 }
 
 #[test]
-fn corrupted_ext4_and_fat() {
+fn corrupted_ext4_fat_and_iso() {
     let dir = scratch("corrupt-fs");
     let tree = dir.join("tree");
     debian_root_tree(&tree, "hd0,msdos1", &[]);
@@ -215,6 +215,7 @@ fn corrupted_ext4_and_fat() {
     mkfat(&fat12, &small, 2, "F12", 12);
     let fat32 = dir.join("f32.fat");
     mkfat(&fat32, &small, 36, "F32", 32);
+    let iso = iso(&dir, "-R -J", "c");
     let victim = dir.join("victim.img");
     let mut rng = Rng(12345);
     for (img, span) in [
