@@ -128,9 +128,7 @@ const IGNORED: &[&str] = &[
     "play",
     "rmmod",
     "recordfail",
-    "gfxpayload",
-    "loopback",
-    "net_bootp",
+    "grub_platform",
 ];
 
 /// Quote one argument the way GRUB builds a Linux command line.
@@ -545,6 +543,18 @@ impl<'a> Interp<'a> {
                     return Ok(0);
                 }
             }
+        }
+        if name == "!" {
+            // `! cmd` inverts the status, as in GRUB's script.
+            let bangs = argv.iter().take_while(|a| *a == "!").count();
+            let rest = &argv[bangs..];
+            let st = if rest.is_empty() {
+                0
+            } else {
+                self.command(rest)?
+            };
+            let odd = bangs & 1 == 1;
+            return Ok(i32::from((st == 0) == odd));
         }
         if let Some(body) = self.functions.get(name).cloned() {
             return self.call_function(body, args);

@@ -114,6 +114,24 @@ impl Interp<'_> {
         if timeout == Some(0) {
             return Ok(Choice::Entry(selected));
         }
+        // timeout_style=hidden/countdown: wait without the menu; a key shows it.
+        let style = self.var("timeout_style");
+        if let (Some(secs), "hidden" | "countdown", false) = (timeout, style.as_str(), nested) {
+            for left in (1..=secs).rev() {
+                if style == "countdown" {
+                    self.put(&format!(
+                        "\r   Press any key for the menu; booting in {left}s. \x1b[K"
+                    ))?;
+                }
+                if self.key(Some(Duration::from_secs(1)))?.is_some() {
+                    timeout = None;
+                    break;
+                }
+            }
+            if timeout.is_some() {
+                return Ok(Choice::Entry(selected));
+            }
+        }
         self.draw_menu(items, selected)?;
         loop {
             let key = match timeout {

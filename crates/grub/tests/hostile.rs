@@ -222,6 +222,7 @@ fn corrupted_ext4_fat_and_iso() {
         (&ext, 96 * 1024usize),
         (&fat12, 16 * 1024),
         (&fat32, 48 * 1024),
+        (&iso, 128 * 1024),
     ] {
         let orig = std::fs::read(img).unwrap();
         for _ in 0..25 {
