@@ -164,6 +164,12 @@ fn legacy_stack_linear(cpu: &CpuState, esp: u32, size: u32) -> Result<u64, Fault
     Ok(linear)
 }
 
+/// `int n` and `iret` recompute the mode from the CS they load, so they
+/// refuse a state whose mode does not follow from its registers.
+fn mode_is_consistent(cpu: &CpuState) -> bool {
+    cpu.mode == CpuMode::from_registers(cpu.cr0, cpu.efer, &cpu.cs)
+}
+
 /// `int n` at CPL 0 through an interrupt or trap gate to a CPL-0 handler.
 pub(crate) fn software_interrupt(
     cpu: &mut CpuState,
@@ -174,6 +180,7 @@ pub(crate) fn software_interrupt(
     let ia32e = cpu.efer & EFER_LMA != 0;
     if cpu.cpl != 0
         || cpu.rflags & rflags::VM != 0
+        || !mode_is_consistent(cpu)
         || match cpu.mode {
             CpuMode::Real => true,
             CpuMode::Long64 => false,
@@ -313,6 +320,7 @@ pub(crate) fn iret(
     let long64 = cpu.mode == CpuMode::Long64;
     if cpu.cpl != 0
         || cpu.rflags & rflags::VM != 0
+        || !mode_is_consistent(cpu)
         || cpu.mode == CpuMode::Real
         || (ia32e && !long64)
         || size == OperandSize::Word

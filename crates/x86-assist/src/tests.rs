@@ -18,13 +18,17 @@ struct FakeMemory {
 
 impl FakeMemory {
     fn map(&mut self, linear: u64, bytes: &[u8]) {
-        for (i, b) in bytes.iter().enumerate() {
-            let address = linear.wrapping_add(i as u64);
+        let mut done = 0;
+        while done < bytes.len() {
+            let address = linear.wrapping_add(done as u64);
+            let offset = (address % PAGE) as usize;
+            let chunk = (PAGE as usize - offset).min(bytes.len() - done);
             let page = self
                 .pages
                 .entry(address / PAGE)
                 .or_insert_with(|| vec![0; PAGE as usize]);
-            page[(address % PAGE) as usize] = *b;
+            page[offset..offset + chunk].copy_from_slice(&bytes[done..done + chunk]);
+            done += chunk;
         }
     }
 
@@ -1442,72 +1446,156 @@ fn random_memory(rng: &mut XorShift) -> FakeMemory {
     mem
 }
 
+/// Plausible instructions: a handled opcode with random prefixes, a
+/// random memory operand, now and then a mutated or dropped byte.
+fn structured_bytes(rng: &mut XorShift) -> Vec<u8> {
+    const PREFIXES: [u8; 11] = [
+        0xf0, 0xf2, 0xf3, 0x66, 0x67, 0x2e, 0x36, 0x3e, 0x26, 0x64, 0x65,
+    ];
+    let mut bytes = Vec::new();
+    for _ in 0..rng.below(4).saturating_sub(1) {
+        bytes.push(PREFIXES[rng.below(PREFIXES.len() as u64) as usize]);
+    }
+    match rng.below(8) {
+        0 => bytes.extend([0x0f, 0x01, 0xca]),
+        1 => bytes.extend([0x0f, 0x01, 0xcb]),
+        2 => bytes.extend([0xcd, rng.below(4) as u8]),
+        3 => {
+            if rng.below(2) == 0 {
+                bytes.push(0x48);
+            }
+            bytes.push(0xcf);
+        }
+        4 => bytes.push([0xcc, 0x9b][rng.below(2) as usize]),
+        _ => {
+            if rng.below(4) != 0 {
+                bytes.push(0xf0);
+            }
+            bytes.push(0x48 | rng.below(8) as u8);
+            bytes.extend([0x0f, 0xc7]);
+            let modrm = (rng.below(3) as u8) << 6 | 1 << 3 | rng.below(8) as u8;
+            bytes.push(modrm);
+            for _ in 0..rng.below(6) {
+                bytes.push(rng.next() as u8);
+            }
+        }
+    }
+    if rng.below(4) == 0 {
+        let at = rng.below(bytes.len() as u64) as usize;
+        bytes[at] = rng.next() as u8;
+    }
+    if rng.below(8) == 0 {
+        bytes.truncate(rng.below(bytes.len() as u64) as usize);
+    }
+    bytes
+}
+
+/// A long-mode or protected-mode vCPU over `memory_with_gdt`'s tables,
+/// with its IDT and stack filled with plausible, randomly broken entries.
+fn structured_state(rng: &mut XorShift, mem: &mut FakeMemory) -> CpuState {
+    for (i, entry) in GDT_ENTRIES.iter().enumerate() {
+        mem.map(GDT + i as u64 * 8, &entry.to_le_bytes());
+    }
+    let long = rng.below(2) == 0;
+    let selectors = [
+        CODE32,
+        CODE64,
+        DATA,
+        CODE64_UNACCESSED,
+        CODE64_DPL3,
+        0,
+        0x200,
+    ];
+    let pick_selector =
+        |rng: &mut XorShift| selectors[rng.below(selectors.len() as u64) as usize];
+    for vector in 0..4u64 {
+        let gate_type = [0xe, 0xf, 0xe, 0x5, 0x6, 0xc][rng.below(6) as usize];
+        let target = if rng.below(2) == 0 { HANDLER } else { 0x1000 };
+        let ist = if rng.below(8) == 0 { 1 } else { 0 };
+        let gate = gate64(
+            target,
+            pick_selector(rng),
+            gate_type,
+            0,
+            rng.below(8) != 0,
+            ist,
+        );
+        if long {
+            mem.map(IDT + vector * 16, &gate);
+        } else {
+            mem.map(IDT + vector * 8, &gate[..8]);
+        }
+    }
+    let rsp = 0x8800 + rng.below(0x100) * 8;
+    for slot in 0..8 {
+        let frame = [
+            [HANDLER, 0x1000][rng.below(2) as usize],
+            u64::from(pick_selector(rng)),
+            rng.next() & 0x3f_7fff,
+            0x9000,
+            u64::from([DATA, 0, DATA_ABSENT, CODE64][rng.below(4) as usize]),
+        ];
+        let at = rsp + slot * 40;
+        if long {
+            push_iret_frame64(mem, at, frame);
+        } else {
+            for (i, value) in frame[..3].iter().enumerate() {
+                mem.map(at + i as u64 * 4, &(*value as u32).to_le_bytes());
+            }
+        }
+    }
+    let mut cpu = if long { long_cpu() } else { protected_cpu() };
+    for gpr in cpu.gpr.iter_mut() {
+        *gpr = if rng.below(2) == 0 {
+            rng.below(0x2000) << 4
+        } else {
+            rng.value()
+        };
+    }
+    cpu.gpr[RSP] = rsp;
+    cpu.rflags = (rng.next() & 0x3f_7fd7 & !(rflags::VM | rflags::NT)) | rflags::FIXED;
+    if rng.below(8) == 0 {
+        cpu.cpl = 3;
+    }
+    if rng.below(8) == 0 {
+        cpu.idtr.limit = rng.next() as u16 & 0x7f;
+    }
+    cpu
+}
+
 #[test]
 fn fuzz_random_bytes_and_states_never_panic_or_corrupt() {
     let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
     let mut mem = random_memory(&mut rng);
-    let mut completed = 0usize;
+    let mut completed: HashMap<&str, usize> = HashMap::new();
     let mut exceptions = 0usize;
     for iteration in 0..300_000u32 {
         if iteration % 1000 == 0 {
             mem = random_memory(&mut rng);
         }
-        let len = rng.below(17) as usize;
-        let bytes: Vec<u8> = (0..len)
-            .map(|_| {
-                if rng.below(3) == 0 {
-                    rng.next() as u8
-                } else {
-                    INTERESTING[rng.below(INTERESTING.len() as u64) as usize]
-                }
-            })
-            .collect();
-        let mut cpu = CpuState {
-            rip: rng.value(),
-            rflags: rng.next()
-                & if rng.below(2) == 0 {
-                    0x3f_7fd7
-                } else {
-                    u64::MAX
-                },
-            cr0: rng.next() & 0x8000_003f,
-            cr3: rng.next(),
-            cr4: rng.next() & CR4_LA57,
-            efer: if rng.below(2) == 0 { 0x500 } else { rng.next() },
-            cpl: if rng.below(4) == 0 {
-                rng.next() as u8 & 3
-            } else {
-                0
-            },
-            mode: [
-                CpuMode::Real,
-                CpuMode::Protected16,
-                CpuMode::Protected32,
-                CpuMode::Long64,
-            ][rng.below(4) as usize],
-            cs: random_segment(&mut rng),
-            ss: random_segment(&mut rng),
-            ds: random_segment(&mut rng),
-            es: random_segment(&mut rng),
-            fs: random_segment(&mut rng),
-            gs: random_segment(&mut rng),
-            gdtr: DescriptorTable {
-                base: rng.value(),
-                limit: rng.next() as u16,
-            },
-            idtr: DescriptorTable {
-                base: rng.value(),
-                limit: rng.next() as u16,
-            },
-            ..CpuState::default()
+        let structured = iteration % 2 == 0;
+        let bytes: Vec<u8> = if structured {
+            structured_bytes(&mut rng)
+        } else {
+            (0..rng.below(17))
+                .map(|_| {
+                    if rng.below(3) == 0 {
+                        rng.next() as u8
+                    } else {
+                        INTERESTING[rng.below(INTERESTING.len() as u64) as usize]
+                    }
+                })
+                .collect()
         };
-        for gpr in cpu.gpr.iter_mut() {
-            *gpr = rng.value();
-        }
+        let mut cpu = if structured {
+            structured_state(&mut rng, &mut mem)
+        } else {
+            random_state(&mut rng)
+        };
         let before = cpu.clone();
         let outcome = assist(&bytes, &mut cpu, &mut mem);
         match outcome {
-            Outcome::Completed { .. } => completed += 1,
+            Outcome::Completed { kind } => *completed.entry(kind.name()).or_insert(0) += 1,
             Outcome::Exception { .. } | Outcome::Unsupported => {
                 if matches!(outcome, Outcome::Exception { .. }) {
                     exceptions += 1;
@@ -1521,7 +1609,70 @@ fn fuzz_random_bytes_and_states_never_panic_or_corrupt() {
         let _ = describe(&bytes);
         let _ = fetch(&before, &mut mem);
     }
-    // The generator must reach both completions and exceptions.
-    assert!(completed > 1000, "completed {completed}");
-    assert!(exceptions > 1000, "exceptions {exceptions}");
+    // The generator must reach every instruction's completion and many exceptions.
+    for kind in InstructionKind::ALL {
+        if kind == InstructionKind::Int3
+            || kind == InstructionKind::Ud2
+            || kind == InstructionKind::FetchFault
+        {
+            continue; // never complete
+        }
+        let count = completed.get(kind.name()).copied().unwrap_or(0);
+        assert!(
+            count > 100,
+            "{} completed {count} times: {completed:?}",
+            kind.name()
+        );
+    }
+    assert!(exceptions > 10_000, "exceptions {exceptions}");
+}
+
+fn random_state(rng: &mut XorShift) -> CpuState {
+    let mut cpu = CpuState {
+        rip: rng.value(),
+        rflags: rng.next()
+            & if rng.below(2) == 0 {
+                0x3f_7fd7
+            } else {
+                u64::MAX
+            },
+        cr0: rng.next() & 0x8000_003f,
+        cr3: rng.next(),
+        cr4: rng.next() & CR4_LA57,
+        efer: if rng.below(2) == 0 { 0x500 } else { rng.next() },
+        cpl: if rng.below(4) == 0 {
+            rng.next() as u8 & 3
+        } else {
+            0
+        },
+        mode: [
+            CpuMode::Real,
+            CpuMode::Protected16,
+            CpuMode::Protected32,
+            CpuMode::Long64,
+        ][rng.below(4) as usize],
+        cs: random_segment(rng),
+        ss: random_segment(rng),
+        ds: random_segment(rng),
+        es: random_segment(rng),
+        fs: random_segment(rng),
+        gs: random_segment(rng),
+        gdtr: DescriptorTable {
+            base: rng.value(),
+            limit: rng.next() as u16,
+        },
+        idtr: DescriptorTable {
+            base: rng.value(),
+            limit: rng.next() as u16,
+        },
+        ..CpuState::default()
+    };
+    for gpr in cpu.gpr.iter_mut() {
+        *gpr = rng.value();
+    }
+    if rng.below(2) == 0 {
+        // Consistent more often than not, to get past the mode checks.
+        cpu.mode = CpuMode::from_registers(cpu.cr0, cpu.efer, &cpu.cs);
+    }
+    cpu
 }
