@@ -63,6 +63,10 @@ fn build_pci(
                 Some(vm.notifiers()),
             )
             .map_err(|e| VmmError::Unsupported(format!("pci slot {bdf}: {e}")))?
+        } else if f.model == "ahci" {
+            let ahci = rhyve_storage::Ahci::from_config(tree, &f.node, vm.memory().clone())
+                .map_err(|e| VmmError::Unsupported(format!("pci slot {bdf}: {e}")))?;
+            Arc::new(std::sync::Mutex::new(ahci))
         } else {
             create_function(&f.model, tree, &f.node, &ctx)
                 .map_err(|e| VmmError::Unsupported(e.to_string()))?
