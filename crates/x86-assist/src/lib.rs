@@ -18,6 +18,38 @@
 //! No decoder crate is used: the set is tiny and every instruction needs
 //! its own architectural checks (CPL, CR0, descriptor tables), which a
 //! general decoder would not give us.
+//!
+//! What the VMM still owns:
+//! - `lock cmpxchg16b` is only atomic if the VMM overrides
+//!   [`GuestMemoryAccess::compare_exchange_16`]; the default is a read then
+//!   a write while other vCPUs may run. The VMM must also raise #UD itself
+//!   if its CPUID hides CX16 from the guest.
+//! - After [`InstructionKind::Iret`] completes, NMIs are unblocked.
+//! - After any [`Outcome::Completed`], an STI/MOV SS interrupt shadow is
+//!   over, and if RFLAGS.TF was set before the instruction (other than
+//!   `int n`, which clears it) hardware would raise a single-step #DB
+//!   trap; neither is reported here.
+//!
+//! ```
+//! use rhyve_x86_assist::{assist, CpuState, GuestMemoryAccess, Outcome, PageFault};
+//!
+//! struct NoMemory;
+//! impl GuestMemoryAccess for NoMemory {
+//!     fn read(&mut self, linear: u64, _: &mut [u8]) -> Result<(), PageFault> {
+//!         Err(PageFault { address: linear, error_code: 0 })
+//!     }
+//!     fn write(&mut self, linear: u64, _: &[u8]) -> Result<(), PageFault> {
+//!         Err(PageFault { address: linear, error_code: 2 })
+//!     }
+//! }
+//!
+//! let mut cpu = CpuState { rip: 0x1000, ..CpuState::default() };
+//! match assist(&[0x0f, 0x01, 0xcb], &mut cpu, &mut NoMemory) {
+//!     Outcome::Completed { kind } => assert_eq!(kind.name(), "stac"),
+//!     other => panic!("{other:?}"),
+//! }
+//! assert_eq!(cpu.rip, 0x1003);
+//! ```
 
 mod decode;
 mod execute;
@@ -369,10 +401,12 @@ fn fetch_into(cpu: &CpuState, mem: &mut dyn GuestMemoryAccess) -> Result<Fetched
     };
     while fetched.len < wanted {
         let offset = cpu.rip.wrapping_add(fetched.len as u64);
-        let mut linear = cpu.cs.base.wrapping_add(offset);
-        if !long {
-            linear &= 0xffff_ffff;
-        }
+        // 64-bit mode ignores the CS base.
+        let linear = if long {
+            offset
+        } else {
+            cpu.cs.base.wrapping_add(offset) & 0xffff_ffff
+        };
         let to_page_end = (PAGE_SIZE - (linear % PAGE_SIZE)) as usize;
         let chunk = to_page_end.min(wanted - fetched.len);
         let dest = &mut fetched.buf[fetched.len..fetched.len + chunk];

@@ -1267,6 +1267,9 @@ fn fetch_crosses_a_page_boundary() {
     let code: Vec<u8> = (1..=20).collect();
     mem.map(0x3ffc, &code);
     assert_eq!(fetch(&cpu, &mut mem).unwrap(), &code[..15]);
+    // 64-bit mode ignores a CS base.
+    cpu.cs.base = 0x10_0000;
+    assert_eq!(fetch(&cpu, &mut mem).unwrap(), &code[..15]);
     // The second page unmapped: the first page's bytes only.
     mem.pages.remove(&4);
     assert_eq!(fetch(&cpu, &mut mem).unwrap(), &code[..4]);
@@ -1355,6 +1358,59 @@ fn describe_names_instructions() {
     assert_eq!(describe(&[0x90]), "unknown");
     assert_eq!(describe(&[0x0f]), "truncated");
     assert_eq!(describe(&[]), "truncated");
+}
+
+#[test]
+fn modes_from_registers() {
+    let mut cs = Segment::default();
+    assert_eq!(CpuMode::from_registers(0, 0x500, &cs), CpuMode::Real);
+    assert_eq!(CpuMode::from_registers(1, 0, &cs), CpuMode::Protected16);
+    cs.db = true;
+    assert_eq!(CpuMode::from_registers(1, 0, &cs), CpuMode::Protected32);
+    // Compatibility mode.
+    assert_eq!(CpuMode::from_registers(1, 0x500, &cs), CpuMode::Protected32);
+    cs.db = false;
+    cs.l = true;
+    assert_eq!(CpuMode::from_registers(1, 0x500, &cs), CpuMode::Long64);
+    // L without LMA is not 64-bit.
+    assert_eq!(CpuMode::from_registers(1, 0x100, &cs), CpuMode::Protected16);
+}
+
+#[test]
+fn real_mode_and_other_instructions_are_not_ours() {
+    let mut mem = memory_with_gdt();
+    let mut real = CpuState::default();
+    assert_eq!(run(&[0xcf], &mut real, &mut mem), Outcome::Unsupported);
+    assert_eq!(
+        run(&[0xcd, 0x10], &mut real, &mut mem),
+        Outcome::Unsupported
+    );
+    let mut cpu = long_cpu();
+    for bytes in [
+        &[0x90][..],
+        &[0x0f, 0x05],
+        &[0xf4],
+        &[0x0f, 0xae, 0xe8],
+        &[0xce],
+        &[0xf1],
+    ] {
+        assert_eq!(
+            run(bytes, &mut cpu, &mut mem),
+            Outcome::Unsupported,
+            "{bytes:02x?}"
+        );
+    }
+    // A mode that does not follow from the registers is refused by int n/iret.
+    let mut inconsistent = long_cpu();
+    inconsistent.efer = 0;
+    assert_eq!(
+        run(&[0xcd, 0x80], &mut inconsistent, &mut mem),
+        Outcome::Unsupported
+    );
+    assert_eq!(
+        run(&[0x48, 0xcf], &mut inconsistent, &mut mem),
+        Outcome::Unsupported
+    );
 }
 
 #[test]
@@ -1506,8 +1562,7 @@ fn structured_state(rng: &mut XorShift, mem: &mut FakeMemory) -> CpuState {
         0,
         0x200,
     ];
-    let pick_selector =
-        |rng: &mut XorShift| selectors[rng.below(selectors.len() as u64) as usize];
+    let pick_selector = |rng: &mut XorShift| selectors[rng.below(selectors.len() as u64) as usize];
     for vector in 0..4u64 {
         let gate_type = [0xe, 0xf, 0xe, 0x5, 0x6, 0xc][rng.below(6) as usize];
         let target = if rng.below(2) == 0 { HANDLER } else { 0x1000 };
