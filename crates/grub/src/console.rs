@@ -28,6 +28,9 @@ pub struct FdConsole {
     input: File,
     output: File,
     saved: Option<(RawFd, libc::termios)>,
+    /// Input reached its end: timed waits just sleep (a countdown still
+    /// runs out, as GRUB's does with nobody at the keyboard).
+    at_eof: bool,
 }
 
 impl FdConsole {
@@ -79,6 +82,7 @@ impl FdConsole {
             input,
             output,
             saved,
+            at_eof: false,
         })
     }
 }
@@ -101,6 +105,18 @@ impl Console for FdConsole {
     }
 
     fn read_byte(&mut self, timeout: Option<Duration>) -> io::Result<Option<u8>> {
+        if self.at_eof {
+            return match timeout {
+                Some(d) => {
+                    std::thread::sleep(d);
+                    Ok(None)
+                }
+                None => Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "console input closed",
+                )),
+            };
+        }
         let ms: libc::c_int = match timeout {
             None => -1,
             Some(d) => d.as_millis().min(i32::MAX as u128) as libc::c_int,
@@ -127,18 +143,14 @@ impl Console for FdConsole {
         }
         let mut b = [0u8; 1];
         match self.input.read(&mut b) {
-            Ok(0) => Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "console input closed",
-            )),
-            Ok(_) => Ok(Some(b[0])),
+            Ok(0) => {}
+            Ok(_) => return Ok(Some(b[0])),
             // A pty whose other side closed reports EIO.
-            Err(e) if e.raw_os_error() == Some(libc::EIO) => Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "console input closed",
-            )),
-            Err(e) => Err(e),
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => {}
+            Err(e) => return Err(e),
         }
+        self.at_eof = true;
+        self.read_byte(timeout)
     }
 }
 
@@ -185,5 +197,49 @@ impl Console for ScriptedConsole {
                 "end of scripted input",
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn closed_input_lets_countdowns_run_out() {
+        let null = || {
+            File::options()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+                .unwrap()
+        };
+        let mut c = FdConsole::new(null(), null()).unwrap();
+        let t = std::time::Instant::now();
+        assert!(c
+            .read_byte(Some(Duration::from_millis(30)))
+            .unwrap()
+            .is_none());
+        assert!(c
+            .read_byte(Some(Duration::from_millis(30)))
+            .unwrap()
+            .is_none());
+        assert!(t.elapsed() >= Duration::from_millis(60));
+        let e = c.read_byte(None).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        c.write_bytes(b"x").unwrap();
+    }
+
+    #[test]
+    fn scripted_console_is_deterministic() {
+        let mut c = ScriptedConsole::new(b"ab");
+        assert_eq!(c.read_byte(None).unwrap(), Some(b'a'));
+        assert_eq!(
+            c.read_byte(Some(Duration::from_secs(100))).unwrap(),
+            Some(b'b')
+        );
+        assert_eq!(c.read_byte(Some(Duration::from_secs(100))).unwrap(), None);
+        assert!(c.read_byte(None).is_err());
+        c.write_bytes(b"out").unwrap();
+        assert_eq!(c.output_text(), "out");
     }
 }

@@ -112,17 +112,16 @@ impl Region {
 
     /// Fill `buf` from `offset`; an error if any of it lies outside.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), GrubError> {
-        let end = offset
+        let inside = offset
             .checked_add(buf.len() as u64)
-            .filter(|e| *e <= self.len)
-            .ok_or_else(|| {
-                GrubError::BadFilesystem(format!(
-                    "read of {} bytes at {offset} is past the end ({} bytes)",
-                    buf.len(),
-                    self.len
-                ))
-            })?;
-        let _ = end;
+            .is_some_and(|end| end <= self.len);
+        if !inside {
+            return Err(GrubError::BadFilesystem(format!(
+                "read of {} bytes at {offset} is past the end ({} bytes)",
+                buf.len(),
+                self.len
+            )));
+        }
         self.file
             .read_exact_at(buf, self.offset + offset)
             .map_err(|e| GrubError::io("disk read", e))

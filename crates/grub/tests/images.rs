@@ -179,6 +179,15 @@ fn iso_rock_ridge_joliet_and_plain_names() {
             out.contains("Filesystem type iso9660 - Label `Debian 12.2.0 amd64 n'"),
             "{name}: {out}"
         );
+        // GRUB's ISO "UUID" is the volume's modification date.
+        let (_, ids) = boot(
+            &map,
+            "cd0",
+            &[],
+            b"csearch --fs-uuid --set=r 2023-10-07-12-34-56-00\recho root=$r\rsearch -l 'Debian 12.2.0 amd64 n'\rls (cd0)\rlinux /install/vmlinuz\rboot\r",
+        );
+        assert!(ids.contains("root=cd0"), "{name}: {ids}");
+        assert!(ids.contains("UUID 2023-10-07-12-34-56-00"), "{name}: {ids}");
         if name != "plain" {
             assert!(out.contains("a-rather-long-file-name.txt"), "{name}: {out}");
         }

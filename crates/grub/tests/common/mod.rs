@@ -384,7 +384,7 @@ pub fn iso(dir: &Path, flags: &str, name: &str) -> PathBuf {
     );
     let iso = dir.join(format!("{name}.iso"));
     sh(&format!(
-        "xorriso -as mkisofs -quiet {flags} -V 'Debian 12.2.0 amd64 n' -o '{}' '{}'",
+        "xorriso -as mkisofs -quiet {flags} -V 'Debian 12.2.0 amd64 n' --modification-date=2023100712345600 -o '{}' '{}'",
         iso.display(),
         tree.display()
     ));
