@@ -87,27 +87,8 @@ const LOADER_TYPE_UNDEFINED: u8 = 0xFF;
 const XEN_HVM_START_MAGIC: u32 = 0x336E_C578;
 const PAGE_SIZE: u64 = 0x1000;
 
-/// Registers a vCPU starts with; the hypervisor layer applies them as they
-/// are. Segments are flat (base 0, 4 GiB limit) from the boot GDT at
-/// `gdt_base`; TR may use [`BOOT_TSS_SELECTOR`]. RFLAGS = 0x2 (interrupts
-/// off) and every register not listed here is zero.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct X86BootRegs {
-    pub rip: u64,
-    pub rsi: u64,
-    pub rbx: u64,
-    pub rsp: u64,
-    pub cr0: u64,
-    pub cr3: u64,
-    pub cr4: u64,
-    pub efer: u64,
-    pub gdt_base: u64,
-    pub gdt_limit: u16,
-    pub code_selector: u16,
-    pub data_selector: u16,
-    /// CS is a 64-bit segment (L=1) rather than a 32-bit one.
-    pub long_mode: bool,
-}
+/// Registers a vCPU starts with (TR may use [`BOOT_TSS_SELECTOR`]).
+pub use rhyve_platform::entry::EntryRegs as X86BootRegs;
 
 /// How the boot vCPU enters the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

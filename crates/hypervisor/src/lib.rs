@@ -50,23 +50,7 @@ pub struct VmSpec {
     pub strict_msr: bool,
 }
 
-/// Register state a loader asks the boot vCPU to start in.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct EntryRegs {
-    pub rip: u64,
-    pub rsi: u64,
-    pub rbx: u64,
-    pub rsp: u64,
-    pub cr0: u64,
-    pub cr3: u64,
-    pub cr4: u64,
-    pub efer: u64,
-    pub gdt_base: u64,
-    pub gdt_limit: u16,
-    pub code_selector: u16,
-    pub data_selector: u16,
-    pub long_mode: bool,
-}
+pub use rhyve_platform::entry::EntryRegs;
 
 /// Why `Vcpu::run` returned, in backend-neutral terms.
 #[derive(Debug)]

@@ -48,70 +48,12 @@ pub struct VmRecord {
     /// Guest memory size in bytes, once something set it up.
     pub memory_size: Option<u64>,
     /// Entry state left by a loader (grub-bhyve).
-    pub entry: Option<EntryRegsRecord>,
+    pub entry: Option<EntryRegs>,
     /// Guest command line the loader chose, for display.
     pub cmdline: Option<String>,
     /// The RTC's NVRAM, kept across reboots as bhyve's in-kernel RTC keeps it.
     #[serde(default)]
     pub rtc_nvram: Option<Vec<u8>>,
-}
-
-/// [`EntryRegs`] as stored on disk.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct EntryRegsRecord {
-    pub rip: u64,
-    pub rsi: u64,
-    pub rbx: u64,
-    pub rsp: u64,
-    pub cr0: u64,
-    pub cr3: u64,
-    pub cr4: u64,
-    pub efer: u64,
-    pub gdt_base: u64,
-    pub gdt_limit: u16,
-    pub code_selector: u16,
-    pub data_selector: u16,
-    pub long_mode: bool,
-}
-
-impl From<&EntryRegs> for EntryRegsRecord {
-    fn from(r: &EntryRegs) -> Self {
-        Self {
-            rip: r.rip,
-            rsi: r.rsi,
-            rbx: r.rbx,
-            rsp: r.rsp,
-            cr0: r.cr0,
-            cr3: r.cr3,
-            cr4: r.cr4,
-            efer: r.efer,
-            gdt_base: r.gdt_base,
-            gdt_limit: r.gdt_limit,
-            code_selector: r.code_selector,
-            data_selector: r.data_selector,
-            long_mode: r.long_mode,
-        }
-    }
-}
-
-impl From<&EntryRegsRecord> for EntryRegs {
-    fn from(r: &EntryRegsRecord) -> Self {
-        Self {
-            rip: r.rip,
-            rsi: r.rsi,
-            rbx: r.rbx,
-            rsp: r.rsp,
-            cr0: r.cr0,
-            cr3: r.cr3,
-            cr4: r.cr4,
-            efer: r.efer,
-            gdt_base: r.gdt_base,
-            gdt_limit: r.gdt_limit,
-            code_selector: r.code_selector,
-            data_selector: r.data_selector,
-            long_mode: r.long_mode,
-        }
-    }
 }
 
 /// The registry root.
@@ -494,7 +436,7 @@ mod tests {
         let h = r.create("vm1").unwrap();
         let rec = VmRecord {
             memory_size: Some(512 << 20),
-            entry: Some(EntryRegsRecord {
+            entry: Some(EntryRegs {
                 rip: 0x100200,
                 long_mode: true,
                 ..Default::default()

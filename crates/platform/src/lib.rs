@@ -7,6 +7,7 @@
 //! off or stop. Nothing here knows about KVM.
 
 pub mod bus;
+pub mod entry;
 pub mod exit;
 pub mod irq;
 pub mod layout;

@@ -23,7 +23,7 @@ use rhyve_platform::exit::{ExitRequest, ExitRequests};
 use vmm_sys_util::signal::Killable;
 
 pub use loader::prepare_named_vm;
-pub use machine::{build, entry_regs, Machine};
+pub use machine::{build, Machine};
 pub use spec::vm_spec;
 pub use vcpu::{VcpuRequest, VcpuShared};
 

@@ -106,7 +106,7 @@ pub fn prepare_named_vm(
         let _ = std::fs::remove_file(p);
     }
     let loaded = loaded.map_err(|e| VmmError::Setup(e.to_string()))?;
-    let entry: EntryRegs = crate::entry_regs(loaded.regs());
+    let entry: EntryRegs = *loaded.regs();
     let runs = touched_runs(&memory);
     let borrowed: Vec<(u64, &[u8])> = runs.iter().map(|(a, b)| (*a, b.as_slice())).collect();
     handle
@@ -116,7 +116,7 @@ pub fn prepare_named_vm(
         .record()
         .map_err(|e| VmmError::Setup(e.to_string()))?;
     record.memory_size = Some(memory_size);
-    record.entry = Some((&entry).into());
+    record.entry = Some(entry);
     record.cmdline = Some(cmdline.to_string());
     handle
         .save(&record)

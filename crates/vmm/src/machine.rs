@@ -77,25 +77,6 @@ fn build_pci(
     Ok(root)
 }
 
-/// The register state a loader's [`rhyve_boot::X86BootRegs`] asks for.
-pub fn entry_regs(r: &rhyve_boot::X86BootRegs) -> EntryRegs {
-    EntryRegs {
-        rip: r.rip,
-        rsi: r.rsi,
-        rbx: r.rbx,
-        rsp: r.rsp,
-        cr0: r.cr0,
-        cr3: r.cr3,
-        cr4: r.cr4,
-        efer: r.efer,
-        gdt_base: r.gdt_base,
-        gdt_limit: r.gdt_limit,
-        code_selector: r.code_selector,
-        data_selector: r.data_selector,
-        long_mode: r.long_mode,
-    }
-}
-
 /// Where the boot vCPU starts: a kernel given with `-o boot.kernel`, or what
 /// a loader (grub-bhyve) left in the named VM.
 fn load_guest(
@@ -116,7 +97,7 @@ fn load_guest(
             &spec.memory,
         )
         .map_err(|e| VmmError::Setup(e.to_string()))?;
-        return Ok(entry_regs(loaded.regs()));
+        return Ok(*loaded.regs());
     }
     let record = entry.record().map_err(setup("registry"))?;
     let Some(regs) = record.entry else {
@@ -132,7 +113,7 @@ fn load_guest(
                 VmmError::Setup(format!("VM {}: boot image at {addr:#x}: {e}", entry.name()))
             })?;
     }
-    Ok(EntryRegs::from(&regs))
+    Ok(regs)
 }
 
 /// bhyve's `vm_open`/`vm_create` plus `vm_setup_memory`: take the named VM
