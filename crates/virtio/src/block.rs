@@ -286,7 +286,7 @@ impl Block {
             }
         }
         let &(_, last_len, last_addr) = writable.last()?;
-        let status = last_addr.checked_add(last_len as u64 - 1)?;
+        let status = last_addr.checked_add((last_len as u64).checked_sub(1)?)?;
         let data = if kind == T_IN {
             trim(&writable, 0, 1)
         } else {

@@ -515,7 +515,9 @@ impl VirtioPci {
             }
         } else if offset == modern::ISR {
             data.fill(0);
-            data[0] = self.state.isr;
+            if let Some(b) = data.first_mut() {
+                *b = self.state.isr;
+            }
             self.state.isr = 0;
             self.config.intx_deassert();
         } else if (modern::DEVICE..modern::DEVICE + u64::from(modern::DEVICE_LEN)).contains(&offset)

@@ -678,3 +678,48 @@ fn modern_transport_negotiates_and_serves() {
     assert_eq!(d.msis.sent.lock().unwrap()[0].1, 0x41);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn random_register_accesses_never_panic() {
+    let dir = scratch("regs");
+    let img = dir.join("d.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    for transport in [Transport::Legacy, Transport::Modern] {
+        for msix in [true, false] {
+            let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+            let f = VirtioPci::new(blk_device(&img, &[]), mem, msix, transport, None).unwrap();
+            f.lock()
+                .unwrap()
+                .config_mut()
+                .connect_msi(Arc::new(Msis::default()));
+            let mut x = 0x1234_5678_9abc_def1u64;
+            for _ in 0..20_000 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let bar = (x % 4) as usize;
+                let off = (x >> 8) % 0x4100;
+                let len = [1usize, 2, 4, 8, 3, 0][((x >> 24) % 6) as usize];
+                let val = (x >> 32).to_le_bytes();
+                let mut g = f.lock().unwrap();
+                if x & (1 << 40) != 0 {
+                    g.bar_write(bar, off, &val[..len]);
+                } else {
+                    let mut b = [0u8; 8];
+                    g.bar_read(bar, off, &mut b[..len]);
+                }
+                if x & (1 << 41) != 0 {
+                    let cfg_off = ((x >> 44) % 256) as u16 & !3;
+                    g.config_write(cfg_off, &val[..4]);
+                }
+            }
+            // Reset stops whatever the noise started.
+            let mut g = f.lock().unwrap();
+            match transport {
+                Transport::Legacy => g.bar_write(0, regs::STATUS, &[0]),
+                Transport::Modern => g.bar_write(modern::BAR, modern::DEVICE_STATUS, &[0]),
+            }
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
