@@ -1,5 +1,10 @@
 //! GRUB's device namespace: `(hd0)`, `(hd0,msdos1)`, `(cd0)`, `(host)`,
 //! built from the device map, with filesystems mounted on first use.
+//!
+//! `(host)` (grub-emu's view of the host's files) exists only when the
+//! user booted from it (`-r host`): a grub.cfg on a guest disk is guest
+//! data, and must not be able to read host files (`initrd (host)/etc/...`)
+//! into the VM. grub2-bhyve gets the same effect by dropping to `nobody`.
 
 use crate::disk::{find_partition, partitions, DeviceMapEntry, Partition, Region};
 use crate::error::GrubError;
@@ -17,6 +22,7 @@ struct DiskEntry {
 /// All devices GRUB can name.
 pub struct Devices {
     disks: Vec<DiskEntry>,
+    host_visible: bool,
     mounts: RefCell<HashMap<String, Rc<dyn Filesystem>>>,
 }
 
@@ -50,8 +56,14 @@ impl Devices {
         }
         Devices {
             disks,
+            host_visible: true,
             mounts: RefCell::new(HashMap::new()),
         }
+    }
+
+    /// Whether `(host)` exists (see the module comment).
+    pub fn set_host_visible(&mut self, visible: bool) {
+        self.host_visible = visible;
     }
 
     /// Every device name, disks followed by their partitions, then `host`.
@@ -63,7 +75,9 @@ impl Devices {
                 out.push(format!("{},{}", d.name, p.name()));
             }
         }
-        out.push("host".to_string());
+        if self.host_visible {
+            out.push("host".to_string());
+        }
         out
     }
 
@@ -93,7 +107,7 @@ impl Devices {
         if let Some(fs) = self.mounts.borrow().get(dev) {
             return Ok(fs.clone());
         }
-        let fs: Rc<dyn Filesystem> = if dev == "host" {
+        let fs: Rc<dyn Filesystem> = if dev == "host" && self.host_visible {
             Rc::new(HostFs)
         } else {
             let (region, _) = self.region(dev)?;
@@ -106,7 +120,7 @@ impl Devices {
     /// Facts for `ls (dev)`.
     pub fn info(&self, dev: &str) -> Result<DeviceInfo, GrubError> {
         let dev = dev.trim_start_matches('(').trim_end_matches(')');
-        let (size, partition) = if dev == "host" {
+        let (size, partition) = if dev == "host" && self.host_visible {
             (0, None)
         } else {
             let (region, start) = self.region(dev)?;

@@ -100,6 +100,9 @@ impl ext4_view::Ext4Read for ExtReader {
 /// ext2/3/4 through ext4-view.
 pub struct ExtFs {
     fs: ext4_view::Ext4,
+    /// Bytes of the device: a file claiming more is refused before any
+    /// allocation (a hostile sparse file could otherwise cost 1 GiB).
+    device_len: u64,
 }
 
 fn ext_err(path: &str, e: ext4_view::Ext4Error) -> GrubError {
@@ -118,9 +121,10 @@ fn abs(path: &str) -> Result<String, GrubError> {
 
 impl ExtFs {
     pub fn open(region: Region) -> Result<ExtFs, GrubError> {
+        let device_len = region.len();
         let fs = ext4_view::Ext4::load(Box::new(ExtReader(region)))
             .map_err(|e| GrubError::BadFilesystem(format!("ext2: {e}")))?;
-        Ok(ExtFs { fs })
+        Ok(ExtFs { fs, device_len })
     }
 }
 
@@ -157,8 +161,12 @@ impl Filesystem for ExtFs {
         if meta.is_dir() {
             return Err(GrubError::IsDirectory(path.to_string()));
         }
-        if meta.len() > MAX_FILE_SIZE {
-            return Err(too_large(path, meta.len()));
+        if meta.len() > MAX_FILE_SIZE.min(self.device_len) {
+            return Err(GrubError::TooLarge(
+                path.to_string(),
+                meta.len(),
+                MAX_FILE_SIZE.min(self.device_len),
+            ));
         }
         self.fs.read(p.as_str()).map_err(|e| ext_err(path, e))
     }

@@ -108,7 +108,8 @@ pub fn open_console(opts: &GrubOptions) -> std::io::Result<FdConsole> {
 /// Run a grub-bhyve session: read the device map, run the root device's
 /// config, show the menu or prompt, and return what was chosen.
 pub fn run(opts: &GrubOptions, console: &mut dyn Console) -> Result<BootSelection, GrubError> {
-    let devices = load_devices(opts, console)?;
+    let mut devices = load_devices(opts, console)?;
+    devices.set_host_visible(opts.root.trim_start_matches('(').trim_end_matches(')') == "host");
     run_with_devices(opts, &devices, console)
 }
 

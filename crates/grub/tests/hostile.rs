@@ -293,3 +293,36 @@ fn configs_that_recurse_loop_or_break() {
         }
     }
 }
+
+#[test]
+fn guest_configs_cannot_reach_host_files() {
+    let dir = scratch("no-host");
+    let tree = dir.join("t");
+    write(
+        &tree.join("boot/grub/grub.cfg"),
+        b"menuentry steal { linux /k\n initrd (host)/etc/hostname\n }\nset timeout=0\n",
+    );
+    write(&tree.join("k"), b"kernel");
+    let ext = dir.join("t.ext4");
+    mkext4(&ext, &tree, 4, "t");
+    let map = device_map(&dir, &[("hd0", &ext)]);
+    let o = opts(&map, "hd0", &[]);
+    let mut con = ScriptedConsole::new(b"");
+    let sel = run(&o, &mut con).unwrap();
+    let out = con.output_text();
+    assert!(out.contains("error: no such device: host."), "{out}");
+    assert!(sel.initrd.is_empty(), "a host file reached the VM");
+    // With -r host, (host) is the root, as in grub-emu.
+    let host_cfg = format!(
+        "menuentry h {{ linux {k}\n initrd {i}\n }}\nset timeout=0\n",
+        k = tree.join("k").display(),
+        i = tree.join("boot/grub/grub.cfg").display()
+    );
+    write(&tree.join("host.cfg"), host_cfg.as_bytes());
+    let tree_dir = tree.display().to_string();
+    let o = opts(&map, "host", &["-d", &tree_dir, "-g", "host.cfg"]);
+    let mut con = ScriptedConsole::new(b"");
+    let sel = run(&o, &mut con).unwrap_or_else(|e| panic!("{e}: {}", con.output_text()));
+    assert_eq!(sel.kernel, b"kernel");
+    assert!(sel.initrd == padded(&std::fs::read(tree.join("boot/grub/grub.cfg")).unwrap()));
+}

@@ -94,7 +94,7 @@ fn handbook_prompt_session_over_a_pty() {
     pty.type_line("ls");
     let out = pty.expect("grub> ");
     assert!(
-        out.contains("(hd0) (hd0,msdos1) (hd0,msdos5) (cd0) (host)"),
+        out.contains("(hd0) (hd0,msdos1) (hd0,msdos5) (cd0) \r\n"),
         "{out}"
     );
     pty.type_line("ls (cd0)/isolinux");
