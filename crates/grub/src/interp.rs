@@ -11,7 +11,7 @@
 use crate::console::Console;
 use crate::devices::Devices;
 use crate::error::GrubError;
-use crate::fs::{Filesystem, MAX_FILE_SIZE};
+use crate::fs::Filesystem;
 use crate::script::{parse, Part, Stmt, Word};
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
@@ -997,7 +997,7 @@ impl<'a> Interp<'a> {
             return Err(GrubError::TooLarge(
                 path.to_string(),
                 d.len() as u64,
-                MAX_FILE_SIZE,
+                crate::script::MAX_SCRIPT_BYTES as u64,
             ));
         }
         Ok(String::from_utf8_lossy(&d).into_owned())
