@@ -124,6 +124,18 @@ pub(crate) enum Op {
     Cmpxchg16b(MemoryOperand),
     /// `0f c7 /1` with mod = 3: always #UD.
     Cmpxchg16bRegister,
+    /// `f3 0f b8 /r`: population count of a register or memory source.
+    Popcnt {
+        dest: u8,
+        source: PopcntSource,
+        size: OperandSize,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PopcntSource {
+    Register(u8),
+    Memory(MemoryOperand),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,6 +151,8 @@ struct Prefixes {
     lock: bool,
     /// 0xf2 or 0xf3 seen.
     repeat: bool,
+    /// The last of 0xf2/0xf3 was 0xf3 (a mandatory prefix for popcnt).
+    rep_f3: bool,
     operand_size: bool,
     address_size: bool,
     segment: Option<SegmentOverride>,
@@ -167,7 +181,10 @@ pub(crate) fn decode(bytes: &[u8], mode: CpuMode) -> Result<Instruction, DecodeE
         let b = byte(bytes, at)?;
         match b {
             0xf0 => prefixes.lock = true,
-            0xf2 | 0xf3 => prefixes.repeat = true,
+            0xf2 | 0xf3 => {
+                prefixes.repeat = true;
+                prefixes.rep_f3 = b == 0xf3;
+            }
             0x66 => prefixes.operand_size = true,
             0x67 => prefixes.address_size = true,
             0x26 => prefixes.segment = Some(SegmentOverride::Es),
@@ -238,6 +255,36 @@ pub(crate) fn decode(bytes: &[u8], mode: CpuMode) -> Result<Instruction, DecodeE
                 }
                 let (operand, end) = decode_memory(bytes, at + 2, &prefixes)?;
                 done(Op::Cmpxchg16b(operand), end)
+            }
+            0xb8 if prefixes.rep_f3 => {
+                let modrm = byte(bytes, at + 2)?;
+                let size = if prefixes.rex_w() {
+                    OperandSize::Qword
+                } else if prefixes.operand_size
+                    != matches!(mode, CpuMode::Real | CpuMode::Protected16)
+                {
+                    OperandSize::Word
+                } else {
+                    OperandSize::Dword
+                };
+                let dest = ((modrm >> 3) & 7) | ((prefixes.rex & 4) << 1);
+                if modrm >> 6 == 3 {
+                    let source = PopcntSource::Register((modrm & 7) | ((prefixes.rex & 1) << 3));
+                    return done(Op::Popcnt { dest, source, size }, at + 3);
+                }
+                // Memory operands are decoded for 64-bit mode only.
+                if !long {
+                    return Err(DecodeError::Unsupported);
+                }
+                let (operand, end) = decode_memory(bytes, at + 2, &prefixes)?;
+                done(
+                    Op::Popcnt {
+                        dest,
+                        source: PopcntSource::Memory(operand),
+                        size,
+                    },
+                    end,
+                )
             }
             _ => Err(DecodeError::Unsupported),
         },

@@ -3,7 +3,7 @@
 //! Each instruction computes its result first and writes the state only
 //! once nothing can fail any more, so exceptions leave `CpuState` intact.
 
-use crate::decode::{Instruction, MemoryOperand, Op, SegmentOverride};
+use crate::decode::{Instruction, MemoryOperand, Op, OperandSize, PopcntSource, SegmentOverride};
 use crate::interrupt;
 use crate::{
     rflags, vector, CpuMode, CpuState, GuestMemoryAccess, InstructionKind, Outcome, PageFault,
@@ -137,6 +137,7 @@ pub(crate) fn execute(
         Op::Clac => InstructionKind::Clac,
         Op::Stac => InstructionKind::Stac,
         Op::Cmpxchg16b(_) | Op::Cmpxchg16bRegister => InstructionKind::Cmpxchg16b,
+        Op::Popcnt { .. } => InstructionKind::Popcnt,
     };
     // LOCK is only legal on a read-modify-write memory instruction.
     if insn.lock && !matches!(insn.op, Op::Cmpxchg16b(_)) {
@@ -173,8 +174,65 @@ pub(crate) fn execute(
         Op::IntN(n) => interrupt::software_interrupt(cpu, mem, n, insn.len),
         Op::Iret(size) => interrupt::iret(cpu, mem, size),
         Op::Cmpxchg16b(operand) => cmpxchg16b(cpu, mem, &operand, insn.len),
+        Op::Popcnt { dest, source, size } => popcnt(cpu, mem, dest, source, size, insn.len),
     };
     to_outcome(kind, cpu, result)
+}
+
+/// `popcnt r, r/m`: ZF set for a zero source; CF, OF, SF, AF and PF cleared.
+fn popcnt(
+    cpu: &mut CpuState,
+    mem: &mut dyn GuestMemoryAccess,
+    dest: u8,
+    source: PopcntSource,
+    size: OperandSize,
+    len: usize,
+) -> Result<(), Fault> {
+    let bytes = match size {
+        OperandSize::Word => 2,
+        OperandSize::Dword => 4,
+        OperandSize::Qword => 8,
+    };
+    let value = match source {
+        PopcntSource::Register(r) => cpu.gpr[usize::from(r & 15)],
+        PopcntSource::Memory(operand) => {
+            let segment_base = match operand.segment {
+                Some(SegmentOverride::Fs) => cpu.fs.base,
+                Some(SegmentOverride::Gs) => cpu.gs.base,
+                _ => 0,
+            };
+            let linear = segment_base.wrapping_add(effective_address(cpu, &operand, len));
+            if !is_canonical(cpu, linear) {
+                return Err(if operand.uses_stack_segment() {
+                    Fault::ss(0)
+                } else {
+                    Fault::gp(0)
+                });
+            }
+            let mut buf = [0u8; 8];
+            mem.read(linear, &mut buf[..bytes])?;
+            u64::from_le_bytes(buf)
+        }
+    };
+    let mask = if bytes == 8 {
+        u64::MAX
+    } else {
+        (1u64 << (bytes * 8)) - 1
+    };
+    let count = u64::from((value & mask).count_ones());
+    let slot = &mut cpu.gpr[usize::from(dest & 15)];
+    *slot = match size {
+        // A 16-bit destination keeps its upper bits; a 32-bit one is zero-extended.
+        OperandSize::Word => (*slot & !0xffff) | count,
+        OperandSize::Dword | OperandSize::Qword => count,
+    };
+    const ARITHMETIC: u64 = 0x8d5; // CF PF AF ZF SF OF
+    cpu.rflags &= !ARITHMETIC;
+    if value & mask == 0 {
+        cpu.rflags |= rflags::ZF;
+    }
+    retire(cpu, len);
+    Ok(())
 }
 
 fn effective_address(cpu: &CpuState, operand: &MemoryOperand, len: usize) -> u64 {

@@ -245,6 +245,8 @@ pub enum InstructionKind {
     /// hardware does on every IRET.
     Iret,
     Cmpxchg16b,
+    /// `popcnt`: hosts may advertise POPCNT that their KVM cannot emulate.
+    Popcnt,
     /// The instruction ran past the bytes the VMM gave and fetching the
     /// rest faulted: the #PF is the guest's.
     FetchFault,
@@ -252,7 +254,7 @@ pub enum InstructionKind {
 
 impl InstructionKind {
     /// Every kind, for registering counters.
-    pub const ALL: [InstructionKind; 9] = [
+    pub const ALL: [InstructionKind; 10] = [
         InstructionKind::Int3,
         InstructionKind::Ud2,
         InstructionKind::Fwait,
@@ -261,6 +263,7 @@ impl InstructionKind {
         InstructionKind::IntN,
         InstructionKind::Iret,
         InstructionKind::Cmpxchg16b,
+        InstructionKind::Popcnt,
         InstructionKind::FetchFault,
     ];
 
@@ -275,6 +278,7 @@ impl InstructionKind {
             InstructionKind::IntN => "int-n",
             InstructionKind::Iret => "iret",
             InstructionKind::Cmpxchg16b => "cmpxchg16b",
+            InstructionKind::Popcnt => "popcnt",
             InstructionKind::FetchFault => "fetch-fault",
         }
     }
@@ -443,6 +447,11 @@ pub fn describe(bytes: &[u8]) -> String {
                 Op::Stac => "stac".to_string(),
                 Op::Cmpxchg16b(operand) => format!("cmpxchg16b {operand}"),
                 Op::Cmpxchg16bRegister => "cmpxchg16b (register operand)".to_string(),
+                Op::Popcnt {
+                    source: decode::PopcntSource::Memory(operand),
+                    ..
+                } => format!("popcnt {operand}"),
+                Op::Popcnt { .. } => "popcnt (register source)".to_string(),
             };
             format!("{lock}{body}")
         }

@@ -1512,7 +1512,18 @@ fn structured_bytes(rng: &mut XorShift) -> Vec<u8> {
     for _ in 0..rng.below(4).saturating_sub(1) {
         bytes.push(PREFIXES[rng.below(PREFIXES.len() as u64) as usize]);
     }
-    match rng.below(8) {
+    match rng.below(9) {
+        8 => {
+            bytes.push(0xf3);
+            if rng.below(2) == 0 {
+                bytes.push(0x48 | rng.below(8) as u8);
+            }
+            bytes.extend([0x0f, 0xb8]);
+            bytes.push((rng.below(4) as u8) << 6 | rng.below(64) as u8);
+            for _ in 0..rng.below(6) {
+                bytes.push(rng.next() as u8);
+            }
+        }
         0 => bytes.extend([0x0f, 0x01, 0xca]),
         1 => bytes.extend([0x0f, 0x01, 0xcb]),
         2 => bytes.extend([0xcd, rng.below(4) as u8]),
@@ -1730,4 +1741,80 @@ fn random_state(rng: &mut XorShift) -> CpuState {
         cpu.mode = CpuMode::from_registers(cpu.cr0, cpu.efer, &cpu.cs);
     }
     cpu
+}
+
+#[test]
+fn popcnt_register_forms() {
+    let mut mem = FakeMemory::default();
+    // popcnt rax, rdi (the one Debian's kernel uses for hweight64)
+    let mut cpu = long_cpu();
+    cpu.gpr[7] = 0xF0F0_0000_0000_0001;
+    cpu.gpr[0] = u64::MAX;
+    cpu.rflags |= rflags::CF | rflags::ZF;
+    let rip = cpu.rip;
+    let outcome = run(&[0xf3, 0x48, 0x0f, 0xb8, 0xc7], &mut cpu, &mut mem);
+    assert_eq!(
+        outcome,
+        Outcome::Completed {
+            kind: InstructionKind::Popcnt
+        }
+    );
+    assert_eq!(cpu.gpr[0], 9);
+    assert_eq!(cpu.rflags & (rflags::CF | rflags::ZF), 0);
+    assert_eq!(cpu.rip, rip + 5);
+    // popcnt eax, edi: 32 bits only, zero-extended; a zero source sets ZF.
+    let mut cpu = long_cpu();
+    cpu.gpr[7] = 0xFFFF_FFFF_0000_0000;
+    cpu.gpr[0] = u64::MAX;
+    run(&[0xf3, 0x0f, 0xb8, 0xc7], &mut cpu, &mut mem);
+    assert_eq!(cpu.gpr[0], 0);
+    assert_ne!(cpu.rflags & rflags::ZF, 0);
+    // popcnt r9w, r10w keeps r9's upper bits.
+    let mut cpu = long_cpu();
+    cpu.gpr[10] = 0x0003;
+    cpu.gpr[9] = 0xAAAA_0000;
+    run(&[0x66, 0xf3, 0x45, 0x0f, 0xb8, 0xca], &mut cpu, &mut mem);
+    assert_eq!(cpu.gpr[9], 0xAAAA_0002);
+}
+
+#[test]
+fn popcnt_memory_source_and_faults() {
+    let mut mem = FakeMemory::default();
+    mem.map(0x7000, &0x0101_0101_0101_0101u64.to_le_bytes());
+    let mut cpu = long_cpu();
+    cpu.gpr[6] = 0x7000;
+    // popcnt rcx, [rsi]
+    let outcome = run(&[0xf3, 0x48, 0x0f, 0xb8, 0x0e], &mut cpu, &mut mem);
+    assert_eq!(
+        outcome,
+        Outcome::Completed {
+            kind: InstructionKind::Popcnt
+        }
+    );
+    assert_eq!(cpu.gpr[1], 8);
+    // An unmapped source is the guest's #PF, with the state untouched.
+    let mut cpu = long_cpu();
+    cpu.gpr[6] = 0x9000;
+    let before = cpu.clone();
+    let outcome = run(&[0xf3, 0x48, 0x0f, 0xb8, 0x0e], &mut cpu, &mut mem);
+    assert!(
+        matches!(
+            outcome,
+            Outcome::Exception {
+                vector: vector::PF,
+                ..
+            }
+        ),
+        "{outcome:?}"
+    );
+    assert_eq!(cpu, before);
+    // Without the mandatory f3 (or with f2) it is another instruction.
+    assert_eq!(
+        run(&[0x48, 0x0f, 0xb8, 0xc7], &mut long_cpu(), &mut mem),
+        Outcome::Unsupported
+    );
+    assert_eq!(
+        run(&[0xf2, 0x48, 0x0f, 0xb8, 0xc7], &mut long_cpu(), &mut mem),
+        Outcome::Unsupported
+    );
 }
