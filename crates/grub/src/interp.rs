@@ -75,6 +75,10 @@ pub struct Interp<'a> {
 
 const BUILTINS: &[(&str, &str)] = &[
     ("[", "EXPRESSION ]  Evaluate an expression."),
+    (
+        "blscfg",
+        "Add menu entries from Boot Loader Specification snippets.",
+    ),
     ("boot", "Boot the loaded kernel."),
     ("cat", "FILE  Show the contents of a file."),
     ("clear", "Clear the screen."),
@@ -600,6 +604,7 @@ impl<'a> Interp<'a> {
             "source" | "." => self.cmd_source(args, false),
             "configfile" => self.cmd_source(args, true),
             "load_env" => self.cmd_load_env(args),
+            "blscfg" => self.cmd_blscfg(),
             "save_env" => Ok(0),
             "loadfont" => Ok(1),
             "clear" => {
@@ -1061,6 +1066,94 @@ impl<'a> Interp<'a> {
         Ok(0)
     }
 
+    /// Fedora/RHEL's `blscfg`: one menu entry per
+    /// `loader/entries/*.conf` snippet (Boot Loader Specification), newest
+    /// version first. Paths in a snippet are relative to the boot
+    /// filesystem, so they get `/boot` when the snippets were found under
+    /// `/boot` (no separate boot partition).
+    fn cmd_blscfg(&mut self) -> Flow {
+        const MAX_SNIPPETS: usize = 256;
+        const MAX_SNIPPET_BYTES: usize = 64 << 10;
+        let custom = self.var("blsdir");
+        let mut candidates = Vec::new();
+        if !custom.is_empty() {
+            candidates.push((custom, String::new()));
+        }
+        candidates.push(("/loader/entries".to_string(), String::new()));
+        candidates.push(("/boot/loader/entries".to_string(), "/boot".to_string()));
+        let mut found = None;
+        for (dir, prefix) in candidates {
+            let Ok((fs, p)) = self.open_fs(&dir) else {
+                continue;
+            };
+            if let Ok(list) = fs.ls(&p) {
+                found = Some((dir, prefix, list));
+                break;
+            }
+        }
+        let Some((dir, prefix, list)) = found else {
+            return self.fail("blscfg: no loader/entries directory");
+        };
+        let mut names: Vec<String> = list
+            .into_iter()
+            .filter(|e| !e.is_dir && e.name.ends_with(".conf"))
+            .map(|e| e.name)
+            .take(MAX_SNIPPETS)
+            .collect();
+        names.sort_by(|a, b| version_cmp(b, a));
+        for name in names {
+            let path = format!("{dir}/{name}");
+            let text = match self.read_file(&path) {
+                Ok(d) if d.len() <= MAX_SNIPPET_BYTES => String::from_utf8_lossy(&d).into_owned(),
+                Ok(_) => {
+                    self.say(&format!("error: {path}: snippet too large.\n"))?;
+                    continue;
+                }
+                Err(e) => {
+                    self.say(&format!("error: {e}.\n"))?;
+                    continue;
+                }
+            };
+            let mut title = None;
+            let mut linux = None;
+            let mut options = Vec::new();
+            let mut initrds = Vec::new();
+            for line in text.lines() {
+                let line = line.trim();
+                let (key, value) = line.split_once([' ', '\t']).unwrap_or((line, ""));
+                let value = value.trim().to_string();
+                match key {
+                    "title" => title = Some(value),
+                    "linux" => linux = Some(value),
+                    "options" => options.push(value),
+                    "initrd" => initrds.push(value),
+                    _ => {}
+                }
+            }
+            let Some(linux) = linux else { continue };
+            let id = name.trim_end_matches(".conf").to_string();
+            let mut body = format!(
+                "load_video\nset gfxpayload=keep\ninsmod gzio\nlinux {prefix}{linux} {}\n",
+                options.join(" ")
+            );
+            if !initrds.is_empty() {
+                let list: Vec<String> = initrds.iter().map(|i| format!("{prefix}{i}")).collect();
+                body.push_str(&format!("initrd {}\n", list.join(" ")));
+            }
+            match parse(&body) {
+                Ok(stmts) => self.menu.push(MenuItem {
+                    title: title.unwrap_or_else(|| id.clone()),
+                    id: Some(id),
+                    submenu: false,
+                    args: Vec::new(),
+                    body: Rc::new(stmts),
+                }),
+                Err(e) => self.say(&format!("error: {path}: {e}.\n"))?,
+            }
+        }
+        Ok(0)
+    }
+
     fn cmd_help(&mut self, args: &[String]) -> Flow {
         let mut out = String::new();
         for (name, text) in BUILTINS {
@@ -1071,6 +1164,39 @@ impl<'a> Interp<'a> {
         self.say(&out)?;
         Ok(0)
     }
+}
+
+/// Compare version-like names the way rpm orders them, closely enough for
+/// kernel snippets: digit runs numerically, other runs as text.
+fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    fn runs(s: &str) -> Vec<(bool, &str)> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        let bytes = s.as_bytes();
+        for i in 1..=bytes.len() {
+            if i == bytes.len() || bytes[i].is_ascii_digit() != bytes[start].is_ascii_digit() {
+                out.push((bytes[start].is_ascii_digit(), &s[start..i]));
+                start = i;
+            }
+        }
+        out
+    }
+    if a.is_empty() || b.is_empty() {
+        return a.cmp(b);
+    }
+    for (x, y) in runs(a).iter().zip(runs(b).iter()) {
+        let ord = match (x.0, y.0) {
+            (true, true) => {
+                let (p, q) = (x.1.trim_start_matches('0'), y.1.trim_start_matches('0'));
+                p.len().cmp(&q.len()).then_with(|| p.cmp(q))
+            }
+            _ => x.1.cmp(y.1),
+        };
+        if ord != std::cmp::Ordering::Equal {
+            return ord;
+        }
+    }
+    runs(a).len().cmp(&runs(b).len())
 }
 
 fn human_size(n: u64) -> String {
@@ -1091,6 +1217,17 @@ fn human_size(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn versions_order_like_rpm() {
+        use std::cmp::Ordering::*;
+        assert_eq!(
+            version_cmp("a-6.10.3-200.fc40.conf", "a-6.9.7-100.fc40.conf"),
+            Greater
+        );
+        assert_eq!(version_cmp("a-6.9.conf", "a-6.9.conf"), Equal);
+        assert_eq!(version_cmp("a-0-rescue.conf", "a-6.1.conf"), Less);
+    }
 
     #[test]
     fn grub_bhyve_command_line() {

@@ -168,3 +168,65 @@ set timeout=0
     // Two initrds, each padded to 4 bytes.
     assert_eq!(sel.initrd, b"12345\0\0\0\x31\x32\x33\x34\x35\0\0\0");
 }
+
+#[test]
+fn fedora_blscfg_menu() {
+    let dir = scratch("fedora");
+    let mid = "8f2b9c0e5d1a4b6c9e7f00112233aabb";
+    let cfg = format!(
+        "set pager=1\n\
+if [ -f ${{config_directory}}/grubenv ]; then\n  load_env -f ${{config_directory}}/grubenv\nelif [ -s $prefix/grubenv ]; then\n  load_env\nfi\n\
+if [ \"${{next_entry}}\" ] ; then\n   set default=\"${{next_entry}}\"\n   set next_entry=\n   save_env next_entry\n   set boot_once=true\nelse\n   set default=\"${{saved_entry}}\"\nfi\n\
+terminal_output console\nif [ x$feature_timeout_style = xy ] ; then\n  set timeout_style=menu\n  set timeout=5\nelse\n  set timeout=5\nfi\n\
+insmod part_msdos\ninsmod ext2\nset root='hd0,msdos1'\n\
+if [ x$feature_platform_search_hint = xy ]; then\n  search --no-floppy --fs-uuid --set=root --hint='hd0,msdos1'  {EXT_UUID}\nelse\n  search --no-floppy --fs-uuid --set=root {EXT_UUID}\nfi\n\
+insmod blscfg\nblscfg\n"
+    );
+    let new = format!("title Fedora Linux (6.10.3-200.fc40.x86_64) 40 (Server Edition)\nversion 6.10.3-200.fc40.x86_64\nlinux /vmlinuz-6.10.3-200.fc40.x86_64\ninitrd /initramfs-6.10.3-200.fc40.x86_64.img\noptions root=UUID={EXT_UUID} ro rhgb quiet\ngrub_users $grub_users\ngrub_arg --unrestricted\ngrub_class fedora\n");
+    let old = "title Fedora Linux (6.9.7-100.fc40.x86_64) 40 (Server Edition)\nversion 6.9.7-100.fc40.x86_64\nlinux /vmlinuz-6.9.7-100.fc40.x86_64\ninitrd /initramfs-6.9.7-100.fc40.x86_64.img\noptions $kernelopts\n";
+    let env = format!("# GRUB Environment Block\nsaved_entry={mid}-6.9.7-100.fc40.x86_64\nkernelopts=root=/dev/vda2 ro console=ttyS0,115200\n");
+    let img = ext_with(
+        &dir,
+        &[
+            ("boot/grub2/grub.cfg", cfg.as_bytes()),
+            ("boot/grub2/grubenv", env.as_bytes()),
+            (
+                &format!("boot/loader/entries/{mid}-6.10.3-200.fc40.x86_64.conf"),
+                new.as_bytes(),
+            ),
+            (
+                &format!("boot/loader/entries/{mid}-6.9.7-100.fc40.x86_64.conf"),
+                old.as_bytes(),
+            ),
+            ("boot/vmlinuz-6.10.3-200.fc40.x86_64", &kernel()),
+            ("boot/initramfs-6.10.3-200.fc40.x86_64.img", &initrd()),
+            ("boot/vmlinuz-6.9.7-100.fc40.x86_64", &old_kernel()),
+            ("boot/initramfs-6.9.7-100.fc40.x86_64.img", &old_initrd()),
+        ],
+    );
+    let map = device_map(&dir, &[("hd0", &img)]);
+    // saved_entry picks the older kernel; its options come from grubenv.
+    let mut con = ScriptedConsole::new(b"");
+    let sel = run(&opts(&map, "hd0", &["-d", "/boot/grub2"]), &mut con)
+        .unwrap_or_else(|e| panic!("{e}: {}", con.output_text()));
+    let out = con.output_text();
+    assert_eq!(
+        sel.menu_title.as_deref(),
+        Some("Fedora Linux (6.9.7-100.fc40.x86_64) 40 (Server Edition)"),
+        "{out}"
+    );
+    assert!(sel.kernel == old_kernel() && sel.initrd == padded(&old_initrd()));
+    // The guest's own console=ttyS0,115200 means no console=ttyS0 is added.
+    assert_eq!(
+        sel.cmdline,
+        "BOOT_IMAGE=/boot/vmlinuz-6.9.7-100.fc40.x86_64 root=/dev/vda2 ro console=ttyS0,115200"
+    );
+    // Newest first in the menu: Up reaches 6.10.
+    let mut con = ScriptedConsole::new(b"\x1b[A\r");
+    let sel = run(&opts(&map, "hd0", &["-d", "/boot/grub2"]), &mut con).unwrap();
+    assert!(sel.kernel == kernel());
+    assert_eq!(
+        sel.cmdline,
+        format!("console=ttyS0 BOOT_IMAGE=/boot/vmlinuz-6.10.3-200.fc40.x86_64 root=UUID={EXT_UUID} ro rhgb quiet")
+    );
+}
