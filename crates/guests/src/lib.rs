@@ -173,6 +173,12 @@ pub fn run_bhyve<S: AsRef<std::ffi::OsStr>>(
     run(bin, args, None, timeout)
 }
 
+/// The named-VM registry test runs use, so they leave nothing under
+/// /run/rhyve/vmm (names are unique per process, see [`vm_name`]).
+pub fn test_registry() -> PathBuf {
+    std::env::temp_dir().join("rhyve-test-vmm")
+}
+
 /// The power button signal (bhyve's SIGTERM handler), for [`run_bhyve_signal_after`].
 pub const SIGTERM: i32 = libc::SIGTERM;
 
@@ -227,6 +233,7 @@ fn run<S: AsRef<std::ffi::OsStr>>(
     timeout: Duration,
 ) -> RunResult {
     let mut child = Command::new(bin)
+        .env("RHYVE_VMM_DIR", test_registry())
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

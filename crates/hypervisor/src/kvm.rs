@@ -161,6 +161,7 @@ impl crate::Vm for KvmVm {
             fd,
             id,
             memory: self.memory.clone(),
+            assist: self.spec.emulation_assist,
         }))
     }
 }
@@ -221,6 +222,7 @@ pub struct KvmVcpu {
     fd: VcpuFd,
     id: u32,
     memory: GuestMemoryMmap,
+    assist: bool,
 }
 
 fn flat_segment(selector: u16, code: bool, long_mode: bool) -> kvm_bindings::kvm_segment {
@@ -443,6 +445,9 @@ impl crate::Vcpu for KvmVcpu {
     }
 
     fn assist_emulation(&mut self) -> Result<Option<&'static str>> {
+        if !self.assist {
+            return Ok(None);
+        }
         let bytes = self.kernel_instruction_bytes();
         Ok(crate::assist::complete(&self.fd, &self.memory, &bytes)?.map(|k| k.name()))
     }

@@ -48,6 +48,9 @@ pub struct VmSpec {
     pub x2apic: bool,
     /// `x86.strictmsr` (cleared by `-w`): unknown MSRs raise #GP.
     pub strict_msr: bool,
+    /// `x86.emulation_assist` (rhyve): complete in user space the
+    /// instructions KVM cannot emulate, instead of ending the run.
+    pub emulation_assist: bool,
 }
 
 pub use rhyve_platform::entry::EntryRegs;

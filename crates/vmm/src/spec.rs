@@ -27,6 +27,7 @@ pub fn vm_spec(tree: &ConfigTree) -> Result<VmSpec, VmmError> {
         guest_in_core: flag(tree, "memory.guest_in_core", false)?,
         x2apic: flag(tree, "x86.x2apic", false)?,
         strict_msr: flag(tree, "x86.strictmsr", true)?,
+        emulation_assist: flag(tree, "x86.emulation_assist", true)?,
     })
 }
 
