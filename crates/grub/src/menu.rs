@@ -124,6 +124,7 @@ impl Interp<'_> {
                     ))?;
                 }
                 if self.key(Some(Duration::from_secs(1)))?.is_some() {
+                    self.vars.remove("timeout");
                     timeout = None;
                     break;
                 }
@@ -149,6 +150,9 @@ impl Interp<'_> {
                             continue;
                         }
                         Some(k) => {
+                            // GRUB drops the timeout for good once a key is
+                            // pressed, so submenus do not count down again.
+                            self.vars.remove("timeout");
                             timeout = None;
                             self.put("\r\x1b[K")?;
                             k
