@@ -7,15 +7,19 @@
 //! `port.N` are SATA disks (`hd`) or ATAPI DVD drives (`cd`) over a
 //! [`BlockFile`]; the others answer "no device".
 //!
-//! Command processing is synchronous: a write to PxCI (or setting PxCMD.ST
-//! with commands already issued) runs the issued commands on the writing
-//! vCPU's thread, moving data between the backing file and guest memory
-//! through a bounded bounce buffer. Requests are bounded by the ATA command
-//! set (at most 65536 sectors; ATAPI reads are capped at 65535 blocks), so
-//! a command costs at most that much I/O. bhyve hands requests to its
-//! `block_if` worker threads instead; the guest-visible protocol (FIS
-//! order, NCQ completion through Set Device Bits FISes, error handling that
-//! waits for the driver to restart the port) is the same.
+//! Commands are started on the vCPU thread that writes PxCI (or sets
+//! PxCMD.ST with commands already issued), as in bhyve: the command header
+//! and FIS are decoded there and commands without host I/O (IDENTIFY, SET
+//! FEATURES, logs, most ATAPI commands) complete at once. Reads, writes,
+//! flushes and TRIMs go to the controller's I/O thread (bhyve's `block_if`
+//! worker), which moves data between the backing file and guest memory
+//! through a bounded bounce buffer without holding the controller lock,
+//! then completes the command (D2H FIS, or Set Device Bits for NCQ) and
+//! starts the next ones. Non-queued commands keep BSY set while their I/O
+//! runs, so they are serialised; NCQ commands are accepted at once and up
+//! to 32 per port are in flight. Requests are bounded by the ATA command
+//! set (at most 65536 sectors; ATAPI reads are capped at 65535 blocks).
+//! A reset drops the completions of I/O started before it.
 //!
 //! Hostile guests: every guest address goes through `vm-memory`'s checked
 //! accessors, the PRD table must cover the whole transfer, LBA ranges are
@@ -26,6 +30,8 @@
 //! stops the command loop even when the FIS receive area is disabled.
 
 use std::io;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex, Weak};
 
 use rhyve_backends::block::{BlockError, BlockFile, BlockOptions};
 use rhyve_config::{ConfigError, ConfigTree};
@@ -238,6 +244,8 @@ pub enum AhciError {
     NoSuchPort(usize),
     #[error("ahci port {0} given twice")]
     DuplicatePort(usize),
+    #[error("cannot start the AHCI I/O thread: {0}")]
+    Thread(io::Error),
 }
 
 /// What a port holds.
@@ -318,6 +326,10 @@ pub struct PortState {
     pub asc: u8,
     /// Next command slot the loop looks at (PxCMD.CCS).
     pub ccs: u32,
+    /// Slots whose host I/O is with the I/O thread.
+    pub pending: u32,
+    /// Bumped by every reset: completions of older I/O are dropped.
+    pub generation: u64,
 }
 
 /// The whole HBA state, as a snapshot would store it.
@@ -335,6 +347,7 @@ pub struct AhciState {
 }
 
 /// A command fetched from the command list.
+#[derive(Clone)]
 struct Command {
     slot: u32,
     /// Guest address of the command header.
@@ -352,14 +365,80 @@ enum Completion {
     D2h(u32),
     /// A Set Device Bits FIS (NCQ) with this status/error.
     Ncq(u32),
+    /// Handed to the I/O thread, which completes it.
+    Queued,
+}
+
+/// Host I/O a command leaves to the I/O thread.
+enum Io {
+    /// `len` bytes at byte `offset` of the drive, to the guest or from it.
+    Transfer {
+        offset: u64,
+        len: u64,
+        to_guest: bool,
+    },
+    Flush,
+    /// Byte ranges to discard (already checked against the disk).
+    Discard(Vec<(u64, u64)>),
+}
+
+/// How a command reports the outcome of its I/O.
+#[derive(Debug, Clone, Copy)]
+enum Finish {
+    D2h,
+    Ncq,
+    Atapi,
+}
+
+/// One command's I/O, as the I/O thread receives it.
+struct Job {
+    port: usize,
+    generation: u64,
+    cmd: Command,
+    cfis: [u8; 20],
+    file: Arc<BlockFile>,
+    io: Io,
+    finish: Finish,
+}
+
+impl Job {
+    fn run(&self, mem: &GuestMemory) -> Result<(), String> {
+        match &self.io {
+            Io::Transfer {
+                offset,
+                len,
+                to_guest,
+            } => dma(mem, &self.file, &self.cmd, *offset, *len, *to_guest),
+            Io::Flush => self.file.flush().map_err(|e| format!("flush: {e}")),
+            Io::Discard(ranges) => ranges.iter().try_for_each(|&(offset, len)| {
+                self.file
+                    .discard(offset, len)
+                    .map_err(|e| format!("discard of {len} bytes at {offset:#x}: {e}"))
+            }),
+        }
+    }
+}
+
+/// The I/O thread: runs jobs in order, then completes each under the
+/// controller lock. Ends with the controller (its job sender is dropped).
+fn io_thread(jobs: Receiver<Job>, ahci: Weak<Mutex<Ahci>>, mem: GuestMemory) {
+    while let Ok(job) = jobs.recv() {
+        let result = job.run(&mem);
+        let Some(ahci) = ahci.upgrade() else {
+            return;
+        };
+        let mut ahci = ahci.lock().unwrap_or_else(|e| e.into_inner());
+        ahci.finish(job, result);
+    }
 }
 
 /// The AHCI controller.
 pub struct Ahci {
     config: PciConfigSpace,
     state: AhciState,
-    files: Vec<Option<BlockFile>>,
+    files: Vec<Option<Arc<BlockFile>>>,
     mem: GuestMemory,
+    jobs: Sender<Job>,
 }
 
 fn le32(b: &[u8]) -> u32 {
@@ -478,9 +557,6 @@ fn dma(
             ))
         }
     }
-    if !to_guest && file.readonly() {
-        return Err("write to a read-only disk".into());
-    }
     let segs = scatter_list(mem, cmd, len)?;
     let mut bounce = vec![0u8; (len as usize).min(CHUNK)];
     let mut pos = offset;
@@ -505,8 +581,12 @@ fn dma(
 }
 
 impl Ahci {
-    /// An HBA with `drives` attached (port number, drive) over guest memory `mem`.
-    pub fn new(drives: Vec<(usize, DriveSpec)>, mem: GuestMemory) -> Result<Self, AhciError> {
+    /// An HBA with `drives` attached (port number, drive) over guest
+    /// memory `mem`, with its I/O thread running.
+    pub fn new(
+        drives: Vec<(usize, DriveSpec)>,
+        mem: GuestMemory,
+    ) -> Result<Arc<Mutex<Self>>, AhciError> {
         let mut ports: Vec<PortState> = (0..MAX_PORTS)
             .map(|_| PortState {
                 regs: PortRegs::default(),
@@ -520,9 +600,11 @@ impl Ahci {
                 sense_key: 0,
                 asc: 0,
                 ccs: 0,
+                pending: 0,
+                generation: 0,
             })
             .collect();
-        let mut files: Vec<Option<BlockFile>> = (0..MAX_PORTS).map(|_| None).collect();
+        let mut files: Vec<Option<Arc<BlockFile>>> = (0..MAX_PORTS).map(|_| None).collect();
         let mut pi = 0u32;
         for (n, spec) in drives {
             if n >= MAX_PORTS {
@@ -533,7 +615,7 @@ impl Ahci {
             }
             ports[n].drive = Some(spec.kind);
             ports[n].identity = Some(spec.identity);
-            files[n] = Some(spec.file);
+            files[n] = Some(Arc::new(spec.file));
             pi |= 1 << n;
         }
         let cap = hba::CAP_64BIT
@@ -559,6 +641,7 @@ impl Ahci {
             PORT_BASE + MAX_PORTS as u64 * PORT_STEP,
         )?;
         config.request_intx();
+        let (jobs, queue) = mpsc::channel();
         let mut ahci = Self {
             config,
             state: AhciState {
@@ -572,16 +655,27 @@ impl Ahci {
                 ports,
             },
             files,
-            mem,
+            mem: mem.clone(),
+            jobs,
         };
         ahci.reset();
+        let ahci = Arc::new(Mutex::new(ahci));
+        let weak = Arc::downgrade(&ahci);
+        std::thread::Builder::new()
+            .name("ahci-io".into())
+            .spawn(move || io_thread(queue, weak, mem))
+            .map_err(AhciError::Thread)?;
         Ok(ahci)
     }
 
     /// Build from config node `node` (`pci.B.S.F`): ports from
     /// `port.N.type` (`hd` or `cd`), `port.N.path` and the block options,
     /// identity overrides from `ser`, `rev`, `model` and `nmrr`.
-    pub fn from_config(tree: &ConfigTree, node: &str, mem: GuestMemory) -> Result<Self, AhciError> {
+    pub fn from_config(
+        tree: &ConfigTree,
+        node: &str,
+        mem: GuestMemory,
+    ) -> Result<Arc<Mutex<Self>>, AhciError> {
         let mut drives = Vec::new();
         for n in 0..MAX_PORTS {
             let pnode = format!("{node}.port.{n}");
@@ -787,6 +881,8 @@ impl Ahci {
     /// initial D2H FIS.
     fn port_reset(&mut self, p: usize) {
         let port = &mut self.state.ports[p];
+        port.generation += 1;
+        port.pending = 0;
         port.regs.serr = 0;
         port.regs.sact = 0;
         port.xfer_mode = identify::XFER_UDMA6;
@@ -843,10 +939,10 @@ impl Ahci {
         }
     }
 
-    /// PxCMD.ST is clear: with nothing in flight, the port is idle at once.
+    /// PxCMD.ST is clear: once nothing is in flight, the port is idle.
     fn check_stopped(&mut self, p: usize) {
         let port = &mut self.state.ports[p];
-        if port.regs.cmd & port::CMD_ST == 0 {
+        if port.regs.cmd & port::CMD_ST == 0 && port.pending == 0 {
             port.ccs = 0;
             port.regs.cmd &= !(port::CMD_CR | port::CMD_CCS_MASK);
             port.regs.ci = 0;
@@ -857,9 +953,9 @@ impl Ahci {
 
     // ---- the command loop ----
 
-    /// Run the issued commands of port `p`, from PxCMD.CCS on, until none
-    /// is left or one fails. Every command completes before the next
-    /// starts, so one sweep over the slots is enough.
+    /// Start the issued commands of port `p`, from PxCMD.CCS on, until
+    /// none is left, the device is busy or one failed. Each visited slot
+    /// is started or already in flight, so one sweep is enough.
     fn handle_port(&mut self, p: usize) {
         if self.files[p].is_none() {
             return;
@@ -867,14 +963,14 @@ impl Ahci {
         for _ in 0..SLOTS {
             let port = &self.state.ports[p];
             if port.regs.cmd & port::CMD_ST == 0
-                || port.regs.ci == 0
+                || port.regs.ci & !port.pending == 0
                 || port.regs.tfd & (ata::S_BUSY | ata::S_DRQ) != 0
                 || port.wait_for_clear
             {
                 break;
             }
             let slot = port.ccs;
-            if port.regs.ci & (1 << slot) != 0 {
+            if port.regs.ci & !port.pending & (1 << slot) != 0 {
                 let port = &mut self.state.ports[p];
                 port.regs.cmd = (port.regs.cmd & !port::CMD_CCS_MASK) | slot << port::CMD_CCS_SHIFT;
                 self.handle_slot(p, slot);
@@ -941,7 +1037,86 @@ impl Ahci {
         match self.execute(p, &cmd, &mut cfis) {
             Completion::D2h(tfd) => self.d2h(p, slot, &cfis, tfd),
             Completion::Ncq(tfd) => self.sdb(p, slot, &cfis, tfd),
+            Completion::Queued => {}
         }
+    }
+
+    /// Hand `cmd`'s host I/O to the I/O thread.
+    fn queue(
+        &mut self,
+        p: usize,
+        cmd: &Command,
+        cfis: &[u8; 20],
+        io: Io,
+        finish: Finish,
+    ) -> Completion {
+        let Some(file) = self.files[p].clone() else {
+            return Completion::D2h(ata::ABORTED);
+        };
+        let port = &mut self.state.ports[p];
+        let bit = 1u32 << cmd.slot;
+        port.pending |= bit;
+        let job = Job {
+            port: p,
+            generation: port.generation,
+            cmd: cmd.clone(),
+            cfis: *cfis,
+            file,
+            io,
+            finish,
+        };
+        if self.jobs.send(job).is_err() {
+            // Only if the I/O thread died (a panic): fail, never hang.
+            tracing::error!("ahci port {p}: the I/O thread is gone");
+            self.state.ports[p].pending &= !bit;
+            return match finish {
+                Finish::Ncq => Completion::Ncq(ata::ABORTED),
+                Finish::D2h | Finish::Atapi => Completion::D2h(ata::ABORTED),
+            };
+        }
+        Completion::Queued
+    }
+
+    /// The I/O thread finished `job`: complete the command and start the
+    /// next ones.
+    fn finish(&mut self, job: Job, result: Result<(), String>) {
+        let p = job.port;
+        let slot = job.cmd.slot;
+        let port = &mut self.state.ports[p];
+        if port.generation != job.generation {
+            tracing::debug!("ahci port {p} slot {slot}: I/O finished after a reset, dropped");
+            return;
+        }
+        port.pending &= !(1 << slot);
+        match job.finish {
+            Finish::D2h => {
+                let tfd = Self::status(p, &job.cmd, result);
+                self.d2h(p, slot, &job.cfis, tfd);
+            }
+            Finish::Ncq => {
+                let tfd = Self::status(p, &job.cmd, result);
+                self.sdb(p, slot, &job.cfis, tfd);
+            }
+            Finish::Atapi => {
+                let tfd = match result {
+                    Ok(()) => ata::OK,
+                    Err(e) => {
+                        tracing::warn!(
+                            "ahci port {p} slot {slot}: ATAPI command {:#04x} failed: {e}",
+                            job.cmd.acmd[0]
+                        );
+                        self.check_condition(
+                            p,
+                            atapi::SENSE_ILLEGAL_REQUEST,
+                            atapi::ASC_LBA_OUT_OF_RANGE,
+                        )
+                    }
+                };
+                self.d2h(p, slot, &job.cfis, tfd);
+            }
+        }
+        self.check_stopped(p);
+        self.handle_port(p);
     }
 
     /// Status for `result`, logging failures.
@@ -995,11 +1170,7 @@ impl Ahci {
                 self.read_write(p, cmd, cfis)
             }
             FLUSH_CACHE | FLUSH_CACHE48 if !atapi => {
-                let r = match &self.files[p] {
-                    Some(f) => f.flush().map_err(|e| format!("flush: {e}")),
-                    None => Err("no drive".into()),
-                };
-                Completion::D2h(Self::status(p, cmd, r))
+                self.queue(p, cmd, cfis, Io::Flush, Finish::D2h)
             }
             DATA_SET_MANAGEMENT
                 if !atapi
@@ -1008,7 +1179,10 @@ impl Ahci {
                     && cfis[12] == 1
                     && cfis[13] == 0 =>
             {
-                Completion::D2h(Self::status(p, cmd, self.trim(p, cmd)))
+                match self.trim_ranges(p, cmd) {
+                    Ok(r) => self.queue(p, cmd, cfis, Io::Discard(r), Finish::D2h),
+                    Err(e) => Completion::D2h(Self::status(p, cmd, Err(e))),
+                }
             }
             SEND_FPDMA_QUEUED
                 if !atapi
@@ -1019,7 +1193,10 @@ impl Ahci {
                     && cfis[11] == 0 =>
             {
                 self.d2h_ncq_accept(p, cmd.slot);
-                Completion::Ncq(Self::status(p, cmd, self.trim(p, cmd)))
+                match self.trim_ranges(p, cmd) {
+                    Ok(r) => self.queue(p, cmd, cfis, Io::Discard(r), Finish::Ncq),
+                    Err(e) => Completion::Ncq(Self::status(p, cmd, Err(e))),
+                }
             }
             READ_LOG_EXT | READ_LOG_DMA_EXT => Completion::D2h(self.read_log(p, cmd, cfis)),
             CHECK_POWER_MODE => {
@@ -1029,7 +1206,7 @@ impl Ahci {
             }
             STANDBY | STANDBY_IMMEDIATE | IDLE | IDLE_IMMEDIATE | SLEEP | READ_VERIFY
             | READ_VERIFY48 => Completion::D2h(OK),
-            PACKET if atapi => Completion::D2h(self.packet(p, cmd, cfis)),
+            PACKET if atapi => self.packet(p, cmd, cfis),
             SECURITY_FREEZE_LOCK | SMART | NOP => Completion::D2h(ABORTED),
             other => {
                 tracing::warn!(
@@ -1126,27 +1303,44 @@ impl Ahci {
         if ncq {
             self.d2h_ncq_accept(p, cmd.slot);
         }
-        let result = match &self.files[p] {
+        let (finish, fail): (Finish, fn(u32) -> Completion) = if ncq {
+            (Finish::Ncq, Completion::Ncq)
+        } else {
+            (Finish::D2h, Completion::D2h)
+        };
+        let io = match &self.files[p] {
             Some(f) => {
                 let ss = u64::from(f.sector_size());
+                let len = count * ss;
                 match lba.checked_mul(ss) {
-                    Some(offset) => dma(&self.mem, f, cmd, offset, count * ss, !write),
-                    None => Err(format!("LBA {lba:#x} is out of range")),
+                    Some(offset) if offset.checked_add(len).is_some_and(|e| e <= f.size()) => {
+                        if write && f.readonly() {
+                            Err("write to a read-only disk".to_string())
+                        } else {
+                            Ok(Io::Transfer {
+                                offset,
+                                len,
+                                to_guest: !write,
+                            })
+                        }
+                    }
+                    _ => Err(format!(
+                        "{count} sectors at LBA {lba:#x} are beyond the end of the disk"
+                    )),
                 }
             }
             None => Err("no drive".into()),
         };
-        let tfd = Self::status(p, cmd, result);
-        if ncq {
-            Completion::Ncq(tfd)
-        } else {
-            Completion::D2h(tfd)
+        match io {
+            Ok(io) => self.queue(p, cmd, cfis, io, finish),
+            Err(e) => fail(Self::status(p, cmd, Err(e))),
         }
     }
 
     /// DATA SET MANAGEMENT TRIM: one 512-byte block of 64 range entries
-    /// (48-bit LBA, 16-bit sector count; empty entries are skipped).
-    fn trim(&self, p: usize, cmd: &Command) -> Result<(), String> {
+    /// (48-bit LBA, 16-bit sector count; empty entries are skipped), as
+    /// byte ranges checked against the disk.
+    fn trim_ranges(&self, p: usize, cmd: &Command) -> Result<Vec<(u64, u64)>, String> {
         let f = self.files[p].as_ref().ok_or("no drive")?;
         if !f.can_delete() || f.readonly() {
             return Err("TRIM on a disk without discard (nodelete or read-only)".into());
@@ -1158,6 +1352,7 @@ impl Ahci {
         }
         let ss = u64::from(f.sector_size());
         let sectors = f.size() / ss;
+        let mut ranges = Vec::new();
         for e in block.chunks_exact(8) {
             let lba = u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], 0, 0]);
             let count = u64::from(u16::from_le_bytes([e[6], e[7]]));
@@ -1169,10 +1364,9 @@ impl Ahci {
                     "TRIM of {count} sectors at {lba:#x} beyond the disk"
                 ));
             }
-            f.discard(lba * ss, count * ss)
-                .map_err(|e| format!("discard: {e}"))?;
+            ranges.push((lba * ss, count * ss));
         }
-        Ok(())
+        Ok(ranges)
     }
 
     /// READ LOG (DMA) EXT of the log directory, the NCQ command error log
@@ -1223,41 +1417,44 @@ impl Ahci {
 
     /// An ATAPI PACKET command; errors carry the sense key in the error
     /// register and are remembered for REQUEST SENSE.
-    fn packet(&mut self, p: usize, cmd: &Command, cfis: &mut [u8; 20]) -> u32 {
+    fn packet(&mut self, p: usize, cmd: &Command, cfis: &mut [u8; 20]) -> Completion {
         // Interrupt reason: command completion, data to the host.
         cfis[4] = (cfis[4] & !7) | 0x3;
         let Some(f) = self.files[p].as_ref() else {
-            return ata::ABORTED;
+            return Completion::D2h(ata::ABORTED);
         };
         let port = &self.state.ports[p];
         let reply = atapi::execute(&cmd.acmd, f.size(), (port.sense_key, port.asc));
-        let result = match reply {
-            Reply::Data(data) => write_prdt(&self.mem, cmd, &data),
-            Reply::Read { lba, blocks } => dma(
-                &self.mem,
-                f,
-                cmd,
-                lba * atapi::BLOCK,
-                blocks * atapi::BLOCK,
-                true,
-            ),
+        match reply {
+            Reply::Data(data) => match write_prdt(&self.mem, cmd, &data) {
+                Ok(()) => Completion::D2h(ata::OK),
+                Err(e) => {
+                    tracing::warn!(
+                        "ahci port {p} slot {}: ATAPI command {:#04x} failed: {e}",
+                        cmd.slot,
+                        cmd.acmd[0]
+                    );
+                    Completion::D2h(self.check_condition(
+                        p,
+                        atapi::SENSE_ILLEGAL_REQUEST,
+                        atapi::ASC_INVALID_FIELD,
+                    ))
+                }
+            },
+            Reply::Read { lba, blocks } => {
+                let io = Io::Transfer {
+                    offset: lba * atapi::BLOCK,
+                    len: blocks * atapi::BLOCK,
+                    to_guest: true,
+                };
+                self.queue(p, cmd, cfis, io, Finish::Atapi)
+            }
             Reply::Check(key, asc) => {
                 tracing::debug!(
                     "ahci port {p}: ATAPI command {:#04x}: sense {key:#x}/{asc:#04x}",
                     cmd.acmd[0]
                 );
-                return self.check_condition(p, key, asc);
-            }
-        };
-        match result {
-            Ok(()) => ata::OK,
-            Err(e) => {
-                tracing::warn!(
-                    "ahci port {p} slot {}: ATAPI command {:#04x} failed: {e}",
-                    cmd.slot,
-                    cmd.acmd[0]
-                );
-                self.check_condition(p, atapi::SENSE_ILLEGAL_REQUEST, atapi::ASC_LBA_OUT_OF_RANGE)
+                Completion::D2h(self.check_condition(p, key, asc))
             }
         }
     }

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use md5::{Digest, Md5};
 use rhyve_config::ConfigTree;
@@ -82,6 +83,7 @@ fn image(name: &str, sectors: u64, sector_size: usize) -> PathBuf {
 // ---- the machine ----
 
 struct Hba {
+    ahci: Arc<Mutex<Ahci>>,
     io: Arc<Bus>,
     mmio: Arc<Bus>,
     irqs: Arc<Irqs>,
@@ -139,10 +141,10 @@ impl Hba {
         .unwrap();
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
         let ahci = Ahci::from_config(tree, &bdf().node(), mem.clone()).unwrap();
-        root.add_function(bdf(), Arc::new(Mutex::new(ahci)))
-            .unwrap();
+        root.add_function(bdf(), ahci.clone()).unwrap();
         root.finalize().unwrap();
         let mut h = Self {
+            ahci,
             io,
             mmio,
             irqs,
@@ -176,8 +178,30 @@ impl Hba {
         u32::from_le_bytes(b)
     }
 
+    /// Register write, then wait until the I/O thread has finished
+    /// whatever the write started (tests look at completed state).
     fn w(&self, off: u64, v: u32) {
         assert!(self.mmio.write(self.abar + off, &v.to_le_bytes()));
+        self.settle();
+    }
+
+    fn settle(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let busy = self
+                .ahci
+                .lock()
+                .unwrap()
+                .state()
+                .ports
+                .iter()
+                .any(|p| p.pending != 0);
+            if !busy {
+                return;
+            }
+            assert!(Instant::now() < deadline, "I/O did not complete");
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     fn pr(&self, p: u64, reg: u64) -> u32 {
@@ -1170,9 +1194,10 @@ fn state_serializes() {
     let disk = image("state2.img", 8, 512);
     let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let a = Ahci::from_config(&tree_with(&[("hd", &disk, &[])]), &bdf().node(), mem).unwrap();
-    let json = serde_json::to_string(a.state()).unwrap();
+    let state = a.lock().unwrap().state().clone();
+    let json = serde_json::to_string(&state).unwrap();
     let back: rhyve_storage::AhciState = serde_json::from_str(&json).unwrap();
-    assert_eq!(&back, a.state());
+    assert_eq!(back, state);
     assert_eq!(back.ports.len(), 32);
     assert_eq!(back.ports[0].regs.sig, port::SIG_ATA);
     assert_eq!(back.ports[0].drive, Some(rhyve_storage::DriveKind::Disk));

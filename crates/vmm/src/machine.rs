@@ -64,9 +64,8 @@ fn build_pci(
             )
             .map_err(|e| VmmError::Unsupported(format!("pci slot {bdf}: {e}")))?
         } else if f.model == "ahci" {
-            let ahci = rhyve_storage::Ahci::from_config(tree, &f.node, vm.memory().clone())
-                .map_err(|e| VmmError::Unsupported(format!("pci slot {bdf}: {e}")))?;
-            Arc::new(std::sync::Mutex::new(ahci))
+            rhyve_storage::Ahci::from_config(tree, &f.node, vm.memory().clone())
+                .map_err(|e| VmmError::Unsupported(format!("pci slot {bdf}: {e}")))?
         } else {
             create_function(&f.model, tree, &f.node, &ctx)
                 .map_err(|e| VmmError::Unsupported(e.to_string()))?
