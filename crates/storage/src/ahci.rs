@@ -936,6 +936,9 @@ impl Ahci {
             }
             port.regs.sctl = 0;
             self.port_reset(p);
+            // Unlike bhyve, issued commands do not survive the reset (the
+            // spec resets PxCI and PxSACT; bhyve would run them again).
+            self.check_stopped(p);
         }
     }
 
@@ -1208,6 +1211,14 @@ impl Ahci {
             | READ_VERIFY48 => Completion::D2h(OK),
             PACKET if atapi => self.packet(p, cmd, cfis),
             SECURITY_FREEZE_LOCK | SMART | NOP => Completion::D2h(ABORTED),
+            IDENTIFY | ATAPI_IDENTIFY | PACKET => {
+                tracing::debug!(
+                    "ahci port {p} slot {}: command {:#04x} is not for this kind of device (or has no buffer)",
+                    cmd.slot,
+                    cfis[2]
+                );
+                Completion::D2h(ABORTED)
+            }
             other => {
                 tracing::warn!(
                     "ahci port {p} slot {}: unsupported command {other:#04x} (features {:#04x}, count {:#04x})",

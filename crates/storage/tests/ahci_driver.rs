@@ -1202,3 +1202,60 @@ fn state_serializes() {
     assert_eq!(back.ports[0].regs.sig, port::SIG_ATA);
     assert_eq!(back.ports[0].drive, Some(rhyve_storage::DriveKind::Disk));
 }
+
+/// The test holds the controller lock, so I/O handed to the I/O thread
+/// cannot complete until it lets go: the in-flight states are observable.
+#[test]
+fn io_in_flight_survives_stop_and_is_dropped_by_reset() {
+    use rhyve_pci::PciFunction;
+    let (h, _, _) = disk_and_cd("inflight");
+    h.start_port(0);
+    let reg = |a: &mut Ahci, off: u64| {
+        let mut b = [0u8; 4];
+        a.bar_read(5, off, &mut b);
+        u32::from_le_bytes(b)
+    };
+    let p0 = |r: u64| 0x100 + r;
+    h.prepare(0, 0, &h2d(ata::READ_DMA48, 0, 8, 8), &[], &[(DATA, 4096)]);
+    {
+        let mut a = h.ahci.lock().unwrap();
+        a.bar_write(5, p0(port::CI), &1u32.to_le_bytes());
+        assert_eq!(a.state().ports[0].pending, 1, "handed to the I/O thread");
+        assert_ne!(reg(&mut a, p0(port::TFD)) & 0x80, 0, "BSY while it runs");
+        // The driver stops the port: the command in flight is kept.
+        a.bar_write(5, p0(port::CMD), &port::CMD_FRE.to_le_bytes());
+        assert_eq!(reg(&mut a, p0(port::CI)), 1);
+        assert_ne!(
+            reg(&mut a, p0(port::CMD)) & port::CMD_CR,
+            0,
+            "still running"
+        );
+    }
+    h.settle();
+    assert_eq!(h.pr(0, port::CI), 0);
+    assert_eq!(h.pr(0, port::CMD) & port::CMD_CR, 0, "stopped once idle");
+    let mut want = Vec::new();
+    for s in 8..16 {
+        want.extend(pattern(s, 512));
+    }
+    assert_eq!(h.read_mem(DATA, 4096), want);
+
+    // An HBA reset while I/O is in flight: its completion is dropped.
+    h.start_port(0);
+    h.pw(0, port::IE, 0);
+    h.prepare(0, 1, &h2d(ata::READ_DMA48, 0, 0, 8), &[], &[(DATA, 4096)]);
+    {
+        let mut a = h.ahci.lock().unwrap();
+        a.bar_write(5, p0(port::CI), &2u32.to_le_bytes());
+        a.bar_write(5, hba::GHC, &hba::GHC_HR.to_le_bytes());
+        assert_eq!(a.state().ports[0].pending, 0);
+        assert_eq!(reg(&mut a, p0(port::CI)), 0);
+    }
+    // The I/O thread runs jobs in order: once this flush is done, the
+    // stale read has finished too, without touching the port.
+    h.start_port(0);
+    h.issue(0, 2, &h2d(ata::FLUSH_CACHE, 0, 0, 0), &[], &[]);
+    h.assert_ok(0, 2);
+    assert_eq!(h.pr(0, port::CI), 0);
+    assert_eq!(h.pr(0, port::IS) & !port::IS_DHRS, 0);
+}
