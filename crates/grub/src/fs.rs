@@ -2,8 +2,8 @@
 //! the reader for a region.
 //!
 //! ext2/3/4 go through `ext4-view` (written for untrusted images: checksums,
-//! bounded symlink following). FAT12/16/32 (`fat.rs`) and ISO 9660
-//! (`iso9660.rs`) are our own readers; each says why. The host filesystem
+//! bounded symlink following). FAT12/16/32 (`fat.rs`), ISO 9660
+//! (`iso9660.rs`) and XFS (`xfs.rs`) are our own readers; each says why. The host filesystem
 //! (`(host)`, grub-emu's hostfs) is std::fs.
 
 use crate::disk::Region;
@@ -70,6 +70,9 @@ pub fn probe(region: &Region) -> Result<Box<dyn Filesystem>, GrubError> {
     let mut magic = [0u8; 2];
     if region.read_at(1024 + 56, &mut magic).is_ok() && magic == [0x53, 0xEF] {
         return ExtFs::open(region.clone()).map(|f| Box::new(f) as Box<dyn Filesystem>);
+    }
+    if let Ok(xfs) = crate::xfs::XfsFs::open(region.clone()) {
+        return Ok(Box::new(xfs));
     }
     match crate::fat::FatFs::open(region.clone()) {
         Ok(f) => Ok(Box::new(f)),

@@ -24,6 +24,7 @@ mod iso9660;
 mod menu;
 mod options;
 mod script;
+mod xfs;
 
 pub use console::{Console, FdConsole, ScriptedConsole};
 pub use devices::{DeviceInfo, Devices};

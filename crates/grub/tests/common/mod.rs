@@ -14,7 +14,7 @@ static INSTALL: Once = Once::new();
 
 /// The tools the image builders use; missing ones are installed once
 /// with apt-get (Debian packages xorriso, fdisk, e2fsprogs, dosfstools,
-/// mtools), and a test fails loudly if that does not work.
+/// mtools, xfsprogs), and a test fails loudly if that does not work.
 pub fn need_tools() {
     INSTALL.call_once(|| {
         let tools = [
@@ -23,6 +23,7 @@ pub fn need_tools() {
             ("mke2fs", "e2fsprogs"),
             ("mkfs.vfat", "dosfstools"),
             ("mcopy", "mtools"),
+            ("mkfs.xfs", "xfsprogs"),
         ];
         let missing: Vec<&str> = tools
             .iter()
@@ -414,4 +415,62 @@ pub fn opts(map: &Path, root: &str, extra: &[&str]) -> rhyve_grub::GrubOptions {
     args.extend(extra.iter().map(|s| s.to_string()));
     args.push("linuxguest".into());
     rhyve_grub::parse_args(&args).unwrap()
+}
+
+/// An XFS image (mkfs.xfs's minimum, 300 MiB, sparse) built from a
+/// mkfs.xfs prototype: `(path, contents)` files, `(path, target)` symlinks.
+pub fn mkxfs(img: &Path, files: &[(&str, Vec<u8>)], links: &[(&str, &str)], label: &str) {
+    need_tools();
+    let src = img.with_extension("src");
+    let _ = std::fs::remove_dir_all(&src);
+    // The prototype lists a directory's entries, nested, before "$".
+    #[derive(Default)]
+    struct Dir {
+        files: Vec<(String, std::path::PathBuf)>,
+        links: Vec<(String, String)>,
+        dirs: std::collections::BTreeMap<String, Dir>,
+    }
+    let mut root = Dir::default();
+    for (n, (path, data)) in files.iter().enumerate() {
+        let host = src.join(format!("f{n}"));
+        write(&host, data);
+        let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+        let mut d = &mut root;
+        for p in &parts[..parts.len() - 1] {
+            d = d.dirs.entry(p.to_string()).or_default();
+        }
+        d.files.push((parts[parts.len() - 1].to_string(), host));
+    }
+    for (path, target) in links {
+        let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+        let mut d = &mut root;
+        for p in &parts[..parts.len() - 1] {
+            d = d.dirs.entry(p.to_string()).or_default();
+        }
+        d.links
+            .push((parts[parts.len() - 1].to_string(), target.to_string()));
+    }
+    fn emit(d: &Dir, out: &mut String) {
+        for (name, host) in &d.files {
+            out.push_str(&format!("{name} ---644 0 0 {}\n", host.display()));
+        }
+        for (name, target) in &d.links {
+            out.push_str(&format!("{name} l--777 0 0 {target}\n"));
+        }
+        for (name, sub) in &d.dirs {
+            out.push_str(&format!("{name} d--755 0 0\n"));
+            emit(sub, out);
+            out.push_str("$\n");
+        }
+    }
+    let mut proto = String::from("/dev/null\n0 0\nd--755 0 0\n");
+    emit(&root, &mut proto);
+    proto.push_str("$\n");
+    let proto_path = src.join("proto");
+    write(&proto_path, proto.as_bytes());
+    sh(&format!(
+        "rm -f '{i}'; truncate -s 300M '{i}' && mkfs.xfs -q -m uuid={EXT_UUID} -L {label} -p '{p}' '{i}'",
+        i = img.display(),
+        p = proto_path.display()
+    ));
 }
