@@ -12,8 +12,11 @@
 //! a notify write through the bus signals the same eventfd), and a worker
 //! thread per device waits on those eventfds and the device's host fd,
 //! processes the queue and raises the interrupt itself (MSI-X/MSI through
-//! the config space's [`rhyve_platform::irq::MsiSender`], which the VMM
-//! implements with KVM MSI routes / irqfds).
+//! the config space's [`rhyve_platform::irq::MsiSender`], or, for an
+//! enabled and unmasked MSI-X vector, by signalling that vector's irqfd,
+//! bound to its MSI route through [`GuestNotifiers::add_msi`], without
+//! taking any lock). Masking a vector unbinds its irqfd, so the config
+//! space's pending-bit logic sees every interrupt raised while masked.
 //!
 //! Locking: the function lock (held by the bus around every register
 //! access) is always taken before the queue lock, and the worker never
@@ -24,11 +27,12 @@
 use std::io;
 use std::os::fd::BorrowedFd;
 use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use rhyve_config::ConfigTree;
 use rhyve_pci::{BarKind, PciConfigSpace, PciError, PciFunction};
-use rhyve_platform::notify::{GuestNotifiers, IoAddress};
+use rhyve_platform::notify::{GuestNotifiers, IoAddress, MsiRoute};
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
@@ -171,6 +175,21 @@ pub struct VirtioPci {
     io_base: Option<u64>,
     stop: Option<Arc<EventFd>>,
     me: Weak<Mutex<VirtioPci>>,
+    /// One irqfd per MSI-X vector, bound to its MSI route while the vector
+    /// can fire (enabled, unmasked) and the VMM gave us notifiers.
+    irqfds: Vec<Irqfd>,
+    /// Per queue: the vector whose irqfd the worker may signal directly,
+    /// or NO_FAST_PATH.
+    fast: Arc<Vec<AtomicU32>>,
+}
+
+/// `fast` entry for "take the function lock and let the config space send it".
+const NO_FAST_PATH: u32 = u32::MAX;
+
+struct Irqfd {
+    fd: Arc<EventFd>,
+    /// Handle from `GuestNotifiers::add_msi` and the route it carries.
+    bound: Option<(u32, MsiRoute)>,
 }
 
 /// bhyve's PCI class for each device type.
@@ -288,6 +307,25 @@ impl VirtioPci {
             generation: 0,
             active: false,
         }));
+        let vectors = if msix { queue_sizes.len() + 1 } else { 0 };
+        let irqfds = (0..vectors)
+            .map(|_| {
+                EventFd::new(EFD_NONBLOCK).map(|fd| Irqfd {
+                    fd: Arc::new(fd),
+                    bound: None,
+                })
+            })
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|_| PciError::BadBar {
+                index: 1,
+                why: "cannot create interrupt eventfds",
+            })?;
+        let fast = Arc::new(
+            queue_sizes
+                .iter()
+                .map(|_| AtomicU32::new(NO_FAST_PATH))
+                .collect::<Vec<_>>(),
+        );
         Ok(Arc::new_cyclic(|me| {
             Mutex::new(Self {
                 config,
@@ -299,6 +337,8 @@ impl VirtioPci {
                 io_base: None,
                 stop: None,
                 me: me.clone(),
+                irqfds,
+                fast,
             })
         }))
     }
@@ -444,6 +484,7 @@ impl VirtioPci {
                 if let Some(q) = self.selected() {
                     self.state.queues[q].vector = v;
                 }
+                self.sync_irqfds();
             }
             _ => tracing::debug!(
                 offset,
@@ -584,6 +625,7 @@ impl VirtioPci {
                 if let Some(q) = q {
                     self.state.queues[q].vector = vector;
                 }
+                self.sync_irqfds();
             }
             (modern::QUEUE_ENABLE, 2) if v == 1 => {
                 if let Some(q) = q {
@@ -683,6 +725,7 @@ impl VirtioPci {
             };
         }
         self.config.intx_deassert();
+        self.sync_irqfds();
     }
 
     /// DRIVER_OK: lay the queues out where the driver put them and start the worker.
@@ -739,6 +782,8 @@ impl VirtioPci {
         let worker = Worker {
             core: self.core.clone(),
             function: self.me.clone(),
+            fast: self.fast.clone(),
+            irqfds: self.irqfds.iter().map(|i| i.fd.clone()).collect(),
             kicks: self.kicks.clone(),
             stop,
             generation,
@@ -776,6 +821,62 @@ impl VirtioPci {
         self.state.isr |= ISR_CONFIG;
         if !self.config.msi_notify(0) {
             self.config.intx_assert();
+        }
+    }
+
+    /// Bind, rebind or unbind each vector's irqfd after anything that can
+    /// change MSI-X routing (enable/mask bits, table entries, queue vectors,
+    /// reset), and tell the worker which queues may use them.
+    fn sync_irqfds(&mut self) {
+        if let Some(notifiers) = self.notifiers.clone() {
+            for v in 0..self.irqfds.len() {
+                let vector = v as u16;
+                let want = (!self.config.msix_vector_masked(vector))
+                    .then(|| self.config.msix_message(vector))
+                    .flatten()
+                    .map(|m| MsiRoute {
+                        address: m.address,
+                        data: m.data,
+                    });
+                let irqfd = &mut self.irqfds[v];
+                // SAFETY: the eventfd outlives these calls.
+                let fd = unsafe { BorrowedFd::borrow_raw(irqfd.fd.as_raw_fd()) };
+                let result = match (irqfd.bound, want) {
+                    (Some((_, old)), Some(new)) if old == new => Ok(()),
+                    (Some((handle, _)), Some(new)) => notifiers
+                        .update_msi(handle, new)
+                        .map(|()| irqfd.bound = Some((handle, new))),
+                    (None, Some(new)) => notifiers
+                        .add_msi(fd, new)
+                        .map(|handle| irqfd.bound = Some((handle, new))),
+                    (Some((handle, _)), None) => {
+                        irqfd.bound = None;
+                        notifiers.remove_msi(fd, handle)
+                    }
+                    (None, None) => Ok(()),
+                };
+                if let Err(e) = result {
+                    tracing::warn!("virtio-pci: MSI-X vector {v} irqfd: {e}");
+                    irqfd.bound = None;
+                }
+                // A signal that raced with unbinding becomes a pending bit.
+                if self.irqfds[v].bound.is_none() && self.irqfds[v].fd.read().is_ok() {
+                    self.config.msix_notify(vector);
+                }
+            }
+        }
+        let msix = self.config.msix_enabled();
+        for (q, slot) in self.fast.iter().enumerate() {
+            let v = self.state.queues.get(q).map_or(NO_VECTOR, |r| r.vector);
+            let usable = msix
+                && self
+                    .irqfds
+                    .get(usize::from(v))
+                    .is_some_and(|i| i.bound.is_some());
+            slot.store(
+                if usable { u32::from(v) } else { NO_FAST_PATH },
+                Ordering::Release,
+            );
         }
     }
 
@@ -824,6 +925,13 @@ impl PciFunction for VirtioPci {
     fn config_mut(&mut self) -> &mut PciConfigSpace {
         &mut self.config
     }
+    fn config_write(&mut self, offset: u16, data: &[u8]) {
+        let generation = self.config.interrupt_generation();
+        self.config.write(offset, data);
+        if self.config.interrupt_generation() != generation {
+            self.sync_irqfds();
+        }
+    }
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
         match bar {
             0 if self.state.transport == Transport::Legacy => self.read_registers(offset, data),
@@ -844,7 +952,11 @@ impl PciFunction for VirtioPci {
                 self.write_modern(offset, data)
             }
             _ => {
+                let generation = self.config.interrupt_generation();
                 self.config.msix_write(bar, offset, data);
+                if self.config.interrupt_generation() != generation {
+                    self.sync_irqfds();
+                }
             }
         }
     }
@@ -871,6 +983,8 @@ impl Drop for VirtioPci {
 struct Worker {
     core: Arc<Mutex<Core>>,
     function: Weak<Mutex<VirtioPci>>,
+    fast: Arc<Vec<AtomicU32>>,
+    irqfds: Vec<Arc<EventFd>>,
     kicks: Vec<Arc<EventFd>>,
     stop: Arc<EventFd>,
     generation: u64,
@@ -945,6 +1059,23 @@ impl Worker {
         }
     }
 
+    /// Interrupt through queue `q`'s irqfd without the function lock. False
+    /// when there is none, or it was unbound meanwhile (then the slow path
+    /// sends it, possibly twice, which drivers tolerate).
+    fn signal_irqfd(&self, q: usize) -> bool {
+        let Some(slot) = self.fast.get(q) else {
+            return false;
+        };
+        let v = slot.load(Ordering::Acquire);
+        if v == NO_FAST_PATH {
+            return false;
+        }
+        let Some(fd) = self.irqfds.get(v as usize) else {
+            return false;
+        };
+        fd.write(1).is_ok() && slot.load(Ordering::Acquire) == v
+    }
+
     /// Process queue `q`; false when this worker is obsolete.
     fn process(&self, q: usize) -> bool {
         let outcome = {
@@ -972,6 +1103,11 @@ impl Worker {
                 }
             }
         };
+        if let Outcome::Interrupt(q) = outcome {
+            if self.signal_irqfd(q) {
+                return true;
+            }
+        }
         let Some(function) = self.function.upgrade() else {
             return false;
         };
