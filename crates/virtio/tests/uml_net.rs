@@ -164,8 +164,11 @@ fn uml_virtio_net_ping_and_transfer() {
                 std::thread::sleep(Duration::from_millis(300));
             }
         }
-        // Tell the guest we are done.
-        let _ = TcpStream::connect((GUEST_IP, 5001));
+        // Tell the guest we are done (its listener may not be up yet).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect((GUEST_IP, 5001)).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
         body
     });
     let out = guest.join().unwrap();
