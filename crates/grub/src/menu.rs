@@ -48,7 +48,16 @@ impl Interp<'_> {
         if let Some(k) = self.pending_key.take() {
             return Ok(Some(k));
         }
-        self.console.read_byte(timeout).map_err(console_err)
+        match self.console.read_byte(timeout) {
+            // Input gone (stdin is /dev/null under systemd or in a script):
+            // no key will come, so a countdown runs out as on a silent
+            // terminal; only an endless wait has to give up.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && timeout.is_some() => {
+                std::thread::sleep(timeout.unwrap_or_default());
+                Ok(None)
+            }
+            other => other.map_err(console_err),
+        }
     }
 
     /// Index of the default entry among `items` for one level of `default`.

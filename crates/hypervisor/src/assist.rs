@@ -8,8 +8,8 @@
 use kvm_bindings::{kvm_segment, kvm_sregs};
 use kvm_ioctls::VcpuFd;
 use rhyve_x86_assist::{
-    assist, CpuMode, CpuState, DescriptorTable, GuestMemoryAccess, InstructionKind, Outcome,
-    PageFault, Segment,
+    assist, CpuMode, CpuState, DescriptorTable, FpuState, GuestMemoryAccess, InstructionKind,
+    Outcome, PageFault, Segment,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -52,9 +52,39 @@ fn segment_out(s: &Segment, k: &mut kvm_segment) {
     k.unusable = u8::from(s.unusable);
 }
 
-fn cpu_state(regs: &kvm_bindings::kvm_regs, sregs: &kvm_sregs) -> CpuState {
+fn fpu_in(f: &kvm_bindings::kvm_fpu) -> FpuState {
+    FpuState {
+        fpr: f.fpr,
+        fcw: f.fcw,
+        fsw: f.fsw,
+        ftwx: f.ftwx,
+        last_opcode: f.last_opcode,
+        last_ip: f.last_ip,
+        last_dp: f.last_dp,
+        xmm: f.xmm,
+        mxcsr: f.mxcsr,
+    }
+}
+
+fn fpu_out(s: &FpuState) -> kvm_bindings::kvm_fpu {
+    kvm_bindings::kvm_fpu {
+        fpr: s.fpr,
+        fcw: s.fcw,
+        fsw: s.fsw,
+        ftwx: s.ftwx,
+        last_opcode: s.last_opcode,
+        last_ip: s.last_ip,
+        last_dp: s.last_dp,
+        xmm: s.xmm,
+        mxcsr: s.mxcsr,
+        ..Default::default()
+    }
+}
+
+fn cpu_state(regs: &kvm_bindings::kvm_regs, sregs: &kvm_sregs, fpu: FpuState) -> CpuState {
     let cs = segment_in(&sregs.cs);
     CpuState {
+        fpu,
         gpr: [
             regs.rax, regs.rcx, regs.rdx, regs.rbx, regs.rsp, regs.rbp, regs.rsi, regs.rdi,
             regs.r8, regs.r9, regs.r10, regs.r11, regs.r12, regs.r13, regs.r14, regs.r15,
@@ -233,7 +263,15 @@ pub fn complete(
 ) -> Result<Option<InstructionKind>> {
     let mut regs = vcpu.get_regs().map_err(kvm_err("reading regs"))?;
     let mut sregs = vcpu.get_sregs().map_err(kvm_err("reading sregs"))?;
-    let mut cpu = cpu_state(&regs, &sregs);
+    // clac/stac (tens of thousands per boot) never touch the FPU: skip
+    // the FPU round trip for them.
+    let needs_fpu = !matches!(bytes, [0x0f, 0x01, 0xca | 0xcb, ..]);
+    let fpu = if needs_fpu {
+        fpu_in(&vcpu.get_fpu().map_err(kvm_err("reading the FPU"))?)
+    } else {
+        FpuState::default()
+    };
+    let mut cpu = cpu_state(&regs, &sregs, fpu);
     let before = cpu.clone();
     let mut mem = LinearMemory {
         vcpu,
@@ -270,6 +308,10 @@ pub fn complete(
                     segment_out(s, k);
                 }
                 vcpu.set_sregs(&sregs).map_err(kvm_err("writing sregs"))?;
+            }
+            if needs_fpu && cpu.fpu != before.fpu {
+                vcpu.set_fpu(&fpu_out(&cpu.fpu))
+                    .map_err(kvm_err("writing the FPU"))?;
             }
             if kind == InstructionKind::Iret {
                 // IRET ends NMI blocking, as on hardware.
