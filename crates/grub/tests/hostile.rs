@@ -35,6 +35,7 @@ fn exercise(path: &Path) {
             "/install",
             "/isolinux",
             "/boot/boot/boot/boot",
+            "/d",
         ] {
             if let Ok(entries) = fs.ls(dir) {
                 for e in entries.iter().take(64) {
@@ -52,6 +53,7 @@ fn exercise(path: &Path) {
             "/install/vmlinuz",
             "/etc/hostname",
             "/nonexistent",
+            "/boot/k",
         ] {
             let _ = fs.read(f);
             let _ = fs.is_dir(f);
@@ -199,7 +201,7 @@ fn random_disks_and_partition_tables() {
 }
 
 #[test]
-fn corrupted_ext4_fat_and_iso() {
+fn corrupted_filesystems() {
     let dir = scratch("corrupt-fs");
     let tree = dir.join("tree");
     debian_root_tree(&tree, "hd0,msdos1", &[]);
@@ -216,6 +218,27 @@ fn corrupted_ext4_fat_and_iso() {
     let fat32 = dir.join("f32.fat");
     mkfat(&fat32, &small, 36, "F32", 32);
     let iso = iso(&dir, "-R -J", "c");
+    // XFS: the first 8 MiB of a fresh 300 MiB volume hold everything we read.
+    let xfs_full = dir.join("x.xfs");
+    let mut xfiles: Vec<(String, Vec<u8>)> = (0..200)
+        .map(|i| (format!("d/entry-{i:03}"), vec![i as u8; 10]))
+        .collect();
+    xfiles.push((
+        "boot/grub/grub.cfg".into(),
+        b"menuentry x { linux /k }\n".to_vec(),
+    ));
+    xfiles.push(("k".into(), pattern("xk", 20000)));
+    let xrefs: Vec<(&str, Vec<u8>)> = xfiles
+        .iter()
+        .map(|(p, d)| (p.as_str(), d.clone()))
+        .collect();
+    mkxfs(&xfs_full, &xrefs, &[("boot/k", "../k")], "x");
+    let xfs = dir.join("x8.xfs");
+    sh(&format!(
+        "head -c 8M '{}' > '{}'",
+        xfs_full.display(),
+        xfs.display()
+    ));
     let victim = dir.join("victim.img");
     let mut rng = Rng(12345);
     for (img, span) in [
@@ -223,6 +246,7 @@ fn corrupted_ext4_fat_and_iso() {
         (&fat12, 16 * 1024),
         (&fat32, 48 * 1024),
         (&iso, 128 * 1024),
+        (&xfs, 256 * 1024),
     ] {
         let orig = std::fs::read(img).unwrap();
         for _ in 0..25 {
