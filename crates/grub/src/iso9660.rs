@@ -38,6 +38,8 @@ struct Node {
     is_dir: bool,
     /// (byte offset, length) of each extent, in order.
     extents: Vec<(u64, u64)>,
+    /// A Rock Ridge symbolic link's target (`SL`).
+    symlink: Option<String>,
 }
 
 impl Node {
@@ -150,6 +152,8 @@ struct RockRidge {
     child_link: Option<u64>,
     /// This record is the relocated directory itself (`RE`): hide it.
     relocated: bool,
+    /// A symbolic link's target (`SL`).
+    symlink: Option<String>,
 }
 
 impl IsoFs {
@@ -183,6 +187,7 @@ impl IsoFs {
                 name: String::new(),
                 is_dir: true,
                 extents: vec![(off, u32le(r, 10) as u64)],
+                symlink: None,
             })
         };
         let mut fs = IsoFs {
@@ -236,6 +241,8 @@ impl IsoFs {
         let mut name = String::new();
         let mut area: Vec<u8> = su.get(self.susp_skip..).unwrap_or(&[]).to_vec();
         let mut continuations = 0;
+        // A path component split over SL records (its CONTINUE flag).
+        let mut sl_continues = false;
         loop {
             let mut next: Option<(u64, u64, u64)> = None;
             let mut pos = 0usize;
@@ -257,6 +264,30 @@ impl IsoFs {
                         next = Some((u32le(e, 4) as u64, u32le(e, 12) as u64, u32le(e, 20) as u64));
                     }
                     b"CL" if len >= 12 => rr.child_link = Some(u32le(e, 4) as u64),
+                    b"SL" if len >= 5 => {
+                        let target = rr.symlink.get_or_insert_with(String::new);
+                        let mut p = 5;
+                        while p + 2 <= e.len() {
+                            let (cflags, clen) = (e[p], e[p + 1] as usize);
+                            let body = e.get(p + 2..p + 2 + clen).unwrap_or(&[]);
+                            let part = match cflags & 0x0E {
+                                0x02 => ".".to_string(),
+                                0x04 => "..".to_string(),
+                                0x08 => String::new(),
+                                _ => String::from_utf8_lossy(body).into_owned(),
+                            };
+                            if cflags & 0x08 != 0 {
+                                target.push('/');
+                            } else {
+                                if !target.is_empty() && !target.ends_with('/') && !sl_continues {
+                                    target.push('/');
+                                }
+                                target.push_str(&part);
+                            }
+                            sl_continues = cflags & 0x01 != 0;
+                            p += 2 + clen;
+                        }
+                    }
                     b"RE" => rr.relocated = true,
                     b"ST" => break,
                     _ => {}
@@ -302,9 +333,11 @@ impl IsoFs {
             let mut is_dir = rec.flags & 0x02 != 0;
             let mut extent = rec.extent;
             let mut len = rec.len;
+            let mut symlink = None;
             let name = match self.names {
                 Names::RockRidge => {
                     let rr = self.rock_ridge(rec.system_use);
+                    symlink = rr.symlink.clone();
                     if rr.relocated {
                         continue;
                     }
@@ -336,6 +369,7 @@ impl IsoFs {
                     name,
                     is_dir,
                     extents: vec![(off, len)],
+                    symlink,
                 }),
             }
             continuing = rec.flags & 0x80 != 0;
@@ -343,9 +377,24 @@ impl IsoFs {
         Ok(out)
     }
 
+    /// The node a path names, following Rock Ridge symlinks (bounded).
     fn lookup(&self, path: &str) -> Result<Node, GrubError> {
+        const MAX_SYMLINKS: u32 = 8;
+        let mut links = 0;
+        let mut stack: Vec<String> = components(path)?
+            .into_iter()
+            .rev()
+            .map(str::to_string)
+            .collect();
+        let mut trail: Vec<Node> = Vec::new();
         let mut node = self.root.clone();
-        for c in components(path)? {
+        while let Some(c) = stack.pop() {
+            if c == ".." {
+                if let Some(parent) = trail.pop() {
+                    node = parent;
+                }
+                continue;
+            }
             if !node.is_dir {
                 return Err(GrubError::NotDirectory(path.to_string()));
             }
@@ -355,13 +404,35 @@ impl IsoFs {
                 if self.names == Names::RockRidge {
                     None
                 } else {
-                    entries.iter().position(|n| n.name.eq_ignore_ascii_case(c))
+                    entries.iter().position(|n| n.name.eq_ignore_ascii_case(&c))
                 }
             });
-            node = match idx {
+            let child = match idx {
                 Some(i) => entries[i].clone(),
                 None => return Err(GrubError::NotFound(path.to_string())),
             };
+            if let Some(target) = &child.symlink {
+                links += 1;
+                if links > MAX_SYMLINKS {
+                    return Err(GrubError::BadFilesystem(format!(
+                        "iso9660: {path}: too many levels of symbolic links"
+                    )));
+                }
+                if target.starts_with('/') {
+                    trail.clear();
+                    node = self.root.clone();
+                }
+                let parts: Vec<&str> = target
+                    .split('/')
+                    .filter(|p| !p.is_empty() && *p != ".")
+                    .collect();
+                if stack.len() + parts.len() > crate::fs::MAX_PATH_COMPONENTS {
+                    return Err(GrubError::BadPath(path.to_string()));
+                }
+                stack.extend(parts.into_iter().rev().map(str::to_string));
+                continue;
+            }
+            trail.push(std::mem::replace(&mut node, child));
         }
         Ok(node)
     }

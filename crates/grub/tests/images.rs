@@ -185,6 +185,15 @@ fn iso_rock_ridge_joliet_and_plain_names() {
         );
         assert!(ids.contains("root=cd0"), "{name}: {ids}");
         assert!(ids.contains("UUID 2023-10-07-12-34-56-00"), "{name}: {ids}");
+        if name == "rr" {
+            let fs = rhyve_grub::probe(&rhyve_grub::Region::open(&img).unwrap()).unwrap();
+            assert!(
+                fs.read("/boot/vmlinuz").unwrap() == kernel(),
+                "symlink to the kernel"
+            );
+            let looped = fs.ls("/debian/debian/debian/isolinux").unwrap();
+            assert!(looped.iter().any(|e| e.name == "isolinux.cfg"));
+        }
         if name != "plain" {
             assert!(out.contains("a-rather-long-file-name.txt"), "{name}: {out}");
         }

@@ -383,6 +383,11 @@ pub fn iso(dir: &Path, flags: &str, name: &str) -> PathBuf {
         &tree.join("doc/a-rather-long-file-name.txt"),
         b"long names\n",
     );
+    if flags.contains("-R") {
+        // Rock Ridge symlinks: one to the kernel, one looping to the root.
+        std::os::unix::fs::symlink("../install/vmlinuz", tree.join("boot/vmlinuz")).unwrap();
+        std::os::unix::fs::symlink(".", tree.join("debian")).unwrap();
+    }
     let iso = dir.join(format!("{name}.iso"));
     sh(&format!(
         "xorriso -as mkisofs -quiet {flags} -V 'Debian 12.2.0 amd64 n' --modification-date=2023100712345600 -o '{}' '{}'",
