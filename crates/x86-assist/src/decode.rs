@@ -130,6 +130,20 @@ pub(crate) enum Op {
         source: PopcntSource,
         size: OperandSize,
     },
+    /// `0f ae /2` with a memory operand.
+    Ldmxcsr(MemoryOperand),
+    /// `0f ae /3` with a memory operand.
+    Stmxcsr(MemoryOperand),
+    /// `0f ae /0`; `wide` is the REX.W form (`fxsave64`, 64-bit FIP/FDP).
+    Fxsave {
+        operand: MemoryOperand,
+        wide: bool,
+    },
+    /// `0f ae /1`; `wide` is the REX.W form (`fxrstor64`).
+    Fxrstor {
+        operand: MemoryOperand,
+        wide: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -285,6 +299,31 @@ pub(crate) fn decode(bytes: &[u8], mode: CpuMode) -> Result<Instruction, DecodeE
                     },
                     end,
                 )
+            }
+            0xae => {
+                // Memory operands are decoded for 64-bit mode only; 66/f2/f3
+                // select other instructions of the group (clwb, ptwrite...).
+                if !long || prefixes.operand_size || prefixes.repeat {
+                    return Err(DecodeError::Unsupported);
+                }
+                let modrm = byte(bytes, at + 2)?;
+                // mod = 3 are the fences; /4../7 with memory are xsave & co.
+                if modrm >> 6 == 3 {
+                    return Err(DecodeError::Unsupported);
+                }
+                let reg = (modrm >> 3) & 7;
+                if reg > 3 {
+                    return Err(DecodeError::Unsupported);
+                }
+                let (operand, end) = decode_memory(bytes, at + 2, &prefixes)?;
+                let wide = prefixes.rex_w();
+                let op = match reg {
+                    0 => Op::Fxsave { operand, wide },
+                    1 => Op::Fxrstor { operand, wide },
+                    2 => Op::Ldmxcsr(operand),
+                    _ => Op::Stmxcsr(operand),
+                };
+                done(op, end)
             }
             _ => Err(DecodeError::Unsupported),
         },

@@ -6,8 +6,8 @@
 use crate::decode::{Instruction, MemoryOperand, Op, OperandSize, PopcntSource, SegmentOverride};
 use crate::interrupt;
 use crate::{
-    rflags, vector, CpuMode, CpuState, GuestMemoryAccess, InstructionKind, Outcome, PageFault,
-    CR0_MP, CR0_TS, CR4_LA57,
+    rflags, vector, CpuMode, CpuState, FpuState, GuestMemoryAccess, InstructionKind, Outcome,
+    PageFault, CR0_AM, CR0_EM, CR0_MP, CR0_TS, CR4_LA57, CR4_OSFXSR, MXCSR_MASK,
 };
 
 /// Why an instruction did not complete.
@@ -48,6 +48,14 @@ impl Fault {
 
     pub fn ss(error_code: u32) -> Fault {
         Fault::with_code(vector::SS, error_code)
+    }
+
+    pub fn nm() -> Fault {
+        Fault::Exception {
+            vector: vector::NM,
+            error_code: None,
+            cr2: None,
+        }
     }
 }
 
@@ -138,6 +146,10 @@ pub(crate) fn execute(
         Op::Stac => InstructionKind::Stac,
         Op::Cmpxchg16b(_) | Op::Cmpxchg16bRegister => InstructionKind::Cmpxchg16b,
         Op::Popcnt { .. } => InstructionKind::Popcnt,
+        Op::Ldmxcsr(_) => InstructionKind::Ldmxcsr,
+        Op::Stmxcsr(_) => InstructionKind::Stmxcsr,
+        Op::Fxsave { .. } => InstructionKind::Fxsave,
+        Op::Fxrstor { .. } => InstructionKind::Fxrstor,
     };
     // LOCK is only legal on a read-modify-write memory instruction.
     if insn.lock && !matches!(insn.op, Op::Cmpxchg16b(_)) {
@@ -161,11 +173,7 @@ pub(crate) fn execute(
             // No x87 exception is ever pending in our guests' FPU state as
             // far as we can see, so only the #NM check remains.
             if cpu.cr0 & (CR0_MP | CR0_TS) == CR0_MP | CR0_TS {
-                Err(Fault::Exception {
-                    vector: vector::NM,
-                    error_code: None,
-                    cr2: None,
-                })
+                Err(Fault::nm())
             } else {
                 retire(cpu, insn.len);
                 Ok(())
@@ -175,6 +183,10 @@ pub(crate) fn execute(
         Op::Iret(size) => interrupt::iret(cpu, mem, size),
         Op::Cmpxchg16b(operand) => cmpxchg16b(cpu, mem, &operand, insn.len),
         Op::Popcnt { dest, source, size } => popcnt(cpu, mem, dest, source, size, insn.len),
+        Op::Ldmxcsr(operand) => ldmxcsr(cpu, mem, &operand, insn.len),
+        Op::Stmxcsr(operand) => stmxcsr(cpu, mem, &operand, insn.len),
+        Op::Fxsave { operand, wide } => fxsave(cpu, mem, &operand, wide, insn.len),
+        Op::Fxrstor { operand, wide } => fxrstor(cpu, mem, &operand, wide, insn.len),
     };
     to_outcome(kind, cpu, result)
 }
@@ -196,19 +208,7 @@ fn popcnt(
     let value = match source {
         PopcntSource::Register(r) => cpu.gpr[usize::from(r & 15)],
         PopcntSource::Memory(operand) => {
-            let segment_base = match operand.segment {
-                Some(SegmentOverride::Fs) => cpu.fs.base,
-                Some(SegmentOverride::Gs) => cpu.gs.base,
-                _ => 0,
-            };
-            let linear = segment_base.wrapping_add(effective_address(cpu, &operand, len));
-            if !is_canonical(cpu, linear) {
-                return Err(if operand.uses_stack_segment() {
-                    Fault::ss(0)
-                } else {
-                    Fault::gp(0)
-                });
-            }
+            let linear = linear_address(cpu, &operand, len)?;
             let mut buf = [0u8; 8];
             mem.read(linear, &mut buf[..bytes])?;
             u64::from_le_bytes(buf)
@@ -253,17 +253,10 @@ fn effective_address(cpu: &CpuState, operand: &MemoryOperand, len: usize) -> u64
     address
 }
 
-/// `cmpxchg16b m128` (64-bit mode only: the decoder needs REX.W).
-fn cmpxchg16b(
-    cpu: &mut CpuState,
-    mem: &mut dyn GuestMemoryAccess,
-    operand: &MemoryOperand,
-    len: usize,
-) -> Result<(), Fault> {
-    if cpu.mode != CpuMode::Long64 {
-        return Err(Fault::Unsupported);
-    }
-    // In 64-bit mode only FS and GS contribute a base.
+/// The linear address of a 64-bit-mode memory operand: only FS and GS
+/// contribute a base; a non-canonical address is #SS(0) through SS and
+/// #GP(0) otherwise.
+fn linear_address(cpu: &CpuState, operand: &MemoryOperand, len: usize) -> Result<u64, Fault> {
     let segment_base = match operand.segment {
         Some(SegmentOverride::Fs) => cpu.fs.base,
         Some(SegmentOverride::Gs) => cpu.gs.base,
@@ -277,6 +270,20 @@ fn cmpxchg16b(
             Fault::gp(0)
         });
     }
+    Ok(linear)
+}
+
+/// `cmpxchg16b m128` (64-bit mode only: the decoder needs REX.W).
+fn cmpxchg16b(
+    cpu: &mut CpuState,
+    mem: &mut dyn GuestMemoryAccess,
+    operand: &MemoryOperand,
+    len: usize,
+) -> Result<(), Fault> {
+    if cpu.mode != CpuMode::Long64 {
+        return Err(Fault::Unsupported);
+    }
+    let linear = linear_address(cpu, operand, len)?;
     if linear % 16 != 0 {
         return Err(Fault::gp(0));
     }
@@ -291,6 +298,220 @@ fn cmpxchg16b(
         cpu.gpr[2] = (found >> 64) as u64;
         cpu.rflags &= !rflags::ZF;
     }
+    retire(cpu, len);
+    Ok(())
+}
+
+/// The #UD and #NM checks of `ldmxcsr`/`stmxcsr` (SSE instructions): #UD
+/// when the OS has not enabled SSE (CR4.OSFXSR) or asks for x87 emulation
+/// (CR0.EM), then #NM when CR0.TS defers the state switch.
+fn check_sse_enabled(cpu: &CpuState) -> Result<(), Fault> {
+    if cpu.cr4 & CR4_OSFXSR == 0 || cpu.cr0 & CR0_EM != 0 {
+        return Err(Fault::ud());
+    }
+    if cpu.cr0 & CR0_TS != 0 {
+        return Err(Fault::nm());
+    }
+    Ok(())
+}
+
+/// #AC(0) for a misaligned 4-byte access with alignment checking enabled
+/// (CPL 3, CR0.AM and RFLAGS.AC).
+fn check_alignment(cpu: &CpuState, linear: u64, size: u64) -> Result<(), Fault> {
+    if cpu.cpl == 3
+        && cpu.cr0 & CR0_AM != 0
+        && cpu.rflags & rflags::AC != 0
+        && !linear.is_multiple_of(size)
+    {
+        return Err(Fault::with_code(vector::AC, 0));
+    }
+    Ok(())
+}
+
+/// `ldmxcsr m32`; reserved bits (outside MXCSR_MASK) are #GP(0).
+fn ldmxcsr(
+    cpu: &mut CpuState,
+    mem: &mut dyn GuestMemoryAccess,
+    operand: &MemoryOperand,
+    len: usize,
+) -> Result<(), Fault> {
+    if cpu.mode != CpuMode::Long64 {
+        return Err(Fault::Unsupported);
+    }
+    check_sse_enabled(cpu)?;
+    let linear = linear_address(cpu, operand, len)?;
+    check_alignment(cpu, linear, 4)?;
+    let mut buf = [0u8; 4];
+    mem.read(linear, &mut buf)?;
+    let mxcsr = u32::from_le_bytes(buf);
+    if mxcsr & !MXCSR_MASK != 0 {
+        return Err(Fault::gp(0));
+    }
+    cpu.fpu.mxcsr = mxcsr;
+    retire(cpu, len);
+    Ok(())
+}
+
+/// `stmxcsr m32`.
+fn stmxcsr(
+    cpu: &mut CpuState,
+    mem: &mut dyn GuestMemoryAccess,
+    operand: &MemoryOperand,
+    len: usize,
+) -> Result<(), Fault> {
+    if cpu.mode != CpuMode::Long64 {
+        return Err(Fault::Unsupported);
+    }
+    check_sse_enabled(cpu)?;
+    let linear = linear_address(cpu, operand, len)?;
+    check_alignment(cpu, linear, 4)?;
+    mem.write(linear, &cpu.fpu.mxcsr.to_le_bytes())?;
+    retire(cpu, len);
+    Ok(())
+}
+
+/// Bytes of the 512-byte FXSAVE area that `fxsave` writes: the rest
+/// (416..464 reserved, 464..512 available to software) is left untouched.
+/// Unlike hardware, a non-writable page holding only those bytes (an area
+/// starting 416 bytes or less before a page end) does not fault.
+const FXSAVE_WRITTEN: usize = 416;
+/// Size of the area `fxrstor` reads.
+const FXSAVE_AREA: usize = 512;
+const FXSAVE_ST0: usize = 32;
+const FXSAVE_XMM0: usize = 160;
+/// FOP is an 11-bit register.
+const FOP_MASK: u16 = 0x7ff;
+
+/// The #NM check of `fxsave`/`fxrstor` (CR0.TS or CR0.EM) and the
+/// 16-byte alignment of their area (#GP(0)), after the address checks.
+fn fx_area(cpu: &CpuState, operand: &MemoryOperand, len: usize) -> Result<u64, Fault> {
+    if cpu.mode != CpuMode::Long64 {
+        return Err(Fault::Unsupported);
+    }
+    if cpu.cr0 & (CR0_TS | CR0_EM) != 0 {
+        return Err(Fault::nm());
+    }
+    let linear = linear_address(cpu, operand, len)?;
+    if linear % 16 != 0 {
+        return Err(Fault::gp(0));
+    }
+    Ok(linear)
+}
+
+/// The stored part of an FXSAVE image. The 32-bit form (`wide` false)
+/// stores FIP and FDP as 32-bit offsets followed by FCS and FDS, which are
+/// zero in 64-bit mode. In 64-bit mode XMM0-15 are all stored. CR4.OSFXSR
+/// clear leaves it to the implementation whether MXCSR and XMM are saved;
+/// this one always saves them.
+fn fxsave_image(fpu: &FpuState, wide: bool) -> [u8; FXSAVE_WRITTEN] {
+    let mut image = [0u8; FXSAVE_WRITTEN];
+    image[0..2].copy_from_slice(&fpu.fcw.to_le_bytes());
+    image[2..4].copy_from_slice(&fpu.fsw.to_le_bytes());
+    image[4] = fpu.ftwx;
+    image[6..8].copy_from_slice(&(fpu.last_opcode & FOP_MASK).to_le_bytes());
+    if wide {
+        image[8..16].copy_from_slice(&fpu.last_ip.to_le_bytes());
+        image[16..24].copy_from_slice(&fpu.last_dp.to_le_bytes());
+    } else {
+        image[8..12].copy_from_slice(&(fpu.last_ip as u32).to_le_bytes());
+        image[16..20].copy_from_slice(&(fpu.last_dp as u32).to_le_bytes());
+    }
+    image[24..28].copy_from_slice(&fpu.mxcsr.to_le_bytes());
+    image[28..32].copy_from_slice(&MXCSR_MASK.to_le_bytes());
+    for (slot, st) in image[FXSAVE_ST0..FXSAVE_XMM0]
+        .chunks_exact_mut(16)
+        .zip(fpu.fpr.iter())
+    {
+        slot[..10].copy_from_slice(&st[..10]);
+    }
+    for (slot, xmm) in image[FXSAVE_XMM0..]
+        .chunks_exact_mut(16)
+        .zip(fpu.xmm.iter())
+    {
+        slot.copy_from_slice(xmm);
+    }
+    image
+}
+
+/// `fxsave`/`fxsave64 m512`: one write of the stored part of the image.
+fn fxsave(
+    cpu: &mut CpuState,
+    mem: &mut dyn GuestMemoryAccess,
+    operand: &MemoryOperand,
+    wide: bool,
+    len: usize,
+) -> Result<(), Fault> {
+    let linear = fx_area(cpu, operand, len)?;
+    mem.write(linear, &fxsave_image(&cpu.fpu, wide))?;
+    retire(cpu, len);
+    Ok(())
+}
+
+fn le16(bytes: &[u8], at: usize) -> u16 {
+    let mut raw = [0u8; 2];
+    raw.copy_from_slice(&bytes[at..at + 2]);
+    u16::from_le_bytes(raw)
+}
+
+fn le32(bytes: &[u8], at: usize) -> u32 {
+    let mut raw = [0u8; 4];
+    raw.copy_from_slice(&bytes[at..at + 4]);
+    u32::from_le_bytes(raw)
+}
+
+fn le64(bytes: &[u8], at: usize) -> u64 {
+    let mut raw = [0u8; 8];
+    raw.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_le_bytes(raw)
+}
+
+/// `fxrstor`/`fxrstor64 m512`: reads the whole area, refuses reserved
+/// MXCSR bits with #GP(0) before changing anything. The 32-bit form loads
+/// FIP and FDP as 32-bit offsets (FCS and FDS are not kept).
+fn fxrstor(
+    cpu: &mut CpuState,
+    mem: &mut dyn GuestMemoryAccess,
+    operand: &MemoryOperand,
+    wide: bool,
+    len: usize,
+) -> Result<(), Fault> {
+    let linear = fx_area(cpu, operand, len)?;
+    let mut image = [0u8; FXSAVE_AREA];
+    mem.read(linear, &mut image)?;
+    let mxcsr = le32(&image, 24);
+    if mxcsr & !MXCSR_MASK != 0 {
+        return Err(Fault::gp(0));
+    }
+    let mut fpu = FpuState {
+        fcw: le16(&image, 0),
+        fsw: le16(&image, 2),
+        ftwx: image[4],
+        last_opcode: le16(&image, 6) & FOP_MASK,
+        mxcsr,
+        ..FpuState::default()
+    };
+    if wide {
+        fpu.last_ip = le64(&image, 8);
+        fpu.last_dp = le64(&image, 16);
+    } else {
+        fpu.last_ip = u64::from(le32(&image, 8));
+        fpu.last_dp = u64::from(le32(&image, 16));
+    }
+    for (st, slot) in fpu
+        .fpr
+        .iter_mut()
+        .zip(image[FXSAVE_ST0..FXSAVE_XMM0].chunks_exact(16))
+    {
+        st[..10].copy_from_slice(&slot[..10]);
+    }
+    for (xmm, slot) in fpu
+        .xmm
+        .iter_mut()
+        .zip(image[FXSAVE_XMM0..FXSAVE_WRITTEN].chunks_exact(16))
+    {
+        xmm.copy_from_slice(slot);
+    }
+    cpu.fpu = fpu;
     retire(cpu, len);
     Ok(())
 }

@@ -25,6 +25,10 @@
 //!   a write while other vCPUs may run. The VMM must also raise #UD itself
 //!   if its CPUID hides CX16 from the guest.
 //! - After [`InstructionKind::Iret`] completes, NMIs are unblocked.
+//! - [`CpuState::fpu`] must hold the vCPU's x87/SSE state (KVM_GET_FPU)
+//!   when the instruction is `ldmxcsr`, `stmxcsr`, `fxsave` or `fxrstor`,
+//!   and be written back (KVM_SET_FPU) after `ldmxcsr`/`fxrstor` complete.
+//!   The VMM must raise #UD itself if its CPUID hides SSE or FXSR.
 //! - After any [`Outcome::Completed`], an STI/MOV SS interrupt shadow is
 //!   over, and if RFLAGS.TF was set before the instruction (other than
 //!   `int n`, which clears it) hardware would raise a single-step #DB
@@ -68,10 +72,19 @@ pub const CR0_PE: u64 = 1 << 0;
 pub const CR0_MP: u64 = 1 << 1;
 /// CR0.TS: task switched.
 pub const CR0_TS: u64 = 1 << 3;
+/// CR0.EM: x87 emulation (#UD for SSE instructions, #NM for fxsave/fxrstor).
+pub const CR0_EM: u64 = 1 << 2;
+/// CR0.AM: alignment mask (with RFLAGS.AC at CPL 3, enables #AC).
+pub const CR0_AM: u64 = 1 << 18;
+/// CR4.OSFXSR: the OS supports fxsave/fxrstor and SSE.
+pub const CR4_OSFXSR: u64 = 1 << 9;
 /// CR4.LA57: 5-level paging, 57-bit canonical addresses.
 pub const CR4_LA57: u64 = 1 << 12;
 /// EFER.LMA: long mode active.
 pub const EFER_LMA: u64 = 1 << 10;
+/// The MXCSR bits this CPU model supports (stored by `fxsave` at offset
+/// 28); setting any other bit with `ldmxcsr`/`fxrstor` is #GP(0).
+pub const MXCSR_MASK: u32 = 0x0000_ffff;
 
 /// RFLAGS bits this crate reads or writes.
 pub mod rflags {
@@ -155,6 +168,24 @@ impl CpuMode {
     }
 }
 
+/// x87/SSE state, laid out like KVM's `struct kvm_fpu` so the VMM copies
+/// it field by field (KVM_GET_FPU / KVM_SET_FPU).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FpuState {
+    /// ST0-7 / MM0-7: the first 10 bytes of each are significant.
+    pub fpr: [[u8; 16]; 8],
+    pub fcw: u16,
+    pub fsw: u16,
+    /// Abridged tag word (one bit per register), as `fxsave` stores it.
+    pub ftwx: u8,
+    /// Last x87 opcode (11 bits).
+    pub last_opcode: u16,
+    pub last_ip: u64,
+    pub last_dp: u64,
+    pub xmm: [[u8; 16]; 16],
+    pub mxcsr: u32,
+}
+
 /// The vCPU state the assist needs, filled by the VMM from
 /// KVM_GET_REGS/KVM_GET_SREGS and written back after
 /// [`Outcome::Completed`] (`int n` and `iret` change CS, SS and RSP).
@@ -180,6 +211,9 @@ pub struct CpuState {
     pub gs: Segment,
     pub gdtr: DescriptorTable,
     pub idtr: DescriptorTable,
+    /// x87/SSE state: read by `stmxcsr`/`fxsave`, written by
+    /// `ldmxcsr`/`fxrstor`; the other instructions leave it alone.
+    pub fpu: FpuState,
 }
 
 /// A page fault raised by the VMM's page walk; becomes #PF with CR2 =
@@ -247,6 +281,14 @@ pub enum InstructionKind {
     Cmpxchg16b,
     /// `popcnt`: hosts may advertise POPCNT that their KVM cannot emulate.
     Popcnt,
+    /// `ldmxcsr m32`: loads [`FpuState::mxcsr`].
+    Ldmxcsr,
+    /// `stmxcsr m32`: stores [`FpuState::mxcsr`].
+    Stmxcsr,
+    /// `fxsave`/`fxsave64 m512`: stores [`CpuState::fpu`].
+    Fxsave,
+    /// `fxrstor`/`fxrstor64 m512`: loads [`CpuState::fpu`].
+    Fxrstor,
     /// The instruction ran past the bytes the VMM gave and fetching the
     /// rest faulted: the #PF is the guest's.
     FetchFault,
@@ -254,7 +296,7 @@ pub enum InstructionKind {
 
 impl InstructionKind {
     /// Every kind, for registering counters.
-    pub const ALL: [InstructionKind; 10] = [
+    pub const ALL: [InstructionKind; 14] = [
         InstructionKind::Int3,
         InstructionKind::Ud2,
         InstructionKind::Fwait,
@@ -264,6 +306,10 @@ impl InstructionKind {
         InstructionKind::Iret,
         InstructionKind::Cmpxchg16b,
         InstructionKind::Popcnt,
+        InstructionKind::Ldmxcsr,
+        InstructionKind::Stmxcsr,
+        InstructionKind::Fxsave,
+        InstructionKind::Fxrstor,
         InstructionKind::FetchFault,
     ];
 
@@ -279,6 +325,10 @@ impl InstructionKind {
             InstructionKind::Iret => "iret",
             InstructionKind::Cmpxchg16b => "cmpxchg16b",
             InstructionKind::Popcnt => "popcnt",
+            InstructionKind::Ldmxcsr => "ldmxcsr",
+            InstructionKind::Stmxcsr => "stmxcsr",
+            InstructionKind::Fxsave => "fxsave",
+            InstructionKind::Fxrstor => "fxrstor",
             InstructionKind::FetchFault => "fetch-fault",
         }
     }
@@ -316,6 +366,7 @@ pub mod vector {
     pub const SS: u8 = 12;
     pub const GP: u8 = 13;
     pub const PF: u8 = 14;
+    pub const AC: u8 = 17;
 }
 
 /// Decodes and executes the instruction in `bytes` (KVM's instruction
@@ -452,6 +503,14 @@ pub fn describe(bytes: &[u8]) -> String {
                     ..
                 } => format!("popcnt {operand}"),
                 Op::Popcnt { .. } => "popcnt (register source)".to_string(),
+                Op::Ldmxcsr(operand) => format!("ldmxcsr {operand}"),
+                Op::Stmxcsr(operand) => format!("stmxcsr {operand}"),
+                Op::Fxsave { operand, wide } => {
+                    format!("fxsave{} {operand}", if *wide { "64" } else { "" })
+                }
+                Op::Fxrstor { operand, wide } => {
+                    format!("fxrstor{} {operand}", if *wide { "64" } else { "" })
+                }
             };
             format!("{lock}{body}")
         }

@@ -1446,9 +1446,10 @@ impl XorShift {
     }
 }
 
-const INTERESTING: [u8; 32] = [
+const INTERESTING: [u8; 35] = [
     0xf0, 0xf2, 0xf3, 0x66, 0x67, 0x2e, 0x36, 0x3e, 0x26, 0x64, 0x65, 0x48, 0x41, 0x4f, 0xcc, 0xcd,
     0xcf, 0x9b, 0x0f, 0x01, 0x0b, 0xc7, 0xca, 0xcb, 0x0c, 0x0e, 0x4c, 0x8c, 0x05, 0x04, 0x24, 0x44,
+    0xae, 0x54, 0x17,
 ];
 
 fn random_segment(rng: &mut XorShift) -> Segment {
@@ -1512,7 +1513,28 @@ fn structured_bytes(rng: &mut XorShift) -> Vec<u8> {
     for _ in 0..rng.below(4).saturating_sub(1) {
         bytes.push(PREFIXES[rng.below(PREFIXES.len() as u64) as usize]);
     }
-    match rng.below(9) {
+    match rng.below(11) {
+        9 | 10 => {
+            // 0f ae /0../3 (fxsave, fxrstor, ldmxcsr, stmxcsr), REX.W now
+            // and then, mostly aligned register bases.
+            if rng.below(2) == 0 {
+                bytes.push(0x40 | rng.below(16) as u8);
+            }
+            bytes.extend([0x0f, 0xae]);
+            let modrm = if rng.below(4) == 0 {
+                rng.next() as u8
+            } else {
+                (rng.below(3) as u8) << 6 | (rng.below(4) as u8) << 3 | rng.below(8) as u8
+            };
+            bytes.push(modrm);
+            for _ in 0..rng.below(6) {
+                bytes.push(if rng.below(2) == 0 {
+                    (rng.below(16) as u8) << 4
+                } else {
+                    rng.next() as u8
+                });
+            }
+        }
         8 => {
             bytes.push(0xf3);
             if rng.below(2) == 0 {
@@ -1626,7 +1648,33 @@ fn structured_state(rng: &mut XorShift, mem: &mut FakeMemory) -> CpuState {
     if rng.below(8) == 0 {
         cpu.idtr.limit = rng.next() as u16 & 0x7f;
     }
+    if rng.below(8) != 0 {
+        cpu.cr4 |= CR4_OSFXSR;
+    }
+    cpu.cr0 |= [0, 0, 0, 0, 0, CR0_TS, CR0_EM, CR0_AM][rng.below(8) as usize];
+    cpu.fpu = random_fpu(rng);
     cpu
+}
+
+fn random_fpu(rng: &mut XorShift) -> FpuState {
+    let mut fpu = FpuState {
+        fcw: rng.next() as u16,
+        fsw: rng.next() as u16,
+        ftwx: rng.next() as u8,
+        last_opcode: rng.next() as u16 & 0x7ff,
+        last_ip: rng.next(),
+        last_dp: rng.next(),
+        mxcsr: rng.next() as u32 & MXCSR_MASK,
+        ..FpuState::default()
+    };
+    for st in fpu.fpr.iter_mut() {
+        st[..10].copy_from_slice(&rng.next().to_le_bytes().repeat(2)[..10]);
+    }
+    for xmm in fpu.xmm.iter_mut() {
+        xmm[..8].copy_from_slice(&rng.next().to_le_bytes());
+        xmm[8..].copy_from_slice(&rng.next().to_le_bytes());
+    }
+    fpu
 }
 
 #[test]
@@ -1731,6 +1779,7 @@ fn random_state(rng: &mut XorShift) -> CpuState {
             base: rng.value(),
             limit: rng.next() as u16,
         },
+        fpu: random_fpu(rng),
         ..CpuState::default()
     };
     for gpr in cpu.gpr.iter_mut() {
@@ -1817,4 +1866,453 @@ fn popcnt_memory_source_and_faults() {
         run(&[0xf2, 0x48, 0x0f, 0xb8, 0xc7], &mut long_cpu(), &mut mem),
         Outcome::Unsupported
     );
+}
+
+// ---- ldmxcsr / stmxcsr / fxsave / fxrstor ----
+
+const FX_AREA: u64 = 0x6000;
+
+/// A 64-bit vCPU with SSE enabled by the OS (CR4.OSFXSR) and a
+/// recognisable FPU state.
+fn sse_cpu() -> CpuState {
+    let mut cpu = long_cpu();
+    cpu.cr4 |= CR4_OSFXSR;
+    cpu.fpu = FpuState {
+        fcw: 0x037f,
+        fsw: 0x3800,
+        ftwx: 0x81,
+        last_opcode: 0x05d9,
+        last_ip: 0xffff_ffff_8123_4567,
+        last_dp: 0xffff_8880_0765_4321,
+        mxcsr: 0x1fa0,
+        ..FpuState::default()
+    };
+    for (i, st) in cpu.fpu.fpr.iter_mut().enumerate() {
+        for (j, byte) in st[..10].iter_mut().enumerate() {
+            *byte = 0x10 * i as u8 + j as u8 + 1;
+        }
+    }
+    for (i, xmm) in cpu.fpu.xmm.iter_mut().enumerate() {
+        for (j, byte) in xmm.iter_mut().enumerate() {
+            *byte = 0x80 ^ (0x10 * i as u8 + j as u8);
+        }
+    }
+    cpu
+}
+
+fn completed(kind: InstructionKind) -> Outcome {
+    Outcome::Completed { kind }
+}
+
+fn page_fault(kind: InstructionKind, address: u64, error_code: u32, rip: u64) -> Outcome {
+    Outcome::Exception {
+        kind,
+        vector: vector::PF,
+        error_code: Some(error_code),
+        cr2: Some(address),
+        rip,
+    }
+}
+
+// ldmxcsr [rsp+4], the one in Debian's kernel_fpu_begin.
+const LDMXCSR_RSP4: [u8; 5] = [0x0f, 0xae, 0x54, 0x24, 0x04];
+// stmxcsr [rsp+4]
+const STMXCSR_RSP4: [u8; 5] = [0x0f, 0xae, 0x5c, 0x24, 0x04];
+// fxsave64 [rdi] / fxrstor64 [rdi] / fxsave [rdi] / fxrstor [rdi]
+const FXSAVE64_RDI: [u8; 4] = [0x48, 0x0f, 0xae, 0x07];
+const FXRSTOR64_RDI: [u8; 4] = [0x48, 0x0f, 0xae, 0x0f];
+const FXSAVE_RDI: [u8; 3] = [0x0f, 0xae, 0x07];
+const FXRSTOR_RDI: [u8; 3] = [0x0f, 0xae, 0x0f];
+
+#[test]
+fn ldmxcsr_loads_mxcsr_and_advances() {
+    let mut mem = memory_with_gdt();
+    let mut cpu = sse_cpu();
+    mem.map(cpu.gpr[RSP] + 4, &0x9fc0u32.to_le_bytes());
+    let rip = cpu.rip;
+    cpu.rflags |= rflags::RF;
+    let mut expected = cpu.clone();
+    assert_eq!(
+        run(&LDMXCSR_RSP4, &mut cpu, &mut mem),
+        completed(InstructionKind::Ldmxcsr)
+    );
+    expected.fpu.mxcsr = 0x9fc0;
+    expected.rip = rip + 5;
+    expected.rflags &= !rflags::RF;
+    assert_eq!(cpu, expected);
+    // REX.W is ignored; fs: adds the FS base.
+    let mut cpu = sse_cpu();
+    cpu.fs.base = 0x100;
+    cpu.gpr[3] = 0x5f00;
+    mem.map(0x6000, &0xffffu32.to_le_bytes());
+    assert_eq!(
+        run(&[0x64, 0x48, 0x0f, 0xae, 0x13], &mut cpu, &mut mem),
+        completed(InstructionKind::Ldmxcsr)
+    );
+    assert_eq!(cpu.fpu.mxcsr, 0xffff);
+    assert_eq!(cpu.rip, rip + 5);
+}
+
+#[test]
+fn stmxcsr_stores_mxcsr() {
+    let mut mem = memory_with_gdt();
+    let mut cpu = sse_cpu();
+    let at = cpu.gpr[RSP] + 4;
+    mem.map(at, &[0xaa; 8]);
+    let mut expected = cpu.clone();
+    assert_eq!(
+        run(&STMXCSR_RSP4, &mut cpu, &mut mem),
+        completed(InstructionKind::Stmxcsr)
+    );
+    expected.rip += 5;
+    assert_eq!(cpu, expected);
+    assert_eq!(mem.bytes(at, 8), [0xa0, 0x1f, 0, 0, 0xaa, 0xaa, 0xaa, 0xaa]);
+}
+
+/// The #UD/#NM/#GP/#SS/#PF/#AC cases shared by ldmxcsr and stmxcsr.
+fn mxcsr_exceptions(kind: InstructionKind, reg: u8) {
+    let mut mem = memory_with_gdt();
+    let base = sse_cpu();
+    let rip = base.rip;
+    // [rbx]
+    let plain = [0x0f, 0xae, reg << 3 | 0x03];
+    let ud = exception(kind, vector::UD, None, rip);
+    let nm = exception(kind, vector::NM, None, rip);
+    let gp = exception(kind, vector::GP, Some(0), rip);
+    let mut cpu = base.clone();
+    cpu.gpr[3] = 0x8000;
+    // LOCK, CR4.OSFXSR clear, CR0.EM: #UD, and #UD beats #NM.
+    let mut locked = vec![0xf0];
+    locked.extend(plain);
+    assert_eq!(run(&locked, &mut cpu.clone(), &mut mem), ud);
+    let mut no_osfxsr = cpu.clone();
+    no_osfxsr.cr4 &= !CR4_OSFXSR;
+    no_osfxsr.cr0 |= CR0_TS;
+    assert_eq!(run(&plain, &mut no_osfxsr, &mut mem), ud);
+    let mut em = cpu.clone();
+    em.cr0 |= CR0_EM | CR0_TS;
+    assert_eq!(run(&plain, &mut em, &mut mem), ud);
+    // CR0.TS: #NM.
+    let mut ts = cpu.clone();
+    ts.cr0 |= CR0_TS;
+    assert_eq!(run(&plain, &mut ts, &mut mem), nm);
+    // Non-canonical: #GP(0), or #SS(0) through SS (explicit or rsp/rbp base).
+    let mut far = cpu.clone();
+    far.gpr[3] = 0x8000_0000_0000;
+    far.gpr[RSP] = 0x8000_0000_0000;
+    assert_eq!(run(&plain, &mut far.clone(), &mut mem), gp);
+    let ss = exception(kind, vector::SS, Some(0), rip);
+    let mut through_ss = vec![0x36];
+    through_ss.extend(plain);
+    let ss_override = exception(kind, vector::SS, Some(0), rip);
+    assert_eq!(run(&through_ss, &mut far.clone(), &mut mem), ss_override);
+    assert_eq!(
+        run(&[0x0f, 0xae, reg << 3 | 0x04, 0x24], &mut far, &mut mem),
+        ss
+    );
+    // An unmapped operand is the guest's #PF, state untouched.
+    let mut unmapped = cpu.clone();
+    unmapped.gpr[3] = 0x20_0000;
+    let error_code = if kind == InstructionKind::Ldmxcsr {
+        0
+    } else {
+        2
+    };
+    assert_eq!(
+        run(&plain, &mut unmapped, &mut mem),
+        page_fault(kind, 0x20_0000, error_code, rip)
+    );
+    // Misaligned at CPL 3 with CR0.AM and RFLAGS.AC: #AC(0); aligned or
+    // without any of the three it completes.
+    let mut user = cpu.clone();
+    user.cpl = 3;
+    user.cr0 |= CR0_AM;
+    user.rflags |= rflags::AC;
+    user.gpr[3] = 0x8002;
+    let ac = exception(kind, vector::AC, Some(0), rip);
+    assert_eq!(run(&plain, &mut user.clone(), &mut mem), ac);
+    let mut kernel = user.clone();
+    kernel.cpl = 0;
+    assert_eq!(run(&plain, &mut kernel, &mut mem), completed(kind));
+    user.gpr[3] = 0x8004;
+    assert_eq!(run(&plain, &mut user, &mut mem), completed(kind));
+    // Register forms (fences) and 66/f2/f3 forms are other instructions.
+    assert_eq!(
+        run(&[0x0f, 0xae, 0xc0 | reg << 3], &mut cpu.clone(), &mut mem),
+        Outcome::Unsupported
+    );
+    for prefix in [0x66, 0xf2, 0xf3] {
+        let mut bytes = vec![prefix];
+        bytes.extend(plain);
+        assert_eq!(
+            run(&bytes, &mut cpu.clone(), &mut mem),
+            Outcome::Unsupported
+        );
+    }
+    // Outside 64-bit mode: not ours.
+    let mut legacy = protected_cpu();
+    legacy.cr4 |= CR4_OSFXSR;
+    assert_eq!(run(&plain, &mut legacy, &mut mem), Outcome::Unsupported);
+}
+
+#[test]
+fn ldmxcsr_exceptions() {
+    mxcsr_exceptions(InstructionKind::Ldmxcsr, 2);
+    // Reserved bits: #GP(0), nothing loaded.
+    let mut mem = memory_with_gdt();
+    let mut cpu = sse_cpu();
+    mem.map(cpu.gpr[RSP] + 4, &0x1_1f80u32.to_le_bytes());
+    let gp = exception(InstructionKind::Ldmxcsr, vector::GP, Some(0), cpu.rip);
+    assert_eq!(run(&LDMXCSR_RSP4, &mut cpu, &mut mem), gp);
+    mem.map(cpu.gpr[RSP] + 4, &0x8000_0000u32.to_le_bytes());
+    assert_eq!(run(&LDMXCSR_RSP4, &mut cpu, &mut mem), gp);
+}
+
+#[test]
+fn stmxcsr_exceptions() {
+    mxcsr_exceptions(InstructionKind::Stmxcsr, 3);
+    // A read-only page: #PF with the write/present error code.
+    let mut mem = memory_with_gdt();
+    let mut cpu = sse_cpu();
+    mem.read_only.insert((cpu.gpr[RSP] + 4) / PAGE);
+    assert_eq!(
+        run(&STMXCSR_RSP4, &mut cpu, &mut mem),
+        page_fault(InstructionKind::Stmxcsr, cpu.gpr[RSP] + 4, 3, cpu.rip)
+    );
+}
+
+fn fx_memory() -> FakeMemory {
+    let mut mem = memory_with_gdt();
+    // 0x5e / 0xee patterns show which bytes fxsave leaves alone.
+    mem.map(FX_AREA, &[0x5e; 512]);
+    mem.map(FX_AREA + 512, &[0xee; 512]);
+    mem
+}
+
+#[test]
+fn fxsave64_layout() {
+    let mut mem = fx_memory();
+    let mut cpu = sse_cpu();
+    cpu.gpr[7] = FX_AREA;
+    let mut expected = cpu.clone();
+    assert_eq!(
+        run(&FXSAVE64_RDI, &mut cpu, &mut mem),
+        completed(InstructionKind::Fxsave)
+    );
+    expected.rip += 4;
+    assert_eq!(cpu, expected, "fxsave changes nothing but RIP");
+    let image = mem.bytes(FX_AREA, 512);
+    let fpu = &cpu.fpu;
+    assert_eq!(image[0..2], fpu.fcw.to_le_bytes());
+    assert_eq!(image[2..4], fpu.fsw.to_le_bytes());
+    assert_eq!(image[4], 0x81);
+    assert_eq!(image[5], 0);
+    assert_eq!(image[6..8], 0x05d9u16.to_le_bytes());
+    assert_eq!(image[8..16], fpu.last_ip.to_le_bytes());
+    assert_eq!(image[16..24], fpu.last_dp.to_le_bytes());
+    assert_eq!(image[24..28], 0x1fa0u32.to_le_bytes());
+    assert_eq!(image[28..32], 0xffffu32.to_le_bytes());
+    for i in 0..8 {
+        let slot = &image[32 + 16 * i..48 + 16 * i];
+        assert_eq!(slot[..10], fpu.fpr[i][..10], "st{i}");
+        assert_eq!(slot[10..], [0; 6], "st{i} reserved bytes");
+    }
+    for i in 0..16 {
+        assert_eq!(image[160 + 16 * i..176 + 16 * i], fpu.xmm[i], "xmm{i}");
+    }
+    assert_eq!(
+        image[416..],
+        [0x5e; 96],
+        "reserved and software bytes untouched"
+    );
+    assert_eq!(mem.bytes(FX_AREA + 512, 16), [0xee; 16]);
+}
+
+#[test]
+fn fxsave_32_bit_form_stores_offsets_and_zero_selectors() {
+    let mut mem = fx_memory();
+    let mut cpu = sse_cpu();
+    cpu.gpr[7] = FX_AREA;
+    assert_eq!(
+        run(&FXSAVE_RDI, &mut cpu, &mut mem),
+        completed(InstructionKind::Fxsave)
+    );
+    let image = mem.bytes(FX_AREA, 512);
+    assert_eq!(image[8..12], 0x8123_4567u32.to_le_bytes());
+    assert_eq!(image[12..16], [0; 4], "FCS and reserved");
+    assert_eq!(image[16..20], 0x0765_4321u32.to_le_bytes());
+    assert_eq!(image[20..24], [0; 4], "FDS and reserved");
+    assert_eq!(image[24..28], 0x1fa0u32.to_le_bytes());
+    assert_eq!(image[160..176], cpu.fpu.xmm[0]);
+    assert_eq!(image[400..416], cpu.fpu.xmm[15]);
+    // fxrstor (32-bit form) loads the offsets zero-extended.
+    let mut restored = long_cpu();
+    restored.gpr[7] = FX_AREA;
+    assert_eq!(
+        run(&FXRSTOR_RDI, &mut restored, &mut mem),
+        completed(InstructionKind::Fxrstor)
+    );
+    let mut expected = cpu.fpu;
+    expected.last_ip = 0x8123_4567;
+    expected.last_dp = 0x0765_4321;
+    assert_eq!(restored.fpu, expected);
+}
+
+#[test]
+fn fxsave_fxrstor_round_trip() {
+    let mut mem = fx_memory();
+    let mut saved = sse_cpu();
+    // st registers' upper six bytes are not architectural and do not survive.
+    saved.fpu.fpr[3][12] = 0x77;
+    saved.gpr[1] = FX_AREA - 0x40;
+    // fxsave64 [rcx+0x40]
+    assert_eq!(
+        run(&[0x48, 0x0f, 0xae, 0x41, 0x40], &mut saved, &mut mem),
+        completed(InstructionKind::Fxsave)
+    );
+    let mut cpu = long_cpu();
+    cpu.gpr[7] = FX_AREA;
+    cpu.rflags |= rflags::RF;
+    let mut expected = cpu.clone();
+    assert_eq!(
+        run(&FXRSTOR64_RDI, &mut cpu, &mut mem),
+        completed(InstructionKind::Fxrstor)
+    );
+    expected.fpu = saved.fpu;
+    expected.fpu.fpr[3][12] = 0;
+    expected.rip += 4;
+    expected.rflags &= !rflags::RF;
+    assert_eq!(cpu, expected);
+    // fxrstor ignores byte 5, the st padding and bytes 416..512, and FOP's
+    // upper 5 bits.
+    let mut image = mem.bytes(FX_AREA, 512);
+    image[5] = 0xff;
+    image[6..8].copy_from_slice(&0xffffu16.to_le_bytes());
+    image[42..48].copy_from_slice(&[0xff; 6]);
+    image[416..].copy_from_slice(&[0xff; 96]);
+    mem.map(FX_AREA, &image);
+    let mut again = long_cpu();
+    again.gpr[7] = FX_AREA;
+    run(&FXRSTOR64_RDI, &mut again, &mut mem);
+    let mut expected_fpu = expected.fpu;
+    expected_fpu.last_opcode = 0x7ff;
+    assert_eq!(again.fpu, expected_fpu);
+}
+
+#[test]
+fn fxsave_fxrstor_exceptions() {
+    for (kind, bytes) in [
+        (InstructionKind::Fxsave, FXSAVE64_RDI),
+        (InstructionKind::Fxrstor, FXRSTOR64_RDI),
+    ] {
+        let mut mem = fx_memory();
+        mem.map(FX_AREA + 24, &0x1f80u32.to_le_bytes());
+        let mut cpu = sse_cpu();
+        cpu.gpr[7] = FX_AREA;
+        let rip = cpu.rip;
+        let ud = exception(kind, vector::UD, None, rip);
+        let nm = exception(kind, vector::NM, None, rip);
+        let gp = exception(kind, vector::GP, Some(0), rip);
+        let mut locked = vec![0xf0];
+        locked.extend(bytes);
+        assert_eq!(run(&locked, &mut cpu.clone(), &mut mem), ud);
+        // CR0.TS and CR0.EM are both #NM for fxsave/fxrstor.
+        for bit in [CR0_TS, CR0_EM] {
+            let mut off = cpu.clone();
+            off.cr0 |= bit;
+            assert_eq!(run(&bytes, &mut off, &mut mem), nm);
+        }
+        // Misaligned: #GP(0), at any CPL and whatever the AC settings.
+        for offset in [1, 8, 15] {
+            let mut misaligned = cpu.clone();
+            misaligned.gpr[7] = FX_AREA + offset;
+            assert_eq!(run(&bytes, &mut misaligned, &mut mem), gp);
+        }
+        // Non-canonical: #GP(0); through SS: #SS(0).
+        let mut far = cpu.clone();
+        far.gpr[7] = 0xffff_7fff_ffff_f000;
+        assert_eq!(run(&bytes, &mut far.clone(), &mut mem), gp);
+        let mut through_ss = vec![0x36];
+        through_ss.extend(bytes);
+        let ss = exception(kind, vector::SS, Some(0), rip);
+        assert_eq!(run(&through_ss, &mut far, &mut mem), ss);
+        // Not mapped: #PF; an area running into an unmapped page faults
+        // before anything is written.
+        let mut unmapped = cpu.clone();
+        unmapped.gpr[7] = 0x20_0000;
+        let write = if kind == InstructionKind::Fxsave {
+            2
+        } else {
+            0
+        };
+        assert_eq!(
+            run(&bytes, &mut unmapped, &mut mem),
+            page_fault(kind, 0x20_0000, write, rip)
+        );
+        let mut straddling = cpu.clone();
+        straddling.gpr[7] = 0xa000 - 0x100;
+        mem.map(0xa000 - 0x100, &[0x33; 0x100]);
+        assert_eq!(
+            run(&bytes, &mut straddling, &mut mem),
+            page_fault(kind, 0xa000, write, rip)
+        );
+        assert_eq!(mem.bytes(0xa000 - 0x100, 0x100), [0x33; 0x100]);
+        // Register forms are the fences, not ours.
+        let mut register = bytes;
+        register[3] |= 0xc0;
+        assert_eq!(
+            run(&register, &mut cpu.clone(), &mut mem),
+            Outcome::Unsupported
+        );
+        // CR4.OSFXSR clear is not #UD for fxsave/fxrstor.
+        let mut no_osfxsr = cpu.clone();
+        no_osfxsr.cr4 &= !CR4_OSFXSR;
+        assert_eq!(run(&bytes, &mut no_osfxsr, &mut mem), completed(kind));
+        let mut legacy = protected_cpu();
+        legacy.gpr[7] = FX_AREA;
+        assert_eq!(
+            run(&bytes[1..], &mut legacy, &mut mem),
+            Outcome::Unsupported
+        );
+    }
+}
+
+#[test]
+fn fxrstor_refuses_reserved_mxcsr_bits() {
+    let mut mem = fx_memory();
+    let mut cpu = sse_cpu();
+    cpu.gpr[7] = FX_AREA;
+    run(&FXSAVE64_RDI, &mut cpu, &mut mem);
+    mem.map(FX_AREA + 24, &0x0001_1f80u32.to_le_bytes());
+    let mut fresh = long_cpu();
+    fresh.gpr[7] = FX_AREA;
+    let gp = exception(InstructionKind::Fxrstor, vector::GP, Some(0), fresh.rip);
+    assert_eq!(run(&FXRSTOR64_RDI, &mut fresh, &mut mem), gp);
+    // A read-only area is fine for fxrstor and a write #PF for fxsave.
+    mem.map(FX_AREA + 24, &0x1f80u32.to_le_bytes());
+    mem.read_only.insert(FX_AREA / PAGE);
+    assert_eq!(
+        run(&FXRSTOR64_RDI, &mut fresh, &mut mem),
+        completed(InstructionKind::Fxrstor)
+    );
+    assert_eq!(fresh.fpu.mxcsr, 0x1f80);
+    let mut cpu = sse_cpu();
+    cpu.gpr[7] = FX_AREA;
+    assert_eq!(
+        run(&FXSAVE64_RDI, &mut cpu, &mut mem),
+        page_fault(InstructionKind::Fxsave, FX_AREA, 3, cpu.rip)
+    );
+}
+
+#[test]
+fn describe_names_sse_state_instructions() {
+    assert_eq!(describe(&LDMXCSR_RSP4), "ldmxcsr [rsp+0x4]");
+    assert_eq!(describe(&STMXCSR_RSP4), "stmxcsr [rsp+0x4]");
+    assert_eq!(describe(&FXSAVE64_RDI), "fxsave64 [rdi]");
+    assert_eq!(describe(&FXRSTOR64_RDI), "fxrstor64 [rdi]");
+    assert_eq!(describe(&FXSAVE_RDI), "fxsave [rdi]");
+    assert_eq!(describe(&FXRSTOR_RDI), "fxrstor [rdi]");
+    assert_eq!(describe(&[0x0f, 0xae, 0xe8]), "unknown");
+    assert_eq!(describe(&[0x0f, 0xae, 0x27]), "unknown");
+    assert_eq!(describe(&[0x0f, 0xae]), "truncated");
 }
