@@ -148,8 +148,12 @@ pub fn run(tree: &ConfigTree) -> i32 {
     if let ExitRequest::Error(msg) = &why {
         eprintln!("bhyve: {msg}");
     }
-    // -D: a guest power-off destroys the VM; otherwise it stays listed.
-    if why == ExitRequest::PowerOff && tree.bool_or("destroy_on_poweroff", false).unwrap_or(false) {
+    // -D: a guest power-off destroys the VM; -M (monitor mode): the VM goes
+    // away with this process whatever ended it; otherwise it stays listed.
+    let destroy = (why == ExitRequest::PowerOff
+        && tree.bool_or("destroy_on_poweroff", false).unwrap_or(false))
+        || tree.bool_or("monitor", false).unwrap_or(false);
+    if destroy {
         let name = named.name().to_string();
         drop(named);
         if let Err(e) = rhyve_hypervisor::registry::Registry::from_env().remove(&name) {
@@ -268,6 +272,9 @@ pub fn refuse_unsupported(tree: &ConfigTree) -> Result<(), VmmError> {
     }
     if tree.get_raw("lpc.bootrom").is_some() || tree.get_raw("bootrom").is_some() {
         return unsupported("booting from a boot ROM (-l bootrom)");
+    }
+    if tree.get("lpc.fwcfg").ok().flatten().as_deref() == Some("qemu") {
+        return unsupported("QEMU fw_cfg (fwcfg=qemu)");
     }
     Ok(())
 }
