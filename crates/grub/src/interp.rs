@@ -31,6 +31,8 @@ pub struct MenuItem {
     pub submenu: bool,
     pub args: Vec<String>,
     pub body: Rc<Vec<Stmt>>,
+    /// The body as written, for the `e` editor.
+    pub source: Rc<str>,
 }
 
 /// What `linux` and `initrd` loaded.
@@ -411,14 +413,21 @@ impl<'a> Interp<'a> {
                 submenu,
                 args,
                 body,
+                source,
             } => {
                 let argv = self.expand(args);
-                self.add_menu_item(*submenu, &argv, body.clone())
+                self.add_menu_item(*submenu, &argv, body.clone(), source.clone())
             }
         }
     }
 
-    fn add_menu_item(&mut self, submenu: bool, argv: &[String], body: Rc<Vec<Stmt>>) -> Flow {
+    fn add_menu_item(
+        &mut self,
+        submenu: bool,
+        argv: &[String],
+        body: Rc<Vec<Stmt>>,
+        source: Rc<str>,
+    ) -> Flow {
         let mut title = None;
         let mut id = None;
         let mut rest = Vec::new();
@@ -460,6 +469,7 @@ impl<'a> Interp<'a> {
             submenu,
             args: rest,
             body,
+            source,
         });
         Ok(0)
     }
@@ -1147,6 +1157,7 @@ impl<'a> Interp<'a> {
                     submenu: false,
                     args: Vec::new(),
                     body: Rc::new(stmts),
+                    source: Rc::from(body.as_str()),
                 }),
                 Err(e) => self.say(&format!("error: {path}: {e}.\n"))?,
             }

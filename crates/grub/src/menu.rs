@@ -2,7 +2,8 @@
 //!
 //! A plain-text rendition of GRUB's menu (VT100 sequences only, since the
 //! console is a serial line or pseudo-terminal): arrow keys or ^P/^N move,
-//! Enter boots, `c` opens the prompt, Esc leaves a submenu, and the
+//! Enter boots, `c` opens the prompt, `e` edits an entry's commands
+//! (Ctrl-X boots the edited text), Esc leaves a submenu, and the
 //! `timeout` variable counts down to the `default` entry (`0` boots at
 //! once; unset or negative waits). A chosen entry that loads a kernel
 //! boots; one that fails shows its errors, waits for a key and returns to
@@ -10,6 +11,8 @@
 
 use crate::error::GrubError;
 use crate::interp::{Ctl, Interp, MenuItem};
+use crate::script::parse;
+use std::rc::Rc;
 use std::time::Duration;
 
 /// How a session ended: with something to boot.
@@ -19,6 +22,7 @@ pub(crate) enum Outcome {
 
 enum Choice {
     Entry(usize),
+    Edit(usize),
     CommandLine,
     Back,
 }
@@ -176,6 +180,7 @@ impl Interp<'_> {
             let moved = match key {
                 b'\r' | b'\n' => return Ok(Choice::Entry(selected)),
                 b'c' => return Ok(Choice::CommandLine),
+                b'e' if !items[selected].submenu => return Ok(Choice::Edit(selected)),
                 0x10 => Some(selected.saturating_sub(1)),
                 0x0e => Some((selected + 1).min(items.len() - 1)),
                 ESC => match self.escape()? {
@@ -270,6 +275,15 @@ impl Interp<'_> {
                     }
                 },
                 Choice::Entry(i) => i,
+                Choice::Edit(i) => {
+                    if let Some(edited) = self.edit(&items[i])? {
+                        if let Some(o) = self.boot_entry(&edited, depth)? {
+                            return Ok(Some(o));
+                        }
+                    }
+                    use_timeout = false;
+                    continue;
+                }
             };
             let item = items[idx].clone();
             if item.submenu {
@@ -296,19 +310,143 @@ impl Interp<'_> {
                     }
                 }
             }
-            self.menu_replaced = false;
-            self.loaded = None;
-            self.put(&format!("  Booting `{}'\n\n", item.title))?;
-            match self.exec_entry(&item) {
-                Err(Ctl::Fatal(e)) => return Err(e),
-                Err(Ctl::Boot) => return Ok(Some(booted(&item))),
-                _ if self.loaded.is_some() => return Ok(Some(booted(&item))),
-                _ if self.menu_replaced => return self.menu_loop(depth + 1, &[]),
-                _ => {
-                    self.put("\nPress any key to continue...")?;
-                    self.key(None)?;
-                    use_timeout = false;
+            if let Some(o) = self.boot_entry(&item, depth)? {
+                return Ok(Some(o));
+            }
+            use_timeout = false;
+        }
+    }
+
+    /// Run a chosen entry; `None` when it did not boot (its errors shown).
+    fn boot_entry(&mut self, item: &MenuItem, depth: usize) -> Result<Option<Outcome>, GrubError> {
+        self.menu_replaced = false;
+        self.loaded = None;
+        self.put(&format!("  Booting `{}'\n\n", item.title))?;
+        match self.exec_entry(item) {
+            Err(Ctl::Fatal(e)) => Err(e),
+            Err(Ctl::Boot) => Ok(Some(booted(item))),
+            _ if self.loaded.is_some() => Ok(Some(booted(item))),
+            _ if self.menu_replaced => self.menu_loop(depth + 1, &[]),
+            _ => {
+                self.put("\nPress any key to continue...")?;
+                self.key(None)?;
+                Ok(None)
+            }
+        }
+    }
+
+    fn draw_editor(
+        &mut self,
+        lines: &[Vec<char>],
+        row: usize,
+        col: usize,
+    ) -> Result<(), GrubError> {
+        let mut s = String::from(
+            "\x1b[H\x1b[2J\n                 GNU GRUB  version 2.06 (rhyve grub-bhyve)\n\n",
+        );
+        s.push_str(&format!(" +{}+\n", "-".repeat(76)));
+        for (r, line) in lines.iter().enumerate() {
+            s.push_str(" |");
+            for (c, ch) in line.iter().enumerate() {
+                let ch = if ch.is_control() { ' ' } else { *ch };
+                if r == row && c == col {
+                    s.push_str(&format!("\x1b[7m{ch}\x1b[0m"));
+                } else {
+                    s.push(ch);
                 }
+            }
+            if r == row && col >= line.len() {
+                s.push_str("\x1b[7m \x1b[0m");
+            }
+            s.push('\n');
+        }
+        s.push_str(&format!(" +{}+\n", "-".repeat(76)));
+        s.push_str(
+            "      Minimum Emacs-like screen editing is supported. Press Ctrl-x\n      \
+             to boot, Esc to discard edits and return to the GRUB menu.\n",
+        );
+        self.put(&s)
+    }
+
+    /// GRUB's entry editor (`e` in the menu): the entry's commands as
+    /// text; Ctrl-X boots the edited text, Esc goes back unchanged.
+    fn edit(&mut self, item: &MenuItem) -> Result<Option<MenuItem>, GrubError> {
+        const MAX_EDIT_LINES: usize = 1000;
+        let mut lines: Vec<Vec<char>> = item
+            .source
+            .lines()
+            .take(MAX_EDIT_LINES)
+            .map(|l| l.chars().take(MAX_LINE).collect())
+            .collect();
+        if lines.is_empty() {
+            lines.push(Vec::new());
+        }
+        let (mut row, mut col) = (0usize, 0usize);
+        loop {
+            row = row.min(lines.len() - 1);
+            col = col.min(lines[row].len());
+            self.draw_editor(&lines, row, col)?;
+            let Some(k) = self.key(None)? else { continue };
+            match k {
+                0x18 => {
+                    let text: String = lines
+                        .iter()
+                        .map(|l| l.iter().collect::<String>())
+                        .collect::<Vec<_>>()
+                        .join("\n");
+                    match parse(&text) {
+                        Ok(stmts) => {
+                            return Ok(Some(MenuItem {
+                                body: Rc::new(stmts),
+                                source: Rc::from(text.as_str()),
+                                ..item.clone()
+                            }))
+                        }
+                        Err(e) => {
+                            self.put(&format!("\nerror: {e}.\nPress any key to continue..."))?;
+                            self.key(None)?;
+                        }
+                    }
+                }
+                ESC => match self.escape()? {
+                    None => return Ok(None),
+                    Some(b'A') => row = row.saturating_sub(1),
+                    Some(b'B') => row += 1,
+                    Some(b'C') => col += 1,
+                    Some(b'D') => col = col.saturating_sub(1),
+                    Some(b'H') => col = 0,
+                    Some(b'F') => col = usize::MAX,
+                    _ => {}
+                },
+                0x10 => row = row.saturating_sub(1),
+                0x0e => row += 1,
+                0x02 => col = col.saturating_sub(1),
+                0x06 => col += 1,
+                0x01 => col = 0,
+                0x05 => col = usize::MAX,
+                0x0b => lines[row].truncate(col),
+                b'\r' | b'\n' if lines.len() < MAX_EDIT_LINES => {
+                    let rest = lines[row].split_off(col);
+                    lines.insert(row + 1, rest);
+                    row += 1;
+                    col = 0;
+                }
+                0x7f | 0x08 => {
+                    if col > 0 {
+                        lines[row].remove(col - 1);
+                        col -= 1;
+                    } else if row > 0 {
+                        let cur = lines.remove(row);
+                        row -= 1;
+                        col = lines[row].len();
+                        lines[row].extend(cur);
+                    }
+                }
+                0x20..=0x7e if lines[row].len() < MAX_LINE => {
+                    lines[row].insert(col, k as char);
+                    col += 1;
+                }
+                _ => {}
             }
         }
     }

@@ -73,6 +73,8 @@ pub enum Stmt {
         submenu: bool,
         args: Vec<Word>,
         body: Rc<Vec<Stmt>>,
+        /// The body's text, for the menu's `e` editor.
+        source: Rc<str>,
     },
 }
 
@@ -87,9 +89,14 @@ fn is_name_char(c: char) -> bool {
 }
 
 /// Split source text into words and separators.
-fn lex(src: &str) -> Result<Vec<Tok>, GrubError> {
+/// Where a token lies in the source: `[start, end)` in chars.
+type Span = (usize, usize);
+
+fn lex(src: &str) -> Result<(Vec<Tok>, Vec<Span>), GrubError> {
     let chars: Vec<char> = src.chars().collect();
     let mut toks = Vec::new();
+    // Each token's [start, end) in chars, kept alongside `toks`.
+    let mut spans: Vec<Span> = Vec::new();
     let mut i = 0;
     let n = chars.len();
     let syntax = |m: String| GrubError::Syntax(m);
@@ -105,6 +112,7 @@ fn lex(src: &str) -> Result<Vec<Tok>, GrubError> {
         }
         if c == '\n' || c == ';' {
             toks.push(Tok::Sep);
+            spans.push((i, i + 1));
             i += 1;
             continue;
         }
@@ -121,10 +129,12 @@ fn lex(src: &str) -> Result<Vec<Tok>, GrubError> {
                 parts: vec![Part::Lit(c.to_string())],
                 quoted: false,
             }));
+            spans.push((i, i + 1));
             i += 1;
             continue;
         }
         // A word: runs until an unquoted blank or separator.
+        let word_start = i;
         let mut w = Word::default();
         let mut lit = String::new();
         let flush = |lit: &mut String, w: &mut Word| {
@@ -213,8 +223,9 @@ fn lex(src: &str) -> Result<Vec<Tok>, GrubError> {
             w.parts.push(Part::Lit(String::new()));
         }
         toks.push(Tok::Word(w));
+        spans.push((word_start, i));
     }
-    Ok(toks)
+    Ok((toks, spans))
 }
 
 /// `$name`, `${name}`, `$?`, `$#`, `$@`, `$*`, `$0`-`$9` at `chars[i]`.
@@ -242,6 +253,8 @@ fn var_ref(chars: &[char], i: usize) -> Option<(String, usize)> {
 
 struct Parser {
     toks: Vec<Tok>,
+    spans: Vec<Span>,
+    chars: Vec<char>,
     pos: usize,
     depth: usize,
 }
@@ -406,8 +419,15 @@ impl Parser {
                         None => return Err(GrubError::Syntax(format!("{k}: `{{' expected"))),
                     }
                 }
+                self.skip_seps();
+                let open = self.pos;
                 let body = self.block()?;
+                let close = self.pos - 1;
+                let from = self.spans.get(open).map_or(0, |s| s.1);
+                let to = self.spans.get(close).map_or(from, |s| s.0).max(from);
+                let source: String = self.chars.get(from..to).unwrap_or(&[]).iter().collect();
                 Ok(Stmt::Menu {
+                    source: Rc::from(source.trim_matches('\n')),
                     submenu,
                     args,
                     body: Rc::new(body),
@@ -435,9 +455,11 @@ pub fn parse(src: &str) -> Result<Vec<Stmt>, GrubError> {
             "script larger than {MAX_SCRIPT_BYTES} bytes"
         )));
     }
-    let toks = lex(src)?;
+    let (toks, spans) = lex(src)?;
     let mut p = Parser {
         toks,
+        spans,
+        chars: src.chars().collect(),
         pos: 0,
         depth: 0,
     };
@@ -490,6 +512,7 @@ mod tests {
         assert_eq!(s.len(), 4);
         assert!(matches!(&s[0], Stmt::If { branches, otherwise: Some(_) } if branches.len() == 2));
         assert!(matches!(&s[3], Stmt::Menu { submenu: true, body, .. } if body.len() == 1));
+        assert!(matches!(&s[1], Stmt::Menu { source, .. } if &**source == " linux /v"));
     }
 
     #[test]

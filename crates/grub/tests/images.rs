@@ -227,3 +227,25 @@ fn no_input_and_no_timeout_is_an_error_not_a_hang() {
     let err = run(&o, &mut con).unwrap_err();
     assert!(matches!(err, rhyve_grub::GrubError::ConsoleClosed), "{err}");
 }
+
+#[test]
+fn edit_an_entry_before_booting_it() {
+    let dir = scratch("iso-edit");
+    let img = iso(&dir, "-R -J", "edit");
+    let map = device_map(&dir, &[("cd0", &img)]);
+    // Down to "Install", e, ^N to the linux line, ^E, type, ^X.
+    let (sel, out) = boot(&map, "cd0", &[], b"\x1b[Be\x0e\x05single\x18");
+    assert!(out.contains("Press Ctrl-x"), "{out}");
+    assert_eq!(sel.menu_title.as_deref(), Some("Install"));
+    assert_eq!(
+        sel.cmdline,
+        "console=ttyS0 BOOT_IMAGE=/install/vmlinuz vga=788 --- quiet single"
+    );
+    // Esc leaves the editor without changes; Enter then boots the default.
+    let (sel, _) = boot(&map, "cd0", &[], b"\x1b[Be\x0e\x05junk\x1b\r");
+    assert_eq!(sel.menu_title.as_deref(), Some("Graphical install"));
+    assert_eq!(
+        sel.cmdline,
+        "console=ttyS0 BOOT_IMAGE=/install/gtk/vmlinuz vga=788 --- quiet"
+    );
+}
