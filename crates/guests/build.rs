@@ -22,6 +22,7 @@ const GUESTS: &[&str] = &[
     "smp",
     "virtioblk",
     "rebootonce",
+    "cpuid",
 ];
 
 const RUNTIME: &[&str] = &["start.S", "trampoline.S", "rt.c"];

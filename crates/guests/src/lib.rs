@@ -19,6 +19,7 @@
 //! | `acpitables` | | `rsdp 0x000f2400 rev 2`, `xsdt N entries`, `table SIG` each, `madt ...`, `acpi ok` | S5 |
 //! | `smp` | | `bsp 0, madt lists N cpus`, `ap K up` per AP, `cpus N` | S5 |
 //! | `virtioblk` | (`intx`) (`slot=N`) | `virtio-blk 00:04.0 capacity C queue Q`, `virtio-blk irq msix\|intx`, `sector0 xx ...` (16 bytes), `virtio-blk ok` | S5 |
+//! | `cpuid` | | `cpuid hypervisor 'bhyve bhyve ' max 0x40000001`, leaf 1 APIC ID / count / x2APIC bit, leaf 0xB levels | S5 |
 //! | `rebootonce` | | `rebootonce: boot 1` then resets; `rebootonce: boot 2` (RTC NVRAM kept by the named VM) | reset, then S5 |
 //!
 //! Interrupt handlers return with `popf; ret` instead of `iret`: on this
@@ -47,6 +48,7 @@ pub const GUESTS: &[&str] = &[
     "smp",
     "virtioblk",
     "rebootonce",
+    "cpuid",
 ];
 
 /// The ELF (PVH entry) of the named guest.
