@@ -10,8 +10,11 @@
 //! command line grub-bhyve gives Linux), and the VMM side loads it.
 //!
 //! Layers: `options` (command line) → `disk` (device map, MBR/GPT) →
-//! `fs`/`iso9660` (read-only filesystems) → `devices` (GRUB's device
-//! names) → `script`/`interp` (grub.cfg) → `menu` (console UI).
+//! `fs` with `iso9660`, `fat`, `xfs` and ext2/3/4 via ext4-view (read-only
+//! filesystems, all hardened against hostile images) → `devices` (GRUB's
+//! device names) → `script`/`interp` (grub.cfg: GRUB's script language,
+//! Linux loading commands, `search`, `blscfg`) → `menu` (menu, entry
+//! editor and `grub>` prompt on a [`Console`]).
 
 mod console;
 mod devices;
