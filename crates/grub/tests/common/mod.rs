@@ -71,7 +71,7 @@ pub fn sh(cmd: &str) {
 pub fn scratch(name: &str) -> PathBuf {
     let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join("rhyve-grub")
-        .join(format!("{name}-{}", std::process::id()));
+        .join(name);
     let _ = std::fs::remove_dir_all(&base);
     std::fs::create_dir_all(&base).unwrap();
     base
