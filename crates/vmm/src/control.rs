@@ -145,8 +145,23 @@ impl ControlServer {
 /// A client: send `request` to the bhyve serving `socket`; the value lines,
 /// or the server's error.
 pub fn request(socket: &Path, request: &str) -> Result<Vec<(String, String)>, String> {
-    let mut stream =
-        UnixStream::connect(socket).map_err(|e| format!("cannot reach the VM: {e}"))?;
+    // A VM is marked running as soon as its bhyve holds the entry, a moment
+    // before the socket is up: wait for it briefly.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let mut stream = loop {
+        match UnixStream::connect(socket) {
+            Ok(s) => break s,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(format!("cannot reach the VM: {e}")),
+        }
+    };
     stream
         .set_read_timeout(Some(Duration::from_secs(15)))
         .map_err(|e| e.to_string())?;
