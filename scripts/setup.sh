@@ -12,6 +12,9 @@ packages=(
   iproute2          # network namespaces and taps for virtio-net tests
   e2fsprogs         # mkfs.ext4 for disk images
   dosfstools        # FAT images for grub-bhyve tests
+  mtools            # filling FAT images without mounting
+  xfsprogs          # XFS /boot images for grub-bhyve tests
+  dmidecode         # decodes the SMBIOS tables we build
   xorriso           # ISO images for grub-bhyve tests
   fdisk             # sfdisk for partitioned images
   kmod              # depmod/modinfo for guest modules

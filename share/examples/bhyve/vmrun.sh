@@ -38,7 +38,7 @@ usage() {
 	echo "       -c: number of virtual cpus (default: ${DEFAULT_CPUS})"
 	echo "       -C: console device (default: ${DEFAULT_CONSOLE})"
 	echo "       -d: virtio diskdev file (default: ${DEFAULT_VIRTIO_DISK})"
-	echo "       -e: set grub-bhyve environment variable"
+	echo "       -e: set a loader environment variable (bhyveload only: not supported)"
 	echo "       -E: boot from UEFI firmware (not supported yet)"
 	echo "       -G: bind the GDB stub to the specified address and port"
 	echo "       -i: force boot of the Installation CDROM image"
@@ -78,7 +78,6 @@ disk_total=0
 disk_emulation="virtio-blk"
 apic_opt=""
 gdbport=""
-loader_opt=""
 bhyverun_opt="-H -P"
 pass_total=0
 kernel=""
@@ -98,7 +97,7 @@ while getopts aAc:C:d:e:EG:hiI:k:K:m:n:p:r:t:uw c ; do
 		eval "disk_opts${disk_total}=\"\${disk_opts}\""
 		disk_total=$((disk_total + 1))
 		;;
-	e) loader_opt="${loader_opt} -e ${OPTARG}" ;;
+	e) usage "loader environment variables (-e) need bhyveload, which is not supported" ;;
 	E) usage "UEFI boot (-E) is not supported yet" ;;
 	G) gdbport=${OPTARG} ;;
 	i) force_install=1 ;;
@@ -203,8 +202,10 @@ while true; do
 			i=$((i + 1))
 		done
 		echo "(cd0) ${isofile}" >> "$devmap"
+		cons_opt=""
+		[ "${console}" != "stdio" ] && cons_opt="-c ${console}"
 		# shellcheck disable=SC2086
-		${GRUB_BHYVE} -m "$devmap" -r "$root" -M "${memsize}" -c "${console}" ${loader_opt} "${vmname}"
+		${GRUB_BHYVE} -m "$devmap" -r "$root" -M "${memsize}" ${cons_opt} "${vmname}"
 		bhyve_exit=$?
 		if [ $bhyve_exit -ne 0 ]; then
 			break
