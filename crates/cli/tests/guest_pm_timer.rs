@@ -15,7 +15,7 @@ fn pm_timer_ticks_3579545_per_rtc_second() {
     let run = run_bhyve(
         Path::new(env!("CARGO_BIN_EXE_bhyve")),
         &args,
-        Duration::from_secs(30),
+        Duration::from_secs(60),
     );
     run.assert_no_failure();
     run.assert_code(1);
