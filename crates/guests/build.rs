@@ -10,21 +10,6 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Keep in step with `GUESTS` in src/lib.rs.
-const GUESTS: &[&str] = &[
-    "exitcodes",
-    "powerbutton",
-    "pcienum",
-    "cmos",
-    "pmtimer",
-    "com1irq",
-    "acpitables",
-    "smp",
-    "virtioblk",
-    "rebootonce",
-    "cpuid",
-];
-
 const RUNTIME: &[&str] = &["start.S", "trampoline.S", "rt.c"];
 
 const CFLAGS: &[&str] = &[
@@ -86,11 +71,26 @@ fn main() {
         println!("cargo:rerun-if-changed={}", entry.unwrap().path().display());
     }
 
+    // Every guest/<name>.c but the runtime is a guest program; src/lib.rs
+    // includes the list written here.
+    let mut guests: Vec<String> = std::fs::read_dir(&src_dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|n| n.strip_suffix(".c").map(str::to_string))
+        .filter(|n| !RUNTIME.contains(&format!("{n}.c").as_str()))
+        .collect();
+    guests.sort();
+    std::fs::write(
+        out_dir.join("guests.rs"),
+        format!("/// Every guest program, by name (`guest/<name>.c`).\npub const GUESTS: &[&str] = &{guests:?};\n"),
+    )
+    .unwrap();
+
     let runtime: Vec<PathBuf> = RUNTIME
         .iter()
         .map(|s| compile(&src_dir, &out_dir, s))
         .collect();
-    for guest in GUESTS {
+    for guest in &guests {
         let obj = compile(&src_dir, &out_dir, &format!("{guest}.c"));
         let elf32 = out_dir.join(format!("{guest}.elf32"));
         run(Command::new("ld")

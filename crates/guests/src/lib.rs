@@ -36,20 +36,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Every guest program, by name (`guest/<name>.c`).
-pub const GUESTS: &[&str] = &[
-    "exitcodes",
-    "powerbutton",
-    "pcienum",
-    "cmos",
-    "pmtimer",
-    "com1irq",
-    "acpitables",
-    "smp",
-    "virtioblk",
-    "rebootonce",
-    "cpuid",
-];
+include!(concat!(env!("OUT_DIR"), "/guests.rs"));
 
 /// The ELF (PVH entry) of the named guest.
 ///
@@ -173,6 +160,29 @@ pub fn run_bhyve<S: AsRef<std::ffi::OsStr>>(
     timeout: Duration,
 ) -> RunResult {
     run(bin, args, None, timeout)
+}
+
+/// The repository's root (this crate is crates/guests).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Debian's stock cloud kernel: `$RHYVE_GUEST_KERNEL` (set by test.sh), or
+/// fetched now with scripts/fetch-guest-kernel.sh (apt-get download +
+/// dpkg -x, never installed).
+pub fn debian_kernel() -> PathBuf {
+    if let Ok(k) = std::env::var("RHYVE_GUEST_KERNEL") {
+        return PathBuf::from(k);
+    }
+    let out = Command::new(workspace_root().join("scripts/fetch-guest-kernel.sh"))
+        .output()
+        .expect("run scripts/fetch-guest-kernel.sh");
+    assert!(
+        out.status.success(),
+        "fetching the guest kernel failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
 /// The named-VM registry test runs use, so they leave nothing under

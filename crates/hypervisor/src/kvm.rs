@@ -506,6 +506,31 @@ fn borrowed_eventfd(
 }
 
 impl KvmNotifiers {
+    /// KVM_IOEVENTFD with a datamatch of the access width, (un)registered.
+    fn ioevent(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        addr: rhyve_platform::notify::IoAddress,
+        len: u32,
+        value: u64,
+        add: bool,
+    ) -> std::io::Result<()> {
+        let efd = borrowed_eventfd(fd);
+        let a = kvm_io_address(addr);
+        let vm = &self.vm;
+        let result = match (len, add) {
+            (1, true) => vm.register_ioevent(&efd, &a, value as u8),
+            (2, true) => vm.register_ioevent(&efd, &a, value as u16),
+            (4, true) => vm.register_ioevent(&efd, &a, value as u32),
+            (_, true) => vm.register_ioevent(&efd, &a, value),
+            (1, false) => vm.unregister_ioevent(&efd, &a, value as u8),
+            (2, false) => vm.unregister_ioevent(&efd, &a, value as u16),
+            (4, false) => vm.unregister_ioevent(&efd, &a, value as u32),
+            (_, false) => vm.unregister_ioevent(&efd, &a, value),
+        };
+        result.map_err(io_err)
+    }
+
     fn apply(
         &self,
         routes: &std::collections::BTreeMap<u32, rhyve_platform::notify::MsiRoute>,
@@ -558,15 +583,7 @@ impl rhyve_platform::notify::GuestNotifiers for KvmNotifiers {
         len: u32,
         value: u64,
     ) -> std::io::Result<()> {
-        let efd = borrowed_eventfd(fd);
-        let a = kvm_io_address(addr);
-        match len {
-            1 => self.vm.register_ioevent(&efd, &a, value as u8),
-            2 => self.vm.register_ioevent(&efd, &a, value as u16),
-            4 => self.vm.register_ioevent(&efd, &a, value as u32),
-            _ => self.vm.register_ioevent(&efd, &a, value),
-        }
-        .map_err(io_err)
+        self.ioevent(fd, addr, len, value, true)
     }
 
     fn remove_ioevent(
@@ -576,15 +593,7 @@ impl rhyve_platform::notify::GuestNotifiers for KvmNotifiers {
         len: u32,
         value: u64,
     ) -> std::io::Result<()> {
-        let efd = borrowed_eventfd(fd);
-        let a = kvm_io_address(addr);
-        match len {
-            1 => self.vm.unregister_ioevent(&efd, &a, value as u8),
-            2 => self.vm.unregister_ioevent(&efd, &a, value as u16),
-            4 => self.vm.unregister_ioevent(&efd, &a, value as u32),
-            _ => self.vm.unregister_ioevent(&efd, &a, value),
-        }
-        .map_err(io_err)
+        self.ioevent(fd, addr, len, value, false)
     }
 
     fn add_msi(
