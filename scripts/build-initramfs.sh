@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Build a busybox initramfs for Linux guests: OUT [INIT-SCRIPT]
+# OUT ending in .cpio is left uncompressed (nothing to inflate in the guest).
 # The default /init mounts /proc, prints BOOT-OK with the uptime and powers
 # the VM off through ACPI.
 set -euo pipefail
@@ -27,4 +28,8 @@ poweroff -f
 INIT
 fi
 chmod +x "$tmp/init"
-(cd "$tmp" && find . | cpio -o -H newc --quiet | gzip -1) > "$out"
+if [ "${out%.cpio}" != "$out" ]; then
+  (cd "$tmp" && find . | cpio -o -H newc --quiet) > "$out"
+else
+  (cd "$tmp" && find . | cpio -o -H newc --quiet | gzip -1) > "$out"
+fi

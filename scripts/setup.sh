@@ -18,6 +18,9 @@ packages=(
   xorriso           # ISO images for grub-bhyve tests
   fdisk             # sfdisk for partitioned images
   kmod              # depmod/modinfo for guest modules
+  lz4               # extracting the guest kernel's ELF image (Debian's is LZ4)
+  zstd
+  xz-utils
 )
 
 missing=()
