@@ -26,7 +26,7 @@ start=$(date +%s)
 set +e
 ./target/release/bhyve -A -H -P -c "$cpus" -m 512M -s 0,hostbridge -s 31,lpc -l com1,stdio \
   -o boot.kernel="$kernel" -o boot.initrd="$initrd" \
-  -o boot.cmdline="console=ttyS0 clearcpuid=cx16,ssse3 noxsave nosoftlockup ipv6.disable=1 panic=-1" \
+  -o boot.cmdline="console=ttyS0 clearcpuid=cx16,ssse3 noxsave nosoftlockup sysctl.kernel.hung_task_timeout_secs=0 ipv6.disable=1 panic=-1" \
   "fullboot$cpus" < /dev/null | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
