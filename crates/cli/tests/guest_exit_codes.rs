@@ -86,3 +86,18 @@ fn guest_failure_is_a_triple_fault() {
     );
     run.assert_code(3);
 }
+
+#[test]
+fn unassigned_ports_read_all_ones_and_dash_e_stops_the_vm() {
+    let r = exitcodes("unassigned", &[]);
+    r.assert_code(1);
+    r.assert_line("exitcodes: port 0x99 reads ff");
+    let r = exitcodes("unassigned", &["-e"]);
+    r.assert_code(4);
+    assert!(
+        r.stderr
+            .contains("unhandled read of 1 byte(s) at I/O port 0x99 (-e)"),
+        "{}",
+        r.describe()
+    );
+}

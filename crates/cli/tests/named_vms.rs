@@ -23,15 +23,55 @@ impl Registry {
             .expect("run bhyvectl")
     }
 
-    fn bhyve(&self, args: &[&str]) -> Child {
-        Command::new(env!("CARGO_BIN_EXE_bhyve"))
+    fn bhyve(&self, args: &[&str]) -> Vm {
+        Vm(Command::new(env!("CARGO_BIN_EXE_bhyve"))
             .args(args)
             .env("RHYVE_VMM_DIR", &self.0)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("start bhyve")
+            .expect("start bhyve"))
+    }
+}
+
+/// A running bhyve that a failing test does not leave behind.
+struct Vm(Child);
+
+impl Vm {
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
+
+    fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.0.wait()
+    }
+
+    fn kill(&mut self) -> std::io::Result<()> {
+        self.0.kill()
+    }
+
+    fn wait_with_output(mut self) -> std::io::Result<Output> {
+        let mut out = Output {
+            status: self.0.wait()?,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+        };
+        use std::io::Read;
+        if let Some(mut o) = self.0.stdout.take() {
+            o.read_to_end(&mut out.stdout)?;
+        }
+        if let Some(mut e) = self.0.stderr.take() {
+            e.read_to_end(&mut out.stderr)?;
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -128,6 +168,10 @@ fn create_list_run_inspect_destroy() {
     wait_until("the VM to run", || {
         text(&reg.bhyvectl(&["--list"])).contains("running")
     });
+    // ps shows bhyve's process title, by which vm-bhyve and libvirt find VMs.
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", vm.id())).unwrap();
+    let title = String::from_utf8_lossy(&cmdline).trim_end_matches('\0').to_string();
+    assert_eq!(title, "bhyve: vm1");
 
     // A second bhyve on the same name is refused.
     let second = reg

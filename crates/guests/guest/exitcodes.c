@@ -8,6 +8,8 @@
  *   halt         cli; hlt                                    -> exit 2
  *   triplefault  exception with an empty IDT                 -> exit 3
  *   debugexit=N  N to pc-testdev's port 0xF4 (-l pc-testdev) -> exit 2N+1
+ *   unassigned   read port 0x99, where nothing is: all ones, then S5
+ *                -> exit 1 (with bhyve -e: the read ends the VM, exit 4)
  *
  * Prints "exitcodes: <mode>" first.  If the action does not end the VM,
  * prints "FAIL: ..." and triple-faults.
@@ -40,6 +42,11 @@ void guest_main(void)
 	}
 	if (cmdline_has_word("poweroff")) {
 		print("exitcodes: poweroff\n");
+		poweroff();
+	}
+	if (cmdline_has_word("unassigned")) {
+		print("exitcodes: unassigned\n");
+		print("exitcodes: port 0x99 reads %x\n", inb(0x99));
 		poweroff();
 	}
 	if (cmdline_has_word("halt")) {
