@@ -35,6 +35,23 @@ impl Registry {
     }
 }
 
+/// bhyve's arguments for the spin guest on the usual machine, plus `extra`.
+fn spin_vm_args<'a>(guest_arg: &'a str, extra: &[&'a str], name: &'a str) -> Vec<&'a str> {
+    let mut args = vec![
+        "-s",
+        "0,hostbridge",
+        "-s",
+        "31,lpc",
+        "-l",
+        "com1,stdio",
+        "-o",
+        guest_arg,
+    ];
+    args.extend_from_slice(extra);
+    args.push(name);
+    args
+}
+
 /// A running bhyve that a failing test does not leave behind.
 struct Vm(Child);
 
@@ -152,25 +169,15 @@ fn create_list_run_inspect_destroy() {
     assert!(text(&reg.bhyvectl(&["--list"])).contains("vm1\t-\tstopped"));
 
     let guest_arg = format!("boot.kernel={}", guest.display());
-    let mut vm = reg.bhyve(&[
-        "-m",
-        "128M",
-        "-s",
-        "0,hostbridge",
-        "-s",
-        "31,lpc",
-        "-l",
-        "com1,stdio",
-        "-o",
-        &guest_arg,
-        "vm1",
-    ]);
+    let mut vm = reg.bhyve(&spin_vm_args(&guest_arg, &["-m", "128M"], "vm1"));
     wait_until("the VM to run", || {
         text(&reg.bhyvectl(&["--list"])).contains("running")
     });
     // ps shows bhyve's process title, by which vm-bhyve and libvirt find VMs.
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", vm.id())).unwrap();
-    let title = String::from_utf8_lossy(&cmdline).trim_end_matches('\0').to_string();
+    let title = String::from_utf8_lossy(&cmdline)
+        .trim_end_matches('\0')
+        .to_string();
     assert_eq!(title, "bhyve: vm1");
 
     // A second bhyve on the same name is refused.
@@ -218,17 +225,7 @@ fn force_poweroff_and_reset_end_bhyve_with_their_codes() {
     let guest = spin_guest(&reg.0);
     let guest_arg = format!("boot.kernel={}", guest.display());
     for (flag, code) in [("--force-poweroff", 1), ("--force-reset", 0)] {
-        let mut vm = reg.bhyve(&[
-            "-s",
-            "0,hostbridge",
-            "-s",
-            "31,lpc",
-            "-l",
-            "com1,stdio",
-            "-o",
-            &guest_arg,
-            "vm2",
-        ]);
+        let mut vm = reg.bhyve(&spin_vm_args(&guest_arg, &[], "vm2"));
         wait_until("the VM to run", || {
             text(&reg.bhyvectl(&["--list"])).contains("running")
         });
@@ -247,17 +244,7 @@ fn killed_bhyve_leaves_a_stale_entry_that_is_detected() {
     std::fs::create_dir_all(&reg.0).unwrap();
     let guest = spin_guest(&reg.0);
     let guest_arg = format!("boot.kernel={}", guest.display());
-    let mut vm = reg.bhyve(&[
-        "-s",
-        "0,hostbridge",
-        "-s",
-        "31,lpc",
-        "-l",
-        "com1,stdio",
-        "-o",
-        &guest_arg,
-        "vm3",
-    ]);
+    let mut vm = reg.bhyve(&spin_vm_args(&guest_arg, &[], "vm3"));
     wait_until("the VM to run", || {
         text(&reg.bhyvectl(&["--list"])).contains("running")
     });
@@ -270,18 +257,7 @@ fn killed_bhyve_leaves_a_stale_entry_that_is_detected() {
             || text(&reg.bhyvectl(&["--list"])).contains("vm3\t256M\tstopped")
     );
     // The next bhyve takes it over; -D then removes it on power-off.
-    let mut vm = reg.bhyve(&[
-        "-D",
-        "-s",
-        "0,hostbridge",
-        "-s",
-        "31,lpc",
-        "-l",
-        "com1,stdio",
-        "-o",
-        &guest_arg,
-        "vm3",
-    ]);
+    let mut vm = reg.bhyve(&spin_vm_args(&guest_arg, &["-D"], "vm3"));
     wait_until("the VM to run again", || {
         text(&reg.bhyvectl(&["--list"])).contains("running")
     });
