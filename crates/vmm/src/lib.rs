@@ -76,6 +76,11 @@ impl VmmError {
 /// Build the VM the tree describes and run it to the end; returns bhyve's
 /// exit status.
 pub fn run(tree: &ConfigTree) -> i32 {
+    // Before the VM is visible in the registry, so whoever finds it there
+    // also finds `bhyve: NAME` in ps.
+    if let Ok(Some(name)) = tree.get("name") {
+        proctitle::set(&name);
+    }
     let machine = match machine::build(tree) {
         Ok(m) => m,
         Err(e) => {
@@ -93,9 +98,6 @@ pub fn run(tree: &ConfigTree) -> i32 {
         vm,
         named,
     } = machine;
-    if let Ok(Some(name)) = tree.get("name") {
-        proctitle::set(&name);
-    }
     let strict_io = tree.bool_or("x86.strictio", false).unwrap_or(false);
     let pinning = match rhyve_config::vcpu_pinning(tree, vcpus.len() as u16) {
         Ok(p) => p,
