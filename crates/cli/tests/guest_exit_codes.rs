@@ -101,3 +101,23 @@ fn unassigned_ports_read_all_ones_and_dash_e_stops_the_vm() {
         r.describe()
     );
 }
+
+#[test]
+fn unknown_msrs_raise_gp_unless_dash_w() {
+    require_kvm();
+    // Without -w (x86.strictmsr): #GP, which this guest turns into FAIL + exit 3.
+    let mut args = boot_args("exitcodes", "unknownmsr");
+    args.extend(BASE_MACHINE.iter().map(|s| s.to_string()));
+    args.push(vm_name("exit-msr-strict"));
+    let r = run_bhyve(
+        Path::new(env!("CARGO_BIN_EXE_bhyve")),
+        &args,
+        Duration::from_secs(30),
+    );
+    r.assert_code(3);
+    assert!(r.stdout.contains("(vector 13)"), "{}", r.describe());
+    // -w: unknown MSRs read 0 and writes are dropped.
+    let r = exitcodes("unknownmsr", &["-w"]);
+    r.assert_code(1);
+    r.assert_line("exitcodes: msr 0x40000200 reads 0:0");
+}

@@ -8,6 +8,8 @@
  *   halt         cli; hlt                                    -> exit 2
  *   triplefault  exception with an empty IDT                 -> exit 3
  *   debugexit=N  N to pc-testdev's port 0xF4 (-l pc-testdev) -> exit 2N+1
+ *   unknownmsr   rdmsr 0x40000200, which nothing implements: #GP, so
+ *                FAIL and exit 3 (with bhyve -w: reads 0, then S5 -> exit 1)
  *   unassigned   read port 0x99, where nothing is: all ones, then S5
  *                -> exit 1 (with bhyve -e: the read ends the VM, exit 4)
  *
@@ -42,6 +44,13 @@ void guest_main(void)
 	}
 	if (cmdline_has_word("poweroff")) {
 		print("exitcodes: poweroff\n");
+		poweroff();
+	}
+	if (cmdline_has_word("unknownmsr")) {
+		uint32_t lo, hi;
+		print("exitcodes: unknownmsr\n");
+		__asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(0x40000200u));
+		print("exitcodes: msr 0x40000200 reads %x:%x\n", hi, lo);
 		poweroff();
 	}
 	if (cmdline_has_word("unassigned")) {
