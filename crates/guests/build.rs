@@ -1,4 +1,6 @@
-//! Builds every test guest in `guest/` with gcc into `OUT_DIR/<name>.elf`.
+//! Builds every test guest in `guest/` with gcc into `OUT_DIR/<name>.elf`,
+//! and the full Linux boot's `/init` (`linux-init/init.c`, a static x86-64
+//! Linux program without libc) into `OUT_DIR/linux-init`.
 //!
 //! Each guest is the shared runtime (`start.S`, `trampoline.S`, `rt.c`)
 //! plus `guest/<name>.c`, compiled as freestanding 32-bit code (no libc
@@ -67,6 +69,7 @@ fn main() {
     let src_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap()).join("guest");
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
     println!("cargo:rerun-if-changed={}", src_dir.display());
+    build_linux_init(&src_dir.with_file_name("linux-init"), &out_dir);
     for entry in std::fs::read_dir(&src_dir).unwrap() {
         println!("cargo:rerun-if-changed={}", entry.unwrap().path().display());
     }
@@ -106,4 +109,35 @@ fn main() {
             .arg(&elf32)
             .arg(out_dir.join(format!("{guest}.elf"))));
     }
+}
+
+/// `linux-init/init.c` as a static, libc-free x86-64 executable laid out by
+/// `linux-init/init.ld` (its landing page at address 0).
+fn build_linux_init(dir: &Path, out_dir: &Path) {
+    for file in ["init.c", "init.ld"] {
+        println!("cargo:rerun-if-changed={}", dir.join(file).display());
+    }
+    run(Command::new("gcc")
+        .args([
+            "-static",
+            "-nostdlib",
+            "-ffreestanding",
+            "-fno-builtin",
+            "-fno-pie",
+            "-no-pie",
+            "-fno-stack-protector",
+            "-fno-asynchronous-unwind-tables",
+            "-mgeneral-regs-only",
+            "-O2",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-Wl,--build-id=none",
+            "-Wl,-z,noexecstack",
+            "-Wl,--no-warn-rwx-segments",
+        ])
+        .arg(format!("-Wl,-T,{}", dir.join("init.ld").display()))
+        .arg("-o")
+        .arg(out_dir.join("linux-init"))
+        .arg(dir.join("init.c")));
 }

@@ -21,6 +21,11 @@
 //! | `virtioblk` | (`intx`) (`slot=N`) | `virtio-blk 00:04.0 capacity C queue Q`, `virtio-blk irq msix\|intx`, `sector0 xx ...` (16 bytes), `virtio-blk ok` | S5 |
 //! | `cpuid` | | `cpuid hypervisor 'bhyve bhyve ' max 0x40000001`, leaf 1 APIC ID / count / x2APIC bit, leaf 0xB levels | S5 |
 //! | `rebootonce` | | `rebootonce: boot 1` then resets; `rebootonce: boot 2` (RTC NVRAM kept by the named VM) | reset, then S5 |
+//! | `ring3` | | per way into the kernel from ring 3 (`int80-64`, `syscall-64`, `int80-32`, `syscall-32`, `ud2-64`): `ring3 <step> via <gate 0x80\|vector N> at +<offset> from cs 0x<cs> handler cs 0x<cs>`; `ring3 lstar cs ... cstar cs ...`; `ring3 done` | S5 |
+//!
+//! Besides these, `linux-init/init.c` is the `/init` of the full Linux
+//! boot (`scripts/full-boot.sh`), a Linux user program: see
+//! [`linux_init_path`].
 //!
 //! Interrupt handlers return with `popf; ret` instead of `iret`: on this
 //! host's KVM (PVM) every ring-0 instruction goes through KVM's emulator,
@@ -48,6 +53,13 @@ pub fn guest_path(name: &str) -> PathBuf {
         "no guest program named {name:?} (have {GUESTS:?})"
     );
     PathBuf::from(env!("OUT_DIR")).join(format!("{name}.elf"))
+}
+
+/// The full Linux boot's `/init` (`linux-init/init.c`): a static x86-64
+/// program that mounts /proc, prints `BOOT-OK uptime ...` and powers off,
+/// making its system calls in a way software-virtualization hosts deliver.
+pub fn linux_init_path() -> PathBuf {
+    PathBuf::from(env!("OUT_DIR")).join("linux-init")
 }
 
 /// The smallest machine the guests expect: host bridge, LPC, COM1 on stdio.
