@@ -15,7 +15,8 @@ fn landing_sled_returns_in_both_modes() {
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", init.display()));
     assert!(
         out.status.success(),
-        "{} --selftest: {:?}\nstdout: {}\nstderr: {}",
+        "{} --selftest: {:?} (mapping its page at address 0 needs root, or \
+         CAP_SYS_RAWIO, below vm.mmap_min_addr)\nstdout: {}\nstderr: {}",
         init.display(),
         out.status,
         String::from_utf8_lossy(&out.stdout),
