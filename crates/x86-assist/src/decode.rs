@@ -127,7 +127,14 @@ pub(crate) enum Op {
     /// `f3 0f b8 /r`: population count of a register or memory source.
     Popcnt {
         dest: u8,
-        source: PopcntSource,
+        source: RegisterOrMemory,
+        size: OperandSize,
+    },
+    /// `0f 03 /r`: load the segment limit of the selector in the low 16
+    /// bits of a register or memory source.
+    Lsl {
+        dest: u8,
+        source: RegisterOrMemory,
         size: OperandSize,
     },
     /// `0f ae /2` with a memory operand.
@@ -147,7 +154,8 @@ pub(crate) enum Op {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum PopcntSource {
+/// The r/m operand of an instruction that reads a register or memory.
+pub(crate) enum RegisterOrMemory {
     Register(u8),
     Memory(MemoryOperand),
 }
@@ -271,34 +279,12 @@ pub(crate) fn decode(bytes: &[u8], mode: CpuMode) -> Result<Instruction, DecodeE
                 done(Op::Cmpxchg16b(operand), end)
             }
             0xb8 if prefixes.rep_f3 => {
-                let modrm = byte(bytes, at + 2)?;
-                let size = if prefixes.rex_w() {
-                    OperandSize::Qword
-                } else if prefixes.operand_size
-                    != matches!(mode, CpuMode::Real | CpuMode::Protected16)
-                {
-                    OperandSize::Word
-                } else {
-                    OperandSize::Dword
-                };
-                let dest = ((modrm >> 3) & 7) | ((prefixes.rex & 4) << 1);
-                if modrm >> 6 == 3 {
-                    let source = PopcntSource::Register((modrm & 7) | ((prefixes.rex & 1) << 3));
-                    return done(Op::Popcnt { dest, source, size }, at + 3);
-                }
-                // Memory operands are decoded for 64-bit mode only.
-                if !long {
-                    return Err(DecodeError::Unsupported);
-                }
-                let (operand, end) = decode_memory(bytes, at + 2, &prefixes)?;
-                done(
-                    Op::Popcnt {
-                        dest,
-                        source: PopcntSource::Memory(operand),
-                        size,
-                    },
-                    end,
-                )
+                let (dest, source, size, end) = decode_reg_rm(bytes, at + 2, &prefixes, mode)?;
+                done(Op::Popcnt { dest, source, size }, end)
+            }
+            0x03 if !prefixes.repeat => {
+                let (dest, source, size, end) = decode_reg_rm(bytes, at + 2, &prefixes, mode)?;
+                done(Op::Lsl { dest, source, size }, end)
             }
             0xae => {
                 // Memory operands are decoded for 64-bit mode only; 66/f2/f3
@@ -329,6 +315,36 @@ pub(crate) fn decode(bytes: &[u8], mode: CpuMode) -> Result<Instruction, DecodeE
         },
         _ => Err(DecodeError::Unsupported),
     }
+}
+
+/// Decodes a `reg, r/m` operand pair from ModRM at `at`: the destination
+/// register, the source, the operand size (REX.W, 66 and the mode) and the
+/// index just past the operands. Memory sources are decoded for 64-bit
+/// mode only.
+fn decode_reg_rm(
+    bytes: &[u8],
+    at: usize,
+    prefixes: &Prefixes,
+    mode: CpuMode,
+) -> Result<(u8, RegisterOrMemory, OperandSize, usize), DecodeError> {
+    let modrm = byte(bytes, at)?;
+    let size = if prefixes.rex_w() {
+        OperandSize::Qword
+    } else if prefixes.operand_size != matches!(mode, CpuMode::Real | CpuMode::Protected16) {
+        OperandSize::Word
+    } else {
+        OperandSize::Dword
+    };
+    let dest = ((modrm >> 3) & 7) | ((prefixes.rex & 4) << 1);
+    if modrm >> 6 == 3 {
+        let source = RegisterOrMemory::Register((modrm & 7) | ((prefixes.rex & 1) << 3));
+        return Ok((dest, source, size, at + 1));
+    }
+    if mode != CpuMode::Long64 {
+        return Err(DecodeError::Unsupported);
+    }
+    let (operand, end) = decode_memory(bytes, at, prefixes)?;
+    Ok((dest, RegisterOrMemory::Memory(operand), size, end))
 }
 
 /// Decodes ModRM (at `at`, mod != 3), SIB and displacement in 64-bit mode;

@@ -3,7 +3,9 @@
 //! Each instruction computes its result first and writes the state only
 //! once nothing can fail any more, so exceptions leave `CpuState` intact.
 
-use crate::decode::{Instruction, MemoryOperand, Op, OperandSize, PopcntSource, SegmentOverride};
+use crate::decode::{
+    Instruction, MemoryOperand, Op, OperandSize, RegisterOrMemory, SegmentOverride,
+};
 use crate::interrupt;
 use crate::{
     rflags, vector, CpuMode, CpuState, FpuState, GuestMemoryAccess, InstructionKind, Outcome,
@@ -146,6 +148,7 @@ pub(crate) fn execute(
         Op::Stac => InstructionKind::Stac,
         Op::Cmpxchg16b(_) | Op::Cmpxchg16bRegister => InstructionKind::Cmpxchg16b,
         Op::Popcnt { .. } => InstructionKind::Popcnt,
+        Op::Lsl { .. } => InstructionKind::Lsl,
         Op::Ldmxcsr(_) => InstructionKind::Ldmxcsr,
         Op::Stmxcsr(_) => InstructionKind::Stmxcsr,
         Op::Fxsave { .. } => InstructionKind::Fxsave,
@@ -183,6 +186,7 @@ pub(crate) fn execute(
         Op::Iret(size) => interrupt::iret(cpu, mem, size),
         Op::Cmpxchg16b(operand) => cmpxchg16b(cpu, mem, &operand, insn.len),
         Op::Popcnt { dest, source, size } => popcnt(cpu, mem, dest, source, size, insn.len),
+        Op::Lsl { dest, source, size } => lsl(cpu, mem, dest, source, size, insn.len),
         Op::Ldmxcsr(operand) => ldmxcsr(cpu, mem, &operand, insn.len),
         Op::Stmxcsr(operand) => stmxcsr(cpu, mem, &operand, insn.len),
         Op::Fxsave { operand, wide } => fxsave(cpu, mem, &operand, wide, insn.len),
@@ -196,7 +200,7 @@ fn popcnt(
     cpu: &mut CpuState,
     mem: &mut dyn GuestMemoryAccess,
     dest: u8,
-    source: PopcntSource,
+    source: RegisterOrMemory,
     size: OperandSize,
     len: usize,
 ) -> Result<(), Fault> {
@@ -206,8 +210,8 @@ fn popcnt(
         OperandSize::Qword => 8,
     };
     let value = match source {
-        PopcntSource::Register(r) => cpu.gpr[usize::from(r & 15)],
-        PopcntSource::Memory(operand) => {
+        RegisterOrMemory::Register(r) => cpu.gpr[usize::from(r & 15)],
+        RegisterOrMemory::Memory(operand) => {
             let linear = linear_address(cpu, &operand, len)?;
             let mut buf = [0u8; 8];
             mem.read(linear, &mut buf[..bytes])?;
@@ -230,6 +234,46 @@ fn popcnt(
     cpu.rflags &= !ARITHMETIC;
     if value & mask == 0 {
         cpu.rflags |= rflags::ZF;
+    }
+    retire(cpu, len);
+    Ok(())
+}
+
+/// `lsl r, r/m16`: the limit of the descriptor the selector names, with
+/// ZF set, or ZF cleared and the destination kept when the selector is
+/// null, out of the table, of a type without a limit, or too privileged
+/// (see [`interrupt::segment_limit`]). Other flags are unchanged.
+fn lsl(
+    cpu: &mut CpuState,
+    mem: &mut dyn GuestMemoryAccess,
+    dest: u8,
+    source: RegisterOrMemory,
+    size: OperandSize,
+    len: usize,
+) -> Result<(), Fault> {
+    if cpu.mode == CpuMode::Real || cpu.rflags & rflags::VM != 0 {
+        return Err(Fault::ud());
+    }
+    let selector = match source {
+        RegisterOrMemory::Register(r) => cpu.gpr[usize::from(r & 15)] as u16,
+        RegisterOrMemory::Memory(operand) => {
+            let linear = linear_address(cpu, &operand, len)?;
+            let mut buf = [0u8; 2];
+            mem.read(linear, &mut buf)?;
+            u16::from_le_bytes(buf)
+        }
+    };
+    match interrupt::segment_limit(cpu, mem, selector)? {
+        Some(limit) => {
+            let limit = u64::from(limit);
+            let slot = &mut cpu.gpr[usize::from(dest & 15)];
+            *slot = match size {
+                OperandSize::Word => (*slot & !0xffff) | (limit & 0xffff),
+                OperandSize::Dword | OperandSize::Qword => limit,
+            };
+            cpu.rflags |= rflags::ZF;
+        }
+        None => cpu.rflags &= !rflags::ZF,
     }
     retire(cpu, len);
     Ok(())

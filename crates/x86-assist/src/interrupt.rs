@@ -1,4 +1,5 @@
-//! `int n` and `iret` for the one case we can do correctly: CPL 0 staying
+//! GDT descriptors: `lsl`'s limit lookup, and `int n` and `iret` for the
+//! one case we can do correctly: CPL 0 staying
 //! at CPL 0, through GDT descriptors, in 64-bit mode or 32-bit protected
 //! mode with a flat-enough (expand-up, 32-bit) stack.
 //!
@@ -126,6 +127,59 @@ fn read_descriptor(
         raw: u64::from_le_bytes(raw),
         linear,
     })
+}
+
+/// System descriptor types with a limit that `lsl` reports: LDT and
+/// available/busy TSS (16-bit ones only outside long mode).
+const LSL_SYSTEM_TYPES_LONG: [u8; 3] = [0x2, 0x9, 0xb];
+const LSL_SYSTEM_TYPES_LEGACY: [u8; 5] = [0x1, 0x2, 0x3, 0x9, 0xb];
+
+/// The limit `lsl` loads for `selector`, or `None` where it clears ZF
+/// instead: a null selector, one past the GDT limit, a system descriptor of
+/// another type (in long mode the 16-byte descriptor's upper type field
+/// must be 0), or a descriptor less privileged than CPL or RPL allows
+/// (conforming code excepted). `lsl` does not check the present bit.
+/// Reading the table may page-fault.
+pub(crate) fn segment_limit(
+    cpu: &CpuState,
+    mem: &mut dyn GuestMemoryAccess,
+    selector: u16,
+) -> Result<Option<u32>, Fault> {
+    if selector & 4 != 0 {
+        return Err(Fault::Unsupported);
+    }
+    let offset = u64::from(selector & !7);
+    if offset == 0 || offset + 7 > u64::from(cpu.gdtr.limit) {
+        return Ok(None);
+    }
+    let descriptor = read_descriptor(cpu, mem, selector)?;
+    let long = cpu.efer & EFER_LMA != 0;
+    if !descriptor.s() {
+        let types: &[u8] = if long {
+            &LSL_SYSTEM_TYPES_LONG
+        } else {
+            &LSL_SYSTEM_TYPES_LEGACY
+        };
+        if !types.contains(&descriptor.seg_type()) {
+            return Ok(None);
+        }
+        if long {
+            if offset + 15 > u64::from(cpu.gdtr.limit) {
+                return Ok(None);
+            }
+            let mut upper = [0u8; 8];
+            mem.read(descriptor.linear.wrapping_add(8), &mut upper)?;
+            if (u64::from_le_bytes(upper) >> 40) & 0x1f != 0 {
+                return Ok(None);
+            }
+        }
+    }
+    let conforming_code = descriptor.is_code() && descriptor.conforming();
+    let rpl = (selector & 3) as u8;
+    if !conforming_code && (descriptor.dpl() < cpu.cpl || descriptor.dpl() < rpl) {
+        return Ok(None);
+    }
+    Ok(Some(descriptor.limit()))
 }
 
 fn dword(bytes: &[u8], index: usize) -> u64 {

@@ -281,6 +281,9 @@ pub enum InstructionKind {
     Cmpxchg16b,
     /// `popcnt`: hosts may advertise POPCNT that their KVM cannot emulate.
     Popcnt,
+    /// `lsl`: Linux reads its CPU number from a GDT segment limit with it
+    /// (paranoid entry with FSGSBASE, the vDSO's getcpu).
+    Lsl,
     /// `ldmxcsr m32`: loads [`FpuState::mxcsr`].
     Ldmxcsr,
     /// `stmxcsr m32`: stores [`FpuState::mxcsr`].
@@ -296,7 +299,7 @@ pub enum InstructionKind {
 
 impl InstructionKind {
     /// Every kind, for registering counters.
-    pub const ALL: [InstructionKind; 14] = [
+    pub const ALL: [InstructionKind; 15] = [
         InstructionKind::Int3,
         InstructionKind::Ud2,
         InstructionKind::Fwait,
@@ -306,6 +309,7 @@ impl InstructionKind {
         InstructionKind::Iret,
         InstructionKind::Cmpxchg16b,
         InstructionKind::Popcnt,
+        InstructionKind::Lsl,
         InstructionKind::Ldmxcsr,
         InstructionKind::Stmxcsr,
         InstructionKind::Fxsave,
@@ -325,6 +329,7 @@ impl InstructionKind {
             InstructionKind::Iret => "iret",
             InstructionKind::Cmpxchg16b => "cmpxchg16b",
             InstructionKind::Popcnt => "popcnt",
+            InstructionKind::Lsl => "lsl",
             InstructionKind::Ldmxcsr => "ldmxcsr",
             InstructionKind::Stmxcsr => "stmxcsr",
             InstructionKind::Fxsave => "fxsave",
@@ -499,10 +504,15 @@ pub fn describe(bytes: &[u8]) -> String {
                 Op::Cmpxchg16b(operand) => format!("cmpxchg16b {operand}"),
                 Op::Cmpxchg16bRegister => "cmpxchg16b (register operand)".to_string(),
                 Op::Popcnt {
-                    source: decode::PopcntSource::Memory(operand),
+                    source: decode::RegisterOrMemory::Memory(operand),
                     ..
                 } => format!("popcnt {operand}"),
                 Op::Popcnt { .. } => "popcnt (register source)".to_string(),
+                Op::Lsl {
+                    source: decode::RegisterOrMemory::Memory(operand),
+                    ..
+                } => format!("lsl {operand}"),
+                Op::Lsl { .. } => "lsl (register source)".to_string(),
                 Op::Ldmxcsr(operand) => format!("ldmxcsr {operand}"),
                 Op::Stmxcsr(operand) => format!("stmxcsr {operand}"),
                 Op::Fxsave { operand, wide } => {

@@ -1513,7 +1513,18 @@ fn structured_bytes(rng: &mut XorShift) -> Vec<u8> {
     for _ in 0..rng.below(4).saturating_sub(1) {
         bytes.push(PREFIXES[rng.below(PREFIXES.len() as u64) as usize]);
     }
-    match rng.below(11) {
+    match rng.below(12) {
+        11 => {
+            // 0f 03 (lsl), REX now and then, register or memory sources.
+            if rng.below(2) == 0 {
+                bytes.push(0x40 | rng.below(16) as u8);
+            }
+            bytes.extend([0x0f, 0x03]);
+            bytes.push((rng.below(4) as u8) << 6 | rng.below(64) as u8);
+            for _ in 0..rng.below(6) {
+                bytes.push(rng.next() as u8);
+            }
+        }
         9 | 10 => {
             // 0f ae /0../3 (fxsave, fxrstor, ldmxcsr, stmxcsr), REX.W now
             // and then, mostly aligned register bases.
@@ -2315,4 +2326,172 @@ fn describe_names_sse_state_instructions() {
     assert_eq!(describe(&[0x0f, 0xae, 0xe8]), "unknown");
     assert_eq!(describe(&[0x0f, 0xae, 0x27]), "unknown");
     assert_eq!(describe(&[0x0f, 0xae]), "truncated");
+}
+
+// ---- lsl ----
+
+/// Linux's per-CPU segment (GDT entry 15, selector 0x7b): a DPL-3 data
+/// descriptor whose limit encodes CPU 1 on node 0.
+const CPUNODE: u16 = 0x7b;
+const CPUNODE_DESCRIPTOR: u64 = 0x0000_f300_0000_0001;
+/// An available 64-bit TSS at entry 16 (16 bytes), limit 0x67.
+const TSS: u16 = 0x80;
+
+fn lsl_setup() -> (CpuState, FakeMemory) {
+    let mut mem = memory_with_gdt();
+    mem.map(GDT + 15 * 8, &CPUNODE_DESCRIPTOR.to_le_bytes());
+    mem.map(GDT + 16 * 8, &0x0000_8900_0000_0067u64.to_le_bytes());
+    mem.map(GDT + 17 * 8, &0u64.to_le_bytes());
+    // Entry 18: a 64-bit interrupt gate, which has no limit for lsl.
+    mem.map(GDT + 18 * 8, &gate64(0x1000, CODE64, 0xe, 0, true, 0));
+    let mut cpu = long_cpu();
+    cpu.gdtr.limit = 20 * 8 - 1;
+    (cpu, mem)
+}
+
+fn lsl_kind() -> Outcome {
+    Outcome::Completed {
+        kind: InstructionKind::Lsl,
+    }
+}
+
+#[test]
+fn lsl_reads_linux_cpu_number_segment() {
+    // mov $0x7b, %rax; lsl %rax, %rax: Linux's paranoid entry with FSGSBASE.
+    let (mut cpu, mut mem) = lsl_setup();
+    cpu.gpr[0] = u64::from(CPUNODE);
+    let rip = cpu.rip;
+    assert_eq!(
+        run(&[0x48, 0x0f, 0x03, 0xc0], &mut cpu, &mut mem),
+        lsl_kind()
+    );
+    assert_eq!(cpu.gpr[0], 1);
+    assert_ne!(cpu.rflags & rflags::ZF, 0);
+    assert_eq!(cpu.rip, rip + 4);
+    // The same from ring 3 (the vDSO's getcpu).
+    let (mut cpu, mut mem) = lsl_setup();
+    cpu.cpl = 3;
+    cpu.gpr[1] = u64::from(CPUNODE);
+    assert_eq!(run(&[0x0f, 0x03, 0xc1], &mut cpu, &mut mem), lsl_kind());
+    assert_eq!(cpu.gpr[0], 1);
+}
+
+#[test]
+fn lsl_scales_granular_limits_and_sizes_the_destination() {
+    // lsl eax, ecx on the flat kernel data segment: G=1 limit 0xfffff.
+    let (mut cpu, mut mem) = lsl_setup();
+    cpu.gpr[0] = u64::MAX;
+    cpu.gpr[1] = u64::from(DATA);
+    run(&[0x0f, 0x03, 0xc1], &mut cpu, &mut mem);
+    assert_eq!(cpu.gpr[0], 0xffff_ffff);
+    // lsl ax, cx keeps the upper bits.
+    let (mut cpu, mut mem) = lsl_setup();
+    cpu.gpr[0] = 0x1234_5678_0000_0000;
+    cpu.gpr[1] = u64::from(DATA);
+    run(&[0x66, 0x0f, 0x03, 0xc1], &mut cpu, &mut mem);
+    assert_eq!(cpu.gpr[0], 0x1234_5678_0000_ffff);
+    // A 64-bit TSS reports its limit; the upper half must be clean.
+    let (mut cpu, mut mem) = lsl_setup();
+    cpu.gpr[1] = u64::from(TSS);
+    run(&[0x0f, 0x03, 0xc1], &mut cpu, &mut mem);
+    assert_eq!(cpu.gpr[0], 0x67);
+    assert_ne!(cpu.rflags & rflags::ZF, 0);
+    // Protected mode, 32-bit code.
+    let mut cpu = protected_cpu();
+    cpu.gdtr.limit = 20 * 8 - 1;
+    let (_, mut mem) = lsl_setup();
+    cpu.gpr[1] = u64::from(CPUNODE);
+    assert_eq!(run(&[0x0f, 0x03, 0xc1], &mut cpu, &mut mem), lsl_kind());
+    assert_eq!(cpu.gpr[0], 1);
+}
+
+#[test]
+fn lsl_clears_zf_where_there_is_no_limit_to_report() {
+    let cases: [(u16, u8, &str); 6] = [
+        (0, 0, "null selector"),
+        (0x3, 0, "null selector with RPL 3"),
+        (20 * 8, 0, "past the GDT limit"),
+        (18 * 8, 0, "interrupt gate"),
+        (DATA, 3, "DPL 0 data at CPL 3"),
+        (DATA | 3, 0, "DPL 0 data with RPL 3"),
+    ];
+    for (selector, cpl, what) in cases {
+        let (mut cpu, mut mem) = lsl_setup();
+        cpu.cpl = cpl;
+        cpu.gpr[0] = 0xdead;
+        cpu.gpr[1] = u64::from(selector);
+        cpu.rflags |= rflags::ZF;
+        let rip = cpu.rip;
+        assert_eq!(
+            run(&[0x0f, 0x03, 0xc1], &mut cpu, &mut mem),
+            lsl_kind(),
+            "{what}"
+        );
+        assert_eq!(cpu.gpr[0], 0xdead, "{what}");
+        assert_eq!(cpu.rflags & rflags::ZF, 0, "{what}");
+        assert_eq!(cpu.rip, rip + 3, "{what}");
+    }
+    // A TSS whose upper half carries a type is not a valid 16-byte descriptor.
+    let (mut cpu, mut mem) = lsl_setup();
+    mem.map(GDT + 17 * 8, &(1u64 << 40).to_le_bytes());
+    cpu.gpr[1] = u64::from(TSS);
+    run(&[0x0f, 0x03, 0xc1], &mut cpu, &mut mem);
+    assert_eq!(cpu.rflags & rflags::ZF, 0);
+}
+
+#[test]
+fn lsl_memory_source_faults_and_refusals() {
+    // lsl eax, word [rsi]
+    let (mut cpu, mut mem) = lsl_setup();
+    mem.map(0x5000, &CPUNODE.to_le_bytes());
+    cpu.gpr[6] = 0x5000;
+    assert_eq!(run(&[0x0f, 0x03, 0x06], &mut cpu, &mut mem), lsl_kind());
+    assert_eq!(cpu.gpr[0], 1);
+    // An unmapped source is the guest's #PF, state untouched.
+    let (mut cpu, mut mem) = lsl_setup();
+    cpu.gpr[6] = 0x7000_0000;
+    let rip = cpu.rip;
+    assert_eq!(
+        run(&[0x0f, 0x03, 0x06], &mut cpu, &mut mem),
+        Outcome::Exception {
+            kind: InstructionKind::Lsl,
+            vector: vector::PF,
+            error_code: Some(0),
+            cr2: Some(0x7000_0000),
+            rip,
+        }
+    );
+    // So is an unmapped GDT page.
+    let mut cpu = long_cpu();
+    cpu.gdtr.base = 0x7000_0000;
+    cpu.gpr[1] = u64::from(DATA);
+    assert!(matches!(
+        run(&[0x0f, 0x03, 0xc1], &mut cpu, &mut FakeMemory::default()),
+        Outcome::Exception {
+            vector: vector::PF,
+            ..
+        }
+    ));
+    // LDT selectors need LDTR, which we are not given.
+    let (mut cpu, mut mem) = lsl_setup();
+    cpu.gpr[1] = 0x0c;
+    assert_eq!(
+        run(&[0x0f, 0x03, 0xc1], &mut cpu, &mut mem),
+        Outcome::Unsupported
+    );
+    // Real mode: #UD. A rep prefix: not lsl.
+    let (mut cpu, mut mem) = lsl_setup();
+    cpu.cr0 = 0;
+    cpu.efer = 0;
+    cpu.mode = CpuMode::Real;
+    assert_eq!(
+        run(&[0x0f, 0x03, 0xc1], &mut cpu, &mut mem),
+        exception(InstructionKind::Lsl, vector::UD, None, cpu.rip)
+    );
+    let (mut cpu, mut mem) = lsl_setup();
+    assert_eq!(
+        run(&[0xf3, 0x0f, 0x03, 0xc1], &mut cpu, &mut mem),
+        Outcome::Unsupported
+    );
+    assert_eq!(describe(&[0x48, 0x0f, 0x03, 0xc0]), "lsl (register source)");
 }
