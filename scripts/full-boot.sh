@@ -14,8 +14,10 @@
 # and uncompressed, and the command line:
 #   - keeps the kernel off what KVM's emulator lacks and rhyve's assist
 #     does not cover (cx16, ssse3, XSAVE);
-#   - vdso=0: no 64-bit vDSO, which /init's system calls rely on (see
-#     init.c: PVM delivers only the ia32 SYSCALL path from user mode);
+#   - vdso=0 and clearcpuid=smep,smap: no 64-bit vDSO, and the kernel may
+#     run code on user pages, which /init's system calls rely on (see
+#     init.c: PVM delivers only the ia32 SYSCALL path from user mode, and
+#     that one with RIP cut to 32 bits);
 #   - drops work that only costs time here: the crypto self-tests (RSA
 #     test vectors alone run for many minutes in emulated ring 0 and make
 #     the built-in X.509 certificates time out), the soft-lockup and
@@ -31,7 +33,7 @@ init="$(cargo run -q --release -p rhyve-guests --bin rhyve-guest-path -- linux-i
 initrd=work/guest/full-boot-initramfs.cpio
 scripts/build-initramfs.sh "$initrd" "$init"
 log="work/full-boot-c$cpus.log"
-cmdline="console=ttyS0 clearcpuid=cx16,ssse3 noxsave vdso=0 nosoftlockup sysctl.kernel.hung_task_timeout_secs=0 ipv6.disable=1 mitigations=off init_on_alloc=0 cryptomgr.notests panic=-1"
+cmdline="console=ttyS0 clearcpuid=cx16,ssse3,smep,smap noxsave vdso=0 nosoftlockup sysctl.kernel.hung_task_timeout_secs=0 ipv6.disable=1 mitigations=off init_on_alloc=0 cryptomgr.notests panic=-1"
 start=$(date +%s)
 set +e
 ./target/release/bhyve -A -H -P -c "$cpus" -m 256M -s 0,hostbridge -s 31,lpc -l com1,stdio \

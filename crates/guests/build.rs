@@ -140,4 +140,51 @@ fn build_linux_init(dir: &Path, out_dir: &Path) {
         .arg("-o")
         .arg(out_dir.join("linux-init"))
         .arg(dir.join("init.c")));
+    repeat_cstar_stubs(&out_dir.join("linux-init"));
+}
+
+/// Where init.ld puts the block of CSTAR stubs, its size, and how many
+/// times it is mapped back to back (see init.c).
+const CSTAR_STUBS_BASE: u64 = 0x8100_0000;
+const CSTAR_STUBS_BLOCK: u64 = 256 << 10;
+const CSTAR_STUBS_BLOCKS: u64 = 64;
+
+/// Adds program headers that map the CSTAR stub block's file bytes again at
+/// each following block, so one block of file covers the whole range. The
+/// new program header table goes at the end of the file; Linux reads at
+/// most a page of program headers (73 of them).
+fn repeat_cstar_stubs(elf: &Path) {
+    const PT_LOAD: u32 = 1;
+    const PHDR_SIZE: usize = 56;
+    let mut image = std::fs::read(elf).unwrap();
+    let u16_at = |b: &[u8], at: usize| u16::from_le_bytes(b[at..at + 2].try_into().unwrap());
+    let u32_at = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+    let u64_at = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+    let phoff = u64_at(&image, 0x20) as usize;
+    let phnum = usize::from(u16_at(&image, 0x38));
+    assert_eq!(usize::from(u16_at(&image, 0x36)), PHDR_SIZE);
+    let mut table = image[phoff..phoff + phnum * PHDR_SIZE].to_vec();
+    let stubs = (0..phnum)
+        .map(|i| &table[i * PHDR_SIZE..(i + 1) * PHDR_SIZE])
+        .find(|h| u32_at(h, 0) == PT_LOAD && u64_at(h, 16) == CSTAR_STUBS_BASE)
+        .expect("linux-init: no program header for the CSTAR stubs")
+        .to_vec();
+    assert_eq!(u64_at(&stubs, 32), CSTAR_STUBS_BLOCK, "CSTAR stub block size");
+    for block in 1..CSTAR_STUBS_BLOCKS {
+        let mut header = stubs.clone();
+        let vaddr = CSTAR_STUBS_BASE + block * CSTAR_STUBS_BLOCK;
+        header[16..24].copy_from_slice(&vaddr.to_le_bytes());
+        header[24..32].copy_from_slice(&vaddr.to_le_bytes());
+        table.extend_from_slice(&header);
+    }
+    assert!(table.len() <= 4096, "Linux reads at most 4 KiB of program headers");
+    while image.len() % 8 != 0 {
+        image.push(0);
+    }
+    let new_phoff = image.len() as u64;
+    image.extend_from_slice(&table);
+    image[0x20..0x28].copy_from_slice(&new_phoff.to_le_bytes());
+    let new_phnum = (table.len() / PHDR_SIZE) as u16;
+    image[0x38..0x3a].copy_from_slice(&new_phnum.to_le_bytes());
+    std::fs::write(elf, image).unwrap();
 }

@@ -13,9 +13,11 @@
  *     takes a page fault on its own entry point and kills the process
  *     (every libc program dies on its first system call);
  *   - `int $0x80` from user mode raises #UD;
- *   - `syscall` from 32-bit (compatibility-mode) code enters the kernel
- *     correctly through CSTAR, but the kernel's `sysretl` comes back with
- *     the 64-bit user code segment instead of the 32-bit one.
+ *   - `syscall` from 32-bit (compatibility-mode) code reaches CSTAR at
+ *     CPL 0 but with RIP cut to its low 32 bits (KVM's emulator writes
+ *     RIP back in the width of the mode the instruction started in), and
+ *     the kernel's `sysretl` comes back with the 64-bit user code segment
+ *     instead of the 32-bit one.
  *
  * So every system call here is an ia32 one made from a compatibility-mode
  * stub with `syscall` (Linux's 32-bit SYSCALL ABI: EAX number, EBX, EBP,
@@ -29,8 +31,19 @@
  * first.  Everything the kernel reads or writes, and the stack, lies below
  * 4 GiB, as the ia32 ABI needs.
  *
- * `init --selftest` (run on the host by the test suite) drives the landing
- * sled in both modes without making any system call through it.
+ * For the cut CSTAR, this program maps the 16 MiB at 0x81000000 (the low
+ * halves of the kernel text addresses, which without KASLR start at
+ * 0xffffffff81000000) with 16-byte stubs that sign-extend their own
+ * address and jump there: to the kernel's entry_SYSCALL_compat, which
+ * Linux aligns to 16 bytes.  R9 is free at that point (the compat entry
+ * code neither reads nor returns R8-R15).  The kernel runs the stub from a
+ * user page, so the guest needs `clearcpuid=smep,smap`.  The build maps one
+ * 256 KiB block of stubs 64 times (build.rs adds the program headers: Linux
+ * reads at most a page of them).
+ *
+ * `init --selftest` (run on the host by the test suite) checks the stub
+ * blocks are mapped and drives the landing sled in both modes, without
+ * making any system call through them.
  */
 
 typedef unsigned long u64;
@@ -54,7 +67,12 @@ typedef unsigned int u32;
 #define LINUX_REBOOT_MAGIC2 672274793u
 #define LINUX_REBOOT_CMD_POWER_OFF 0x4321fedcu
 
+/* Where build.rs maps the stub block again and again (see above). */
+#define CSTAR_STUBS_BASE 0x81000000ul
+#define CSTAR_STUBS_SIZE (16ul << 20)
+
 long sys32(u32 nr, u32 a1, u32 a2, u32 a3, u32 a4, u32 a5);
+extern const unsigned char cstar_stubs[];
 void sled_selftest_64(u64 entry);
 void sled_selftest_32(u64 entry);
 
@@ -74,6 +92,17 @@ __asm__(
 	"	.word 0x33\n"
 	"sled_ret:\n"
 	"	ret\n"
+
+	/* 16384 stubs of 16 bytes: lea -7(%rip) is the stub's own address. */
+	"	.section .cstar_stubs, \"ax\"\n"
+	"	.globl cstar_stubs\n"
+	"cstar_stubs:\n"
+	"	.rept 16384\n"
+	"	lea -7(%rip), %r9\n"
+	"	movslq %r9d, %r9\n"
+	"	jmp *%r9\n"
+	"	nop; nop; nop\n"
+	"	.endr\n"
 
 	"	.text\n"
 	"	.code64\n"
@@ -238,6 +267,12 @@ int main(long argc, char **argv)
 
 	if (argc > 1 && str_eq(argv[1], "--selftest")) {
 		/* Every offset of the sled must come back, in both modes. */
+		/* The stub blocks map where the kernel text's low halves are. */
+		const unsigned char *stub = (const unsigned char *)CSTAR_STUBS_BASE;
+		for (u64 at = 0; at < CSTAR_STUBS_SIZE; at += CSTAR_STUBS_SIZE / 7 & ~15ul)
+			for (int i = 0; i < 16; i++)
+				if (stub[at + i] != cstar_stubs[i])
+					return 2;
 		for (u64 entry = 0; entry <= SLED_SIZE - 14; entry += entry + 97 > SLED_SIZE - 14 && entry < SLED_SIZE - 14 ? SLED_SIZE - 14 - entry : 97) {
 			sled_selftest_64(entry);
 			sled_selftest_32(entry);
