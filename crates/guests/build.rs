@@ -169,7 +169,11 @@ fn repeat_cstar_stubs(elf: &Path) {
         .find(|h| u32_at(h, 0) == PT_LOAD && u64_at(h, 16) == CSTAR_STUBS_BASE)
         .expect("linux-init: no program header for the CSTAR stubs")
         .to_vec();
-    assert_eq!(u64_at(&stubs, 32), CSTAR_STUBS_BLOCK, "CSTAR stub block size");
+    assert_eq!(
+        u64_at(&stubs, 32),
+        CSTAR_STUBS_BLOCK,
+        "CSTAR stub block size"
+    );
     for block in 1..CSTAR_STUBS_BLOCKS {
         let mut header = stubs.clone();
         let vaddr = CSTAR_STUBS_BASE + block * CSTAR_STUBS_BLOCK;
@@ -177,8 +181,11 @@ fn repeat_cstar_stubs(elf: &Path) {
         header[24..32].copy_from_slice(&vaddr.to_le_bytes());
         table.extend_from_slice(&header);
     }
-    assert!(table.len() <= 4096, "Linux reads at most 4 KiB of program headers");
-    while image.len() % 8 != 0 {
+    assert!(
+        table.len() <= 4096,
+        "Linux reads at most 4 KiB of program headers"
+    );
+    while !image.len().is_multiple_of(8) {
         image.push(0);
     }
     let new_phoff = image.len() as u64;
