@@ -23,8 +23,13 @@
  *
  * (offset: the reported RIP's distance from the step's first byte), then
  *
- *   ring3 lstar cs 0x<cs|none> cstar cs 0x<cs|none>
+ *   ring3 lstar cs 0x<cs|none> cstar cs 0x<cs|none> cstar rip <high|low|none>
  *   ring3 done
+ *
+ * CSTAR holds a kernel-half address (0xffffffff80000000 + the code's
+ * address, an alias of the first GiB), as Linux's does: "low" means the
+ * host entered it with RIP cut to 32 bits (0x80000000 + the code's
+ * address, a third alias of the same GiB, so the code still runs there).
  *
  * and powers off (exit 1).  On hardware KVM every system call lands at
  * CPL 0 (handler cs 0x0010, lstar cs 0x0010).  The test prints what this
@@ -55,10 +60,12 @@ uint64_t r3_step_cs[NSTEPS];
 uint32_t r3_step = 0xffffffffu;
 uint32_t r3_lstar_cs = 0xffffffffu;
 uint32_t r3_cstar_cs = 0xffffffffu;
+uint64_t r3_cstar_rip;
 
 static uint64_t pml4[512] __attribute__((aligned(4096)));
 static uint64_t pdpt[512] __attribute__((aligned(4096)));
 static uint64_t pd[512] __attribute__((aligned(4096)));
+static uint64_t pdpt_high[512] __attribute__((aligned(4096)));
 
 /* Entered from 32-bit protected mode with CR3 = argument; returns there. */
 extern void ring3_run(uint32_t cr3);
@@ -158,9 +165,13 @@ __asm__(
 	"	mov $r3_lstar, %eax\n"
 	"	xor %edx, %edx\n"
 	"	wrmsr\n"
+	/* CSTAR in the kernel half, where Linux's is: the same code through
+	 * the alias of the first GiB at 0xffffffff80000000. */
 	"	mov $0xc0000083, %ecx\n"
-	"	mov $r3_cstar, %eax\n"
+	"	mov $r3_cstar + 0x80000000, %eax\n"
+	"	mov $0xffffffff, %edx\n"
 	"	wrmsr\n"
+	"	xor %edx, %edx\n"
 	"	mov $0xc0000084, %ecx\n"
 	"	mov $0x47700, %eax\n"
 	"	wrmsr\n"
@@ -251,7 +262,10 @@ __asm__(
 	"	test $3, %al\n"
 	"	jz 1f\n"
 	"	ud2\n"
-	"1:	sysretl\n"
+	"1:	lea 0(%rip), %rax\n"
+	"	mov $r3_cstar_rip, %edx\n"
+	"	mov %rax, (%rdx)\n"
+	"	sysretl\n"
 
 	/* ---- the steps, in ring 3 ---- */
 	"	.globl r3_int80_64, r3_syscall_64, r3_ud2_64\n"
@@ -363,6 +377,11 @@ void guest_main(void)
 		pd[i] = ((uint64_t)i << 21) | PTE_P | PTE_RW | PTE_US | PTE_PS;
 	pdpt[0] = (uint32_t)pd | PTE_P | PTE_RW | PTE_US;
 	pml4[0] = (uint32_t)pdpt | PTE_P | PTE_RW | PTE_US;
+	/* The same GiB again at 0xffffffff80000000 (PML4 511, PDPT 510), and
+	 * at 0x80000000, where a kernel-half RIP cut to 32 bits points. */
+	pdpt[2] = (uint32_t)pd | PTE_P | PTE_RW | PTE_US;
+	pdpt_high[510] = (uint32_t)pd | PTE_P | PTE_RW | PTE_US;
+	pml4[511] = (uint32_t)pdpt_high | PTE_P | PTE_RW | PTE_US;
 	for (uint32_t v = 0; v < 32; v++)
 		set_gate(v, r3_stubs + v * 16, 0);
 	set_gate(0x80, r3_int80, 3);
@@ -389,6 +408,13 @@ void guest_main(void)
 	print("ring3");
 	print_cs("lstar", r3_lstar_cs);
 	print_cs("cstar", r3_cstar_cs);
+	/* At CPL 0 the CSTAR code notes where it runs: at the kernel-half
+	 * address CSTAR holds, or at the low alias when the host cut RIP to
+	 * 32 bits. */
+	if (!r3_cstar_rip)
+		print(" cstar rip none");
+	else
+		print(" cstar rip %s", r3_cstar_rip >> 32 ? "high" : "low");
 	print("\n");
 	print("ring3 done\n");
 }
