@@ -280,6 +280,12 @@ int main(long argc, char **argv)
 		return 0;
 	}
 
+	/* Fault the stub pages in from user mode first: the kernel reaches
+	 * them at CPL 0 on the user's stack, where a page fault before its
+	 * entry code switches stacks and GS would be a double fault. */
+	for (u64 at = 0; at < CSTAR_STUBS_SIZE; at += 4096)
+		(void)*(volatile const unsigned char *)(CSTAR_STUBS_BASE + at);
+
 	err = sys32(NR32_MOUNT, (u32)(u64) "proc", (u32)(u64) "/proc", (u32)(u64) "proc", 0, 0);
 	if (err < 0)
 		fail("mount /proc", err);
