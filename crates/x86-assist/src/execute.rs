@@ -195,6 +195,45 @@ pub(crate) fn execute(
     to_outcome(kind, cpu, result)
 }
 
+fn operand_bytes(size: OperandSize) -> usize {
+    match size {
+        OperandSize::Word => 2,
+        OperandSize::Dword => 4,
+        OperandSize::Qword => 8,
+    }
+}
+
+/// The r/m source of a `reg, r/m` instruction: the whole register, or
+/// `bytes` bytes of memory (zero-extended).
+fn read_source(
+    cpu: &CpuState,
+    mem: &mut dyn GuestMemoryAccess,
+    source: RegisterOrMemory,
+    bytes: usize,
+    len: usize,
+) -> Result<u64, Fault> {
+    match source {
+        RegisterOrMemory::Register(r) => Ok(cpu.gpr[usize::from(r & 15)]),
+        RegisterOrMemory::Memory(operand) => {
+            let linear = linear_address(cpu, &operand, len)?;
+            let mut buf = [0u8; 8];
+            mem.read(linear, &mut buf[..bytes])?;
+            Ok(u64::from_le_bytes(buf))
+        }
+    }
+}
+
+/// Writes a result to a general register: a 16-bit destination keeps its
+/// upper bits; 32- and 64-bit ones take the value (32-bit results are
+/// zero-extended already).
+fn write_destination(cpu: &mut CpuState, dest: u8, size: OperandSize, value: u64) {
+    let slot = &mut cpu.gpr[usize::from(dest & 15)];
+    *slot = match size {
+        OperandSize::Word => (*slot & !0xffff) | (value & 0xffff),
+        OperandSize::Dword | OperandSize::Qword => value,
+    };
+}
+
 /// `popcnt r, r/m`: ZF set for a zero source; CF, OF, SF, AF and PF cleared.
 fn popcnt(
     cpu: &mut CpuState,
@@ -204,32 +243,15 @@ fn popcnt(
     size: OperandSize,
     len: usize,
 ) -> Result<(), Fault> {
-    let bytes = match size {
-        OperandSize::Word => 2,
-        OperandSize::Dword => 4,
-        OperandSize::Qword => 8,
-    };
-    let value = match source {
-        RegisterOrMemory::Register(r) => cpu.gpr[usize::from(r & 15)],
-        RegisterOrMemory::Memory(operand) => {
-            let linear = linear_address(cpu, &operand, len)?;
-            let mut buf = [0u8; 8];
-            mem.read(linear, &mut buf[..bytes])?;
-            u64::from_le_bytes(buf)
-        }
-    };
+    let bytes = operand_bytes(size);
+    let value = read_source(cpu, mem, source, bytes, len)?;
     let mask = if bytes == 8 {
         u64::MAX
     } else {
         (1u64 << (bytes * 8)) - 1
     };
     let count = u64::from((value & mask).count_ones());
-    let slot = &mut cpu.gpr[usize::from(dest & 15)];
-    *slot = match size {
-        // A 16-bit destination keeps its upper bits; a 32-bit one is zero-extended.
-        OperandSize::Word => (*slot & !0xffff) | count,
-        OperandSize::Dword | OperandSize::Qword => count,
-    };
+    write_destination(cpu, dest, size, count);
     const ARITHMETIC: u64 = 0x8d5; // CF PF AF ZF SF OF
     cpu.rflags &= !ARITHMETIC;
     if value & mask == 0 {
@@ -254,23 +276,10 @@ fn lsl(
     if cpu.mode == CpuMode::Real || cpu.rflags & rflags::VM != 0 {
         return Err(Fault::ud());
     }
-    let selector = match source {
-        RegisterOrMemory::Register(r) => cpu.gpr[usize::from(r & 15)] as u16,
-        RegisterOrMemory::Memory(operand) => {
-            let linear = linear_address(cpu, &operand, len)?;
-            let mut buf = [0u8; 2];
-            mem.read(linear, &mut buf)?;
-            u16::from_le_bytes(buf)
-        }
-    };
+    let selector = read_source(cpu, mem, source, 2, len)? as u16;
     match interrupt::segment_limit(cpu, mem, selector)? {
         Some(limit) => {
-            let limit = u64::from(limit);
-            let slot = &mut cpu.gpr[usize::from(dest & 15)];
-            *slot = match size {
-                OperandSize::Word => (*slot & !0xffff) | (limit & 0xffff),
-                OperandSize::Dword | OperandSize::Qword => limit,
-            };
+            write_destination(cpu, dest, size, u64::from(limit));
             cpu.rflags |= rflags::ZF;
         }
         None => cpu.rflags &= !rflags::ZF,
