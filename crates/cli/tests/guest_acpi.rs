@@ -3,21 +3,17 @@
 //! (crates/guests/guest/acpitables.c).
 
 use std::path::Path;
-use std::time::Duration;
 
-use rhyve_guests::{boot_args, require_kvm, run_bhyve, vm_name, BASE_MACHINE};
+use rhyve_guests::run_guest;
 
 #[test]
 fn tables_are_found_checksummed_and_describe_bhyves_machine() {
-    require_kvm();
-    let mut args = boot_args("acpitables", "");
-    args.extend(BASE_MACHINE.iter().map(|s| s.to_string()));
-    args.extend(["-c".to_string(), "2".to_string()]);
-    args.push(vm_name("acpi"));
-    let run = run_bhyve(
+    let run = run_guest(
         Path::new(env!("CARGO_BIN_EXE_bhyve")),
-        &args,
-        Duration::from_secs(30),
+        "acpitables",
+        "",
+        &["-c", "2"],
+        "acpi",
     );
     run.assert_no_failure();
     run.assert_code(1);

@@ -3,22 +3,17 @@
 //! and the wall clock.
 
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use rhyve_guests::{boot_args, require_kvm, run_bhyve, vm_name, RunResult, BASE_MACHINE};
+use rhyve_guests::{run_guest, RunResult};
 
 fn cmos(mem: &str, tag: &str) -> RunResult {
-    require_kvm();
-    let mut args = boot_args("cmos", "");
-    args.extend(BASE_MACHINE.iter().map(|s| s.to_string()));
-    for a in ["-u", "-m", mem] {
-        args.push(a.to_string());
-    }
-    args.push(vm_name(tag));
-    let run = run_bhyve(
+    let run = run_guest(
         Path::new(env!("CARGO_BIN_EXE_bhyve")),
-        &args,
-        Duration::from_secs(30),
+        "cmos",
+        "",
+        &["-u", "-m", mem],
+        tag,
     );
     run.assert_no_failure();
     run.assert_code(1);

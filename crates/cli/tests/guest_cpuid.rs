@@ -2,19 +2,16 @@
 //! and `-c cpus,sockets,cores,threads` shows in leaves 1 and 0xB; `-x`
 //! turns the x2APIC feature bit on.
 
-use rhyve_guests::{boot_args, require_kvm, run_bhyve, vm_name, BASE_MACHINE};
-use std::time::Duration;
+use rhyve_guests::run_guest;
+use std::path::Path;
 
 fn cpuid(extra: &[&str], tag: &str) -> rhyve_guests::RunResult {
-    require_kvm();
-    let mut args: Vec<String> = BASE_MACHINE.iter().map(|s| s.to_string()).collect();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args.extend(boot_args("cpuid", ""));
-    args.push(vm_name(tag));
-    run_bhyve(
-        std::path::Path::new(env!("CARGO_BIN_EXE_bhyve")),
-        &args,
-        Duration::from_secs(30),
+    run_guest(
+        Path::new(env!("CARGO_BIN_EXE_bhyve")),
+        "cpuid",
+        "",
+        extra,
+        tag,
     )
 }
 

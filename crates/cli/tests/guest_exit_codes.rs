@@ -2,21 +2,17 @@
 //! own `exitcodes` guest (crates/guests/guest/exitcodes.c).
 
 use std::path::Path;
-use std::time::Duration;
 
-use rhyve_guests::{boot_args, require_kvm, run_bhyve, vm_name, RunResult, BASE_MACHINE};
+use rhyve_guests::{run_guest, RunResult};
 
 fn exitcodes(mode: &str, extra: &[&str]) -> RunResult {
-    require_kvm();
-    let mut args = boot_args("exitcodes", mode);
-    args.extend(BASE_MACHINE.iter().map(|s| s.to_string()));
-    args.extend(extra.iter().map(|s| s.to_string()));
     let tag: String = mode.chars().filter(char::is_ascii_alphanumeric).collect();
-    args.push(vm_name(&format!("exit-{tag}")));
-    let run = run_bhyve(
+    let run = run_guest(
         Path::new(env!("CARGO_BIN_EXE_bhyve")),
-        &args,
-        Duration::from_secs(30),
+        "exitcodes",
+        mode,
+        extra,
+        &format!("exit-{tag}"),
     );
     run.assert_no_failure();
     run
@@ -70,14 +66,12 @@ fn isa_debug_exit_exits_2v_plus_1() {
 fn guest_failure_is_a_triple_fault() {
     // No mode: the guest says why and triple-faults, which is how every
     // guest reports a failed check.
-    require_kvm();
-    let mut args = boot_args("exitcodes", "");
-    args.extend(BASE_MACHINE.iter().map(|s| s.to_string()));
-    args.push(vm_name("exit-nomode"));
-    let run = run_bhyve(
+    let run = run_guest(
         Path::new(env!("CARGO_BIN_EXE_bhyve")),
-        &args,
-        Duration::from_secs(30),
+        "exitcodes",
+        "",
+        &[],
+        "exit-nomode",
     );
     assert!(
         run.lines_starting("FAIL: no mode").len() == 1,
@@ -104,15 +98,13 @@ fn unassigned_ports_read_all_ones_and_dash_e_stops_the_vm() {
 
 #[test]
 fn unknown_msrs_raise_gp_unless_dash_w() {
-    require_kvm();
     // Without -w (x86.strictmsr): #GP, which this guest turns into FAIL + exit 3.
-    let mut args = boot_args("exitcodes", "unknownmsr");
-    args.extend(BASE_MACHINE.iter().map(|s| s.to_string()));
-    args.push(vm_name("exit-msr-strict"));
-    let r = run_bhyve(
+    let r = run_guest(
         Path::new(env!("CARGO_BIN_EXE_bhyve")),
-        &args,
-        Duration::from_secs(30),
+        "exitcodes",
+        "unknownmsr",
+        &[],
+        "exit-msr-strict",
     );
     r.assert_code(3);
     assert!(r.stdout.contains("(vector 13)"), "{}", r.describe());

@@ -2,33 +2,18 @@
 //! ECAM, with our `pcienum` guest (crates/guests/guest/pcienum.c).
 
 use std::path::Path;
-use std::time::Duration;
 
-use rhyve_guests::{boot_args, require_kvm, run_bhyve, vm_name};
+use rhyve_guests::run_guest;
 
 #[test]
 fn bus_0_shows_bhyves_ids_the_same_through_cf8_and_ecam() {
-    require_kvm();
-    let mut args = boot_args("pcienum", "");
-    for a in [
-        "-s",
-        "0,hostbridge",
-        "-s",
-        "5,hostbridge",
-        "-s",
-        "6,amd_hostbridge",
-        "-s",
-        "31,lpc",
-        "-l",
-        "com1,stdio",
-    ] {
-        args.push(a.to_string());
-    }
-    args.push(vm_name("pci"));
-    let run = run_bhyve(
+    let extra = ["-s", "5,hostbridge", "-s", "6,amd_hostbridge"];
+    let run = run_guest(
         Path::new(env!("CARGO_BIN_EXE_bhyve")),
-        &args,
-        Duration::from_secs(30),
+        "pcienum",
+        "",
+        &extra,
+        "pci",
     );
     run.assert_no_failure();
     let functions = [

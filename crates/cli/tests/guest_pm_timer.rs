@@ -4,17 +4,14 @@
 use std::path::Path;
 use std::time::Duration;
 
-use rhyve_guests::{boot_args, require_kvm, run_bhyve, vm_name, BASE_MACHINE};
+use rhyve_guests::{guest_args, require_kvm, run_bhyve};
 
 #[test]
 fn pm_timer_ticks_3579545_per_rtc_second() {
     require_kvm();
-    let mut args = boot_args("pmtimer", "");
-    args.extend(BASE_MACHINE.iter().map(|s| s.to_string()));
-    args.push(vm_name("pmtimer"));
     let run = run_bhyve(
         Path::new(env!("CARGO_BIN_EXE_bhyve")),
-        &args,
+        &guest_args("pmtimer", "", &[], "pmtimer"),
         Duration::from_secs(60),
     );
     run.assert_no_failure();

@@ -5,19 +5,14 @@
 use std::path::Path;
 use std::time::Duration;
 
-use rhyve_guests::{
-    boot_args, require_kvm, run_bhyve_signal_after, vm_name, BASE_MACHINE, SIGTERM,
-};
+use rhyve_guests::{guest_args, require_kvm, run_bhyve_signal_after, SIGTERM};
 
 #[test]
 fn sigterm_presses_the_power_button_and_the_guest_powers_off() {
     require_kvm();
-    let mut args = boot_args("powerbutton", "");
-    args.extend(BASE_MACHINE.iter().map(|s| s.to_string()));
-    args.push(vm_name("powerbutton"));
     let run = run_bhyve_signal_after(
         Path::new(env!("CARGO_BIN_EXE_bhyve")),
-        &args,
+        &guest_args("powerbutton", "", &[], "powerbutton"),
         "ready",
         SIGTERM,
         Duration::from_secs(30),
@@ -31,12 +26,9 @@ fn sigterm_presses_the_power_button_and_the_guest_powers_off() {
 fn sigterm_before_the_guest_enabled_acpi_ends_bhyve_by_the_signal() {
     use std::os::unix::process::ExitStatusExt;
     require_kvm();
-    let mut args = boot_args("powerbutton", "noacpi");
-    args.extend(BASE_MACHINE.iter().map(|s| s.to_string()));
-    args.push(vm_name("powerbutton-noacpi"));
     let run = run_bhyve_signal_after(
         Path::new(env!("CARGO_BIN_EXE_bhyve")),
-        &args,
+        &guest_args("powerbutton", "noacpi", &[], "powerbutton-noacpi"),
         "ready",
         SIGTERM,
         Duration::from_secs(30),

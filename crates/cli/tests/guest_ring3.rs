@@ -12,9 +12,8 @@
 //! segments), and prints the rest.
 
 use std::path::Path;
-use std::time::Duration;
 
-use rhyve_guests::{boot_args, require_kvm, run_bhyve, vm_name, BASE_MACHINE};
+use rhyve_guests::run_guest;
 
 fn pvm_host() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()
@@ -22,14 +21,12 @@ fn pvm_host() -> bool {
 
 #[test]
 fn user_mode_enters_the_kernel() {
-    require_kvm();
-    let mut args = boot_args("ring3", "");
-    args.extend(BASE_MACHINE.iter().map(|s| s.to_string()));
-    args.push(vm_name("ring3"));
-    let run = run_bhyve(
+    let run = run_guest(
         Path::new(env!("CARGO_BIN_EXE_bhyve")),
-        &args,
-        Duration::from_secs(30),
+        "ring3",
+        "",
+        &[],
+        "ring3",
     );
     run.assert_no_failure();
     run.assert_code(1);

@@ -2,20 +2,16 @@
 //! trampoline, driven by our `smp` guest (crates/guests/guest/smp.c).
 
 use std::path::Path;
-use std::time::Duration;
 
-use rhyve_guests::{boot_args, require_kvm, run_bhyve, vm_name, RunResult, BASE_MACHINE};
+use rhyve_guests::{run_guest, RunResult};
 
 fn smp(cpus: u32) -> RunResult {
-    require_kvm();
-    let mut args = boot_args("smp", "");
-    args.extend(BASE_MACHINE.iter().map(|s| s.to_string()));
-    args.extend(["-c".to_string(), cpus.to_string()]);
-    args.push(vm_name(&format!("smp{cpus}")));
-    let run = run_bhyve(
+    let run = run_guest(
         Path::new(env!("CARGO_BIN_EXE_bhyve")),
-        &args,
-        Duration::from_secs(30),
+        "smp",
+        "",
+        &["-c", &cpus.to_string()],
+        &format!("smp{cpus}"),
     );
     run.assert_no_failure();
     run.assert_code(1);

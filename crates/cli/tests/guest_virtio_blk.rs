@@ -3,9 +3,8 @@
 //! BAR 0, one read of sector 0, completion by MSI-X or by INTx.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use rhyve_guests::{boot_args, require_kvm, run_bhyve, vm_name, RunResult, BASE_MACHINE};
+use rhyve_guests::{run_guest, vm_name, RunResult};
 
 const SECTOR0: &[u8; 16] = b"rhyve-virtio-blk";
 
@@ -29,17 +28,14 @@ impl Drop for Disk {
 }
 
 fn read_sector0(cmdline: &str, tag: &str) -> RunResult {
-    require_kvm();
     let disk = Disk::new(tag);
-    let mut args = boot_args("virtioblk", cmdline);
-    args.extend(BASE_MACHINE.iter().map(|s| s.to_string()));
-    args.push("-s".to_string());
-    args.push(format!("4,virtio-blk,{}", disk.0.display()));
-    args.push(vm_name(tag));
-    let run = run_bhyve(
+    let slot = format!("4,virtio-blk,{}", disk.0.display());
+    let run = run_guest(
         Path::new(env!("CARGO_BIN_EXE_bhyve")),
-        &args,
-        Duration::from_secs(30),
+        "virtioblk",
+        cmdline,
+        &["-s", &slot],
+        tag,
     );
     run.assert_no_failure();
     run.assert_code(1);

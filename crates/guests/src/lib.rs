@@ -78,6 +78,26 @@ pub fn boot_args(guest: &str, cmdline: &str) -> Vec<String> {
     args
 }
 
+/// bhyve's arguments for booting `guest` (with `cmdline`) on
+/// [`BASE_MACHINE`] plus `extra`, as the VM [`vm_name`]`(tag)`.
+pub fn guest_args(guest: &str, cmdline: &str, extra: &[&str], tag: &str) -> Vec<String> {
+    let mut args = boot_args(guest, cmdline);
+    args.extend(BASE_MACHINE.iter().chain(extra).map(|s| s.to_string()));
+    args.push(vm_name(tag));
+    args
+}
+
+/// Boots `guest` under `bhyve` as [`guest_args`] describes, with the
+/// guests' usual 30-second deadline. Panics without /dev/kvm.
+pub fn run_guest(bhyve: &Path, guest: &str, cmdline: &str, extra: &[&str], tag: &str) -> RunResult {
+    require_kvm();
+    run_bhyve(
+        bhyve,
+        &guest_args(guest, cmdline, extra, tag),
+        Duration::from_secs(30),
+    )
+}
+
 /// Panics unless /dev/kvm exists: tests that boot guests never skip.
 pub fn require_kvm() {
     assert!(
