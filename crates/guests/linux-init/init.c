@@ -1,8 +1,11 @@
 /*
  * The /init of rhyve's full Linux boot test: mount /proc, print the kernel
- * release and CPU count, print "BOOT-OK uptime <contents of /proc/uptime>"
- * and power the machine off (reboot(2) with POWER_OFF: the kernel enters
- * ACPI S5, bhyve exits with status 1).
+ * release and CPU count, the PCI functions Linux enumerated (the
+ * first three hex fields of its /proc/bus/pci/devices, as
+ * "pci <bus+devfn> <vendor+device> <irq>"),
+ * print "BOOT-OK uptime <contents of /proc/uptime>" and power the machine off
+ * (reboot(2) with POWER_OFF: the kernel enters ACPI S5, bhyve exits with
+ * status 1).
  *
  * A static x86-64 program without libc, because it must make its system
  * calls in a way that works on software-virtualization hosts (PVM) as well
@@ -256,6 +259,49 @@ static int str_eq(const char *a, const char *b)
 	return *a == *b;
 }
 
+/* The next whitespace-separated field of a /proc table, copied to out. */
+static const char *next_field(const char *p, char *out, u32 size)
+{
+	u32 n = 0;
+	while (*p == ' ' || *p == '\t')
+		p++;
+	while (*p && *p != ' ' && *p != '\t' && *p != '\n') {
+		if (n + 1 < size)
+			out[n++] = *p;
+		p++;
+	}
+	out[n] = 0;
+	return p;
+}
+
+static const char *next_line(const char *p)
+{
+	while (*p && *p != '\n')
+		p++;
+	return *p ? p + 1 : p;
+}
+
+/* "pci <bus+devfn> <vendor+device> <irq>" per function, in hex as Linux
+ * lists them. */
+static void print_pci_functions(void)
+{
+	char devfn[16], ids[16], irq[16];
+	read_file("/proc/bus/pci/devices");
+	for (const char *p = buf; *p; p = next_line(p)) {
+		const char *q = next_field(p, devfn, sizeof(devfn));
+		q = next_field(q, ids, sizeof(ids));
+		next_field(q, irq, sizeof(irq));
+		char *at = append(line, "pci ");
+		at = append(at, devfn);
+		at = append(at, " ");
+		at = append(at, ids);
+		at = append(at, " ");
+		at = append(at, irq);
+		append(at, "\n");
+		put(line);
+	}
+}
+
 int main(long argc, char **argv)
 {
 	static struct {
@@ -305,6 +351,8 @@ int main(long argc, char **argv)
 	at = append_u32(at, cpus);
 	append(at, " CPU(s), system calls through the ia32 ABI\n");
 	put(line);
+
+	print_pci_functions();
 
 	read_file("/proc/uptime");
 	at = append(line, "BOOT-OK uptime ");
