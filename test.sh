@@ -16,16 +16,14 @@ export RHYVE_GUEST_KERNEL="${RHYVE_GUEST_KERNEL:-$(scripts/fetch-guest-kernel.sh
 # vCPU, and the cargo tests run beside it at the lowest CPU priority, so
 # the boot keeps a core and sets the suite's length; its result is checked
 # at the end.
-cargo build --release --bin bhyve --bin rhyve-guest-path
-scripts/fetch-guest-kernel.sh --elf >/dev/null
 mkdir -p work
 full_boot_out=work/full-boot-suite.out
 scripts/full-boot.sh 1 >"$full_boot_out" 2>&1 &
 full_boot=$!
 trap 'kill "$full_boot" 2>/dev/null; pkill -KILL -f "^bhyve: fullboot1" 2>/dev/null || true' EXIT
-# Let it get past its own (no-op) cargo steps before cargo gets busy.
-for _ in $(seq 120); do
-  pgrep -f "^bhyve: fullboot1" >/dev/null && break
+# It builds and prepares what it boots itself: let it do so on an idle
+# machine, until its VM runs (or the script ends, failing).
+while kill -0 "$full_boot" 2>/dev/null && ! pgrep -f "^bhyve: fullboot1" >/dev/null; do
   sleep 1
 done
 
