@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use rhyve_guests::require_kvm;
+
 struct Registry(PathBuf);
 
 impl Registry {
@@ -136,16 +138,9 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn kvm() {
-    assert!(
-        Path::new("/dev/kvm").exists(),
-        "/dev/kvm is missing: this test runs VMs and is never skipped"
-    );
-}
-
 #[test]
 fn create_list_run_inspect_destroy() {
-    kvm();
+    require_kvm();
     let reg = Registry::new("lifecycle");
     std::fs::create_dir_all(&reg.0).unwrap();
     let guest = spin_guest(&reg.0);
@@ -219,7 +214,7 @@ fn create_list_run_inspect_destroy() {
 
 #[test]
 fn force_poweroff_and_reset_end_bhyve_with_their_codes() {
-    kvm();
+    require_kvm();
     let reg = Registry::new("suspend");
     std::fs::create_dir_all(&reg.0).unwrap();
     let guest = spin_guest(&reg.0);
@@ -239,7 +234,7 @@ fn force_poweroff_and_reset_end_bhyve_with_their_codes() {
 
 #[test]
 fn killed_bhyve_leaves_a_stale_entry_that_is_detected() {
-    kvm();
+    require_kvm();
     let reg = Registry::new("stale");
     std::fs::create_dir_all(&reg.0).unwrap();
     let guest = spin_guest(&reg.0);
