@@ -10,43 +10,55 @@
  * A static x86-64 program without libc, because it must make its system
  * calls in a way that works on software-virtualization hosts (PVM) as well
  * as on hardware.  What such a host does for a guest that is not PVM-aware
- * (shown by the `ring3` guest program, crates/guests/guest/ring3.c):
+ * (shown by the `ring3` guest program, crates/guests/guest/ring3.c, and
+ * ../shared/notes/pvm-hosts.md):
  *
  *   - 64-bit `syscall` jumps to LSTAR but stays in user mode, so the kernel
  *     takes a page fault on its own entry point and kills the process
  *     (every libc program dies on its first system call);
  *   - `int $0x80` from user mode raises #UD;
- *   - `syscall` from 32-bit (compatibility-mode) code reaches CSTAR at
- *     CPL 0 but with RIP cut to its low 32 bits (KVM's emulator writes
- *     RIP back in the width of the mode the instruction started in), and
- *     the kernel's `sysretl` comes back with the 64-bit user code segment
+ *   - from 32-bit (compatibility-mode) code, the door that works follows
+ *     the CPU vendor, as on hardware: on AMD `syscall` reaches CSTAR at
+ *     CPL 0 but with RIP cut to its low 32 bits (KVM's emulator writes RIP
+ *     back in the width of the mode the instruction started in) and
+ *     `sysenter` raises #UD; on Intel `sysenter` reaches SYSENTER_EIP
+ *     correctly and `syscall` raises #UD;
+ *   - the kernel's `sysretl` comes back with the 64-bit user code segment
  *     instead of the 32-bit one.
  *
  * So every system call here is an ia32 one made from a compatibility-mode
- * stub with `syscall` (Linux's 32-bit SYSCALL ABI: EAX number, EBX, EBP,
- * EDX, ESI, EDI arguments; ECX is the return address).  Linux returns from
- * it to the 32-bit vDSO's int80 landing pad; with the 64-bit vDSO off
- * (`vdso=0`) this process has no vDSO and that address is the landing
- * pad's small offset, inside the page this program maps at address 0.
- * That page is a landing sled that works whichever mode the CPU comes back
- * in: in 64-bit mode it returns to the caller, in 32-bit mode (hardware
- * KVM, or a kernel returning through IRET) it far-jumps to 64-bit code
- * first.  Everything the kernel reads or writes, and the stack, lies below
- * 4 GiB, as the ia32 ABI needs.
+ * stub, through the door the CPU vendor opens (CPUID leaf 0, read once at
+ * start): `syscall` on AMD and Hygon (Linux's 32-bit SYSCALL ABI: EAX
+ * number, EBX, EBP, EDX, ESI, EDI arguments; ECX is the return address),
+ * `sysenter` elsewhere (EAX number, EBX, ECX, EDX, ESI, EDI arguments, EBP
+ * the user stack pointer, where the kernel reads the sixth argument).
+ * These are the doors hardware opens too, so the same choice works on
+ * hardware KVM.  Linux returns from either to the 32-bit vDSO's int80
+ * landing pad; with the 64-bit vDSO off (`vdso=0`) this process has no
+ * vDSO and that address is the landing pad's small offset, inside the
+ * page this program maps at address 0.  That page is a landing sled that
+ * works whichever mode the CPU comes back in: in 64-bit mode it returns to
+ * the caller, in 32-bit mode (hardware KVM, or a kernel returning through
+ * IRET) it far-jumps to 64-bit code first.  Everything the kernel reads or
+ * writes, and the stack, lies below 4 GiB, as the ia32 ABI needs.
  *
- * For the cut CSTAR, this program maps the 16 MiB at 0x81000000 (the low
- * halves of the kernel text addresses, which without KASLR start at
- * 0xffffffff81000000) with 16-byte stubs that sign-extend their own
- * address and jump there: to the kernel's entry_SYSCALL_compat, which
- * Linux aligns to 16 bytes.  R9 is free at that point (the compat entry
- * code neither reads nor returns R8-R15).  The kernel runs the stub from a
- * user page, so the guest needs `clearcpuid=smep,smap`.  The build maps one
- * 256 KiB block of stubs 64 times (build.rs adds the program headers: Linux
- * reads at most a page of them).
+ * For the cut CSTAR of the `syscall` door, this program maps the 16 MiB at
+ * 0x81000000 (the low halves of the kernel text addresses, which without
+ * KASLR start at 0xffffffff81000000) with 16-byte stubs that sign-extend
+ * their own address and jump there: to the kernel's entry_SYSCALL_compat,
+ * which Linux aligns to 16 bytes.  R9 is free at that point (the compat
+ * entry code neither reads nor returns R8-R15).  The kernel runs the stub
+ * from a user page, so the guest needs `clearcpuid=smep,smap`.  The build
+ * maps one 256 KiB block of stubs 64 times (build.rs adds the program
+ * headers: Linux reads at most a page of them).
  *
  * `init --selftest` (run on the host by the test suite) checks the stub
- * blocks are mapped and drives the landing sled in both modes, without
- * making any system call through them.
+ * blocks are mapped and drives the landing sled in both modes; then, for
+ * each door, it makes system calls through the same marshalling code with
+ * the door's instruction replaced by `ud2`, and a SIGILL handler plays the
+ * kernel: it checks the registers as Linux's entry code reads them for
+ * that door and returns to the landing sled in 64-bit or 32-bit mode, as
+ * the kernel's return would.
  */
 
 typedef unsigned long u64;
@@ -76,8 +88,15 @@ typedef unsigned int u32;
 
 long sys32(u32 nr, u32 a1, u32 a2, u32 a3, u32 a4, u32 a5);
 extern const unsigned char cstar_stubs[];
+extern const unsigned char sys32_back[];
+extern const unsigned char door_syscall[], door_sysenter[], door_syscall_ud2[], door_sysenter_ud2[];
 void sled_selftest_64(u64 entry);
 void sled_selftest_32(u64 entry);
+long host_syscall(u64 nr, u64 a1, u64 a2, u64 a3, u64 a4);
+void host_sigreturn(void);
+
+/* The compatibility-mode stub sys32 enters: one of the doors above. */
+u64 sys32_door;
 
 __asm__(
 	/* The landing sled at address 0: NOPs, then a tail that tells the
@@ -121,7 +140,10 @@ __asm__(
 	"	ud2\n"
 
 	/* long sys32(nr, a1..a5): callee-saved registers and RSP kept in
-	 * memory (the kernel does not restore R8-R15 on this path). */
+	 * memory (the kernel does not restore R8-R15 on this path).  The
+	 * second argument goes in both ECX (the sysenter door) and EBP (the
+	 * syscall door, whose ECX the CPU overwrites); the door stub the
+	 * far return lands on is `sys32_door`. */
 	"	.globl sys32\n"
 	"sys32:\n"
 	"	mov %rbx, saved_regs + 0\n"
@@ -134,18 +156,35 @@ __asm__(
 	"	mov %edi, %eax\n"
 	"	mov %esi, %ebx\n"
 	"	mov %edx, %ebp\n"
-	"	mov %ecx, %edx\n"
+	"	mov %ecx, %r10d\n"
+	"	mov %edx, %ecx\n"
+	"	mov %r10d, %edx\n"
 	"	mov %r8d, %esi\n"
 	"	mov %r9d, %edi\n"
 	"	pushq $sys32_back\n" /* for the sled's RET */
 	"	pushq $0x23\n"
-	"	pushq $sys32_compat\n"
+	"	pushq sys32_door\n"
 	"	lretq\n"
+	/* The doors, in compatibility mode; [ESP] is the low half of
+	 * sys32_back, which the kernel reads as the (unused) sixth argument,
+	 * and where the landing sled's RET finds its way back. */
 	"	.code32\n"
-	"sys32_compat:\n"
+	"	.globl door_syscall, door_sysenter, door_syscall_ud2, door_sysenter_ud2\n"
+	"door_syscall:\n"
 	"	syscall\n"
 	"	ud2\n"
+	"door_sysenter:\n"
+	"	mov %esp, %ebp\n"
+	"	sysenter\n"
+	"	ud2\n"
+	/* The same with the door's instruction replaced, for --selftest. */
+	"door_syscall_ud2:\n"
+	"	ud2\n"
+	"door_sysenter_ud2:\n"
+	"	mov %esp, %ebp\n"
+	"	ud2\n"
 	"	.code64\n"
+	"	.globl sys32_back\n"
 	"sys32_back:\n"
 	"	mov saved_regs + 0, %rbx\n"
 	"	mov saved_regs + 8, %rbp\n"
@@ -156,6 +195,23 @@ __asm__(
 	"	mov saved_regs + 48, %rsp\n"
 	"	cltq\n"
 	"	ret\n"
+
+	/* long host_syscall(nr, a1, a2, a3, a4): a 64-bit system call, for
+	 * --selftest on the host only. */
+	"	.globl host_syscall\n"
+	"host_syscall:\n"
+	"	mov %rdi, %rax\n"
+	"	mov %rsi, %rdi\n"
+	"	mov %rdx, %rsi\n"
+	"	mov %rcx, %rdx\n"
+	"	mov %r8, %r10\n"
+	"	syscall\n"
+	"	ret\n"
+	"	.globl host_sigreturn\n"
+	"host_sigreturn:\n"
+	"	mov $15, %eax\n"
+	"	syscall\n"
+	"	ud2\n"
 
 	/* Enter the sled at `entry` in 64-bit mode, as a buggy sysretl does. */
 	"	.globl sled_selftest_64\n"
@@ -302,6 +358,160 @@ static void print_pci_functions(void)
 	}
 }
 
+
+/* The ia32 door this CPU opens from compatibility mode: `syscall` on AMD
+ * and Hygon, `sysenter` on Intel and the others (CPUID leaf 0's vendor). */
+static int vendor_opens_syscall(char vendor[13])
+{
+	u32 regs[4];
+	__asm__ volatile("cpuid" : "=a"(regs[0]), "=b"(regs[1]), "=d"(regs[2]), "=c"(regs[3]) : "a"(0), "c"(0));
+	for (int i = 0; i < 12; i++)
+		vendor[i] = (char)(regs[1 + i / 4] >> (8 * (i % 4)));
+	vendor[12] = 0;
+	return str_eq(vendor, "AuthenticAMD") || str_eq(vendor, "HygonGenuine");
+}
+
+/* ---- --selftest: the kernel's side of each door, played by a SIGILL
+ * handler on the host ---- */
+
+#define HOST_NR_WRITE 1
+#define HOST_NR_RT_SIGACTION 13
+#define SIGILL 4
+#define SA_SIGINFO 4u
+#define SA_RESTORER 0x04000000u
+
+/* Offsets into the signal frame's ucontext (x86-64 sigcontext). */
+enum { R8, R9, R10, R11, R12, R13, R14, R15, RDI, RSI, RBP, RBX, RDX, RAX, RCX, RSP, RIP, EFLAGS, CSGSFS };
+#define UC_MCONTEXT 40
+
+static struct {
+	const unsigned char *door_ud2; /* where the door's instruction stands */
+	int sysenter;                  /* that door's register convention */
+	u32 expect[6];                 /* nr, a1..a5 of the call in flight */
+	u32 landing;                   /* offset into the sled to return to */
+	int mode32;                    /* return in 32-bit mode */
+	u32 calls, errors;
+} kernel;
+
+static void host_put(const char *s)
+{
+	host_syscall(HOST_NR_WRITE, 2, (u64)s, str_len(s), 0);
+}
+
+static void kernel_check(int ok, const char *what)
+{
+	if (!ok) {
+		host_put("init --selftest: ");
+		host_put(what);
+		host_put("\n");
+		kernel.errors++;
+	}
+}
+
+/* What Linux's entry_SYSCALL_compat / entry_SYSENTER_compat and
+ * do_fast_syscall_32 read and where they return: checked and done on the
+ * signal frame of the ud2 that stands where the door's instruction is. */
+static void play_kernel(int sig, void *info, void *ucontext)
+{
+	u64 *r = (u64 *)((char *)ucontext + UC_MCONTEXT);
+	u32 user_sp;
+	(void)sig;
+	(void)info;
+	kernel.calls++;
+	kernel_check(r[RIP] == (u64)kernel.door_ud2, "the door's instruction is not where the stub enters the kernel");
+	kernel_check((u32)r[RAX] == kernel.expect[0], "system call number (EAX)");
+	kernel_check((u32)r[RBX] == kernel.expect[1], "first argument (EBX)");
+	kernel_check((u32)(kernel.sysenter ? r[RCX] : r[RBP]) == kernel.expect[2],
+		     kernel.sysenter ? "second argument (ECX)" : "second argument (EBP)");
+	kernel_check((u32)r[RDX] == kernel.expect[3], "third argument (EDX)");
+	kernel_check((u32)r[RSI] == kernel.expect[4], "fourth argument (ESI)");
+	kernel_check((u32)r[RDI] == kernel.expect[5], "fifth argument (EDI)");
+	/* sysenter saves no stack pointer: the kernel takes the user's from
+	 * EBP, as the vDSO's `movl %esp, %ebp` leaves it. */
+	user_sp = (u32)(kernel.sysenter ? r[RBP] : r[RSP]);
+	kernel_check(!kernel.sysenter || (u32)r[RBP] == (u32)r[RSP], "sysenter door: EBP is not the stack pointer");
+	/* The kernel reads the sixth argument at the user stack pointer and
+	 * returns with that stack: the landing sled's RET must find the way
+	 * back to sys32 there. */
+	kernel_check(*(volatile u64 *)(u64)user_sp == (u64)sys32_back, "the user stack does not lead back to sys32");
+	/* The return: RIP at the landing pad (inside the sled), the user
+	 * stack, the result in EAX, scratch registers the kernel may
+	 * clobber clobbered, in the mode under test. */
+	r[RIP] = kernel.landing;
+	r[RSP] = user_sp;
+	r[RAX] = (u64)(kernel.expect[0] ^ kernel.expect[1] ^ kernel.expect[5]);
+	r[RCX] = r[R8] = r[R9] = r[R10] = r[R11] = 0xdeadbeefdeadbeeful;
+	r[R12] = r[R13] = r[R14] = r[R15] = r[RBX] = r[RBP] = 0xbadc0ffee0ddf00dul;
+	((unsigned short *)&r[CSGSFS])[0] = kernel.mode32 ? USER_CS32 : USER_CS64;
+}
+
+static int selftest_door(const char *name, const unsigned char *door_ud2, int sysenter)
+{
+	u32 before = kernel.errors;
+	kernel.door_ud2 = door_ud2 + (sysenter ? 2 : 0); /* after `mov %esp, %ebp` */
+	kernel.sysenter = sysenter;
+	sys32_door = (u64)door_ud2;
+	for (u32 i = 0; i < 16; i++) {
+		long got;
+		kernel.expect[0] = 300 + i;
+		for (int a = 1; a < 6; a++)
+			kernel.expect[a] = 0x01010101u * (u32)a + i;
+		kernel.landing = i * 251 % (SLED_SIZE - 14);
+		kernel.mode32 = i & 1;
+		got = sys32(kernel.expect[0], kernel.expect[1], kernel.expect[2], kernel.expect[3], kernel.expect[4],
+			    kernel.expect[5]);
+		kernel_check(got == (long)(int)(kernel.expect[0] ^ kernel.expect[1] ^ kernel.expect[5]),
+			     "the result did not come back in EAX");
+	}
+	kernel_check(kernel.calls == 16, "not every call reached the kernel's side once");
+	kernel.calls = 0;
+	host_put("init --selftest: ");
+	host_put(name);
+	host_put(kernel.errors == before ? " door: 16 calls, returns in 64-bit and 32-bit mode: ok\n" : " door: FAILED\n");
+	return kernel.errors == before;
+}
+
+static int selftest(void)
+{
+	struct {
+		void (*handler)(int, void *, void *);
+		u64 flags;
+		void (*restorer)(void);
+		u64 mask;
+	} act = { play_kernel, SA_SIGINFO | SA_RESTORER, host_sigreturn, 0 };
+	char vendor[13];
+	int syscall_door = vendor_opens_syscall(vendor);
+
+	/* The stub blocks map where the kernel text's low halves are. */
+	const unsigned char *stub = (const unsigned char *)CSTAR_STUBS_BASE;
+	for (u64 at = 0; at < CSTAR_STUBS_SIZE; at += CSTAR_STUBS_SIZE / 7 & ~15ul)
+		for (int i = 0; i < 16; i++)
+			if (stub[at + i] != cstar_stubs[i]) {
+				host_put("init --selftest: a CSTAR stub block is not mapped\n");
+				return 2;
+			}
+	/* Every offset of the sled must come back, in both modes. */
+	for (u64 entry = 0; entry <= SLED_SIZE - 14;
+	     entry += entry + 97 > SLED_SIZE - 14 && entry < SLED_SIZE - 14 ? SLED_SIZE - 14 - entry : 97) {
+		sled_selftest_64(entry);
+		sled_selftest_32(entry);
+	}
+	host_put("init --selftest: landing sled returns in 64-bit and 32-bit mode: ok\n");
+
+	if (host_syscall(HOST_NR_RT_SIGACTION, SIGILL, (u64)&act, 0, 8) < 0) {
+		host_put("init --selftest: rt_sigaction(SIGILL) failed\n");
+		return 3;
+	}
+	if (!selftest_door("syscall", door_syscall_ud2, 0) || !selftest_door("sysenter", door_sysenter_ud2, 1))
+		return 4;
+	host_put("init --selftest: on this CPU (");
+	host_put(vendor);
+	host_put(") /init would use the ");
+	host_put(syscall_door ? "syscall" : "sysenter");
+	host_put(" door\n");
+	return 0;
+}
+
 int main(long argc, char **argv)
 {
 	static struct {
@@ -311,26 +521,20 @@ int main(long argc, char **argv)
 	u32 cpus = 0;
 	char *at;
 
-	if (argc > 1 && str_eq(argv[1], "--selftest")) {
-		/* Every offset of the sled must come back, in both modes. */
-		/* The stub blocks map where the kernel text's low halves are. */
-		const unsigned char *stub = (const unsigned char *)CSTAR_STUBS_BASE;
-		for (u64 at = 0; at < CSTAR_STUBS_SIZE; at += CSTAR_STUBS_SIZE / 7 & ~15ul)
-			for (int i = 0; i < 16; i++)
-				if (stub[at + i] != cstar_stubs[i])
-					return 2;
-		for (u64 entry = 0; entry <= SLED_SIZE - 14; entry += entry + 97 > SLED_SIZE - 14 && entry < SLED_SIZE - 14 ? SLED_SIZE - 14 - entry : 97) {
-			sled_selftest_64(entry);
-			sled_selftest_32(entry);
-		}
-		return 0;
-	}
+	char vendor[13];
+	int syscall_door;
 
+	if (argc > 1 && str_eq(argv[1], "--selftest"))
+		return selftest();
+
+	syscall_door = vendor_opens_syscall(vendor);
+	sys32_door = (u64)(syscall_door ? door_syscall : door_sysenter);
 	/* Fault the stub pages in from user mode first: the kernel reaches
 	 * them at CPL 0 on the user's stack, where a page fault before its
 	 * entry code switches stacks and GS would be a double fault. */
-	for (u64 at = 0; at < CSTAR_STUBS_SIZE; at += 4096)
-		(void)*(volatile const unsigned char *)(CSTAR_STUBS_BASE + at);
+	if (syscall_door)
+		for (u64 at = 0; at < CSTAR_STUBS_SIZE; at += 4096)
+			(void)*(volatile const unsigned char *)(CSTAR_STUBS_BASE + at);
 
 	err = sys32(NR32_MOUNT, (u32)(u64) "proc", (u32)(u64) "/proc", (u32)(u64) "proc", 0, 0);
 	if (err < 0)
@@ -349,7 +553,11 @@ int main(long argc, char **argv)
 	at = append(at, uts.release);
 	at = append(at, ", ");
 	at = append_u32(at, cpus);
-	append(at, " CPU(s), system calls through the ia32 ABI\n");
+	at = append(at, " CPU(s), system calls through the ia32 ABI (");
+	at = append(at, syscall_door ? "syscall" : "sysenter");
+	at = append(at, ", ");
+	at = append(at, vendor);
+	append(at, ")\n");
 	put(line);
 
 	print_pci_functions();
