@@ -12,24 +12,36 @@
  *   syscall-64  syscall from 64-bit code (to LSTAR)
  *   int80-32    int $0x80 from 32-bit compatibility-mode code
  *   syscall-32  syscall from 32-bit code (to CSTAR)
+ *   sysenter-32 sysenter from 32-bit code (to SYSENTER_EIP), after the
+ *               vDSO's `mov %esp, %ebp`
  *   ud2-64      ud2 alone: an exception from user mode, the control case
  *
  * Whatever reaches the kernel side (the int $0x80 gate or an exception)
- * records how it came and sends the CPU to the next step.  The LSTAR and
- * CSTAR code first records the CS it runs with, then executes ud2.  Then
- * the guest leaves long mode and prints, per step,
+ * records how it came and sends the CPU to the next step.  The LSTAR,
+ * CSTAR and SYSENTER_EIP code first records the CS it runs with; in user
+ * mode it then executes ud2, at CPL 0 it returns to user mode as Linux
+ * does (sysretq, sysretl) onto the ud2 after the instruction.  Then the
+ * guest leaves long mode and prints
+ *
+ *   ring3 vendor <CPUID leaf 0 vendor>
+ *
+ * and, per step,
  *
  *   ring3 <step> via <gate 0x80|vector N> at +<offset> from cs 0x<cs> handler cs 0x<cs>
  *
  * (offset: the reported RIP's distance from the step's first byte), then
  *
  *   ring3 lstar cs 0x<cs|none> cstar cs 0x<cs|none> cstar rip <high|low|none>
+ *   ring3 sysenter cs 0x<cs|none> sysenter rip <high|low|none>
  *   ring3 done
  *
- * CSTAR holds a kernel-half address (0xffffffff80000000 + the code's
- * address, an alias of the first GiB), as Linux's does: "low" means the
- * host entered it with RIP cut to 32 bits (0x80000000 + the code's
+ * CSTAR and SYSENTER_EIP hold kernel-half addresses (0xffffffff80000000 +
+ * the code's address, an alias of the first GiB), as Linux's do: "low"
+ * means the host entered with RIP cut to 32 bits (0x80000000 + the code's
  * address, a third alias of the same GiB, so the code still runs there).
+ * Which 32-bit door opens follows the vendor, as on hardware: AMD CPUs
+ * raise #UD for sysenter in long mode, Intel CPUs for syscall outside
+ * 64-bit mode.
  *
  * and powers off (exit 1).  On hardware KVM every system call lands at
  * CPL 0 (handler cs 0x0010, lstar cs 0x0010).  The test prints what this
@@ -43,7 +55,7 @@
 #define PTE_US 0x004u
 #define PTE_PS 0x080u
 
-#define NSTEPS 5
+#define NSTEPS 6
 #define VIA_GATE 0x80u
 
 struct step_record {
@@ -61,6 +73,8 @@ uint32_t r3_step = 0xffffffffu;
 uint32_t r3_lstar_cs = 0xffffffffu;
 uint32_t r3_cstar_cs = 0xffffffffu;
 uint64_t r3_cstar_rip;
+uint32_t r3_sysenter_cs = 0xffffffffu;
+uint64_t r3_sysenter_rip;
 
 static uint64_t pml4[512] __attribute__((aligned(4096)));
 static uint64_t pdpt[512] __attribute__((aligned(4096)));
@@ -175,6 +189,19 @@ __asm__(
 	"	mov $0xc0000084, %ecx\n"
 	"	mov $0x47700, %eax\n"
 	"	wrmsr\n"
+	/* SYSENTER as Linux sets it: CS 0x10, a kernel stack, the entry in
+	 * the kernel half (the alias again). */
+	"	mov $0x174, %ecx\n"
+	"	mov $0x10, %eax\n"
+	"	wrmsr\n"
+	"	mov $0x175, %ecx\n"
+	"	mov $r3_kstack_top + 0x80000000, %eax\n"
+	"	mov $0xffffffff, %edx\n"
+	"	wrmsr\n"
+	"	mov $0x176, %ecx\n"
+	"	mov $r3_sysenter + 0x80000000, %eax\n"
+	"	wrmsr\n"
+	"	xor %edx, %edx\n"
 	/* Long mode: PAE, CR3, EFER.LME|SCE, paging. */
 	"	mov 20(%esp), %edx\n"
 	"	mov %cr4, %eax\n"
@@ -204,7 +231,7 @@ __asm__(
 	"	mov (%rax), %ecx\n"
 	"	inc %ecx\n"
 	"	mov %ecx, (%rax)\n"
-	"	cmp $5, %ecx\n"
+	"	cmp $6, %ecx\n"
 	"	jae r3_leave\n"
 	"	pushq $0x2b\n"
 	"	mov $r3_ustack_top, %eax\n"
@@ -266,6 +293,22 @@ __asm__(
 	"	mov $r3_cstar_rip, %edx\n"
 	"	mov %rax, (%rdx)\n"
 	"	sysretl\n"
+	/* SYSENTER_EIP: likewise; the user's stack is in EBP and the way back
+	 * is right after the sysenter, as Linux's return path sets up. */
+	"r3_sysenter:\n"
+	"	mov %cs, %eax\n"
+	"	mov $r3_sysenter_cs, %edx\n"
+	"	mov %eax, (%rdx)\n"
+	"	test $3, %al\n"
+	"	jz 1f\n"
+	"	ud2\n"
+	"1:	lea 0(%rip), %rax\n"
+	"	mov $r3_sysenter_rip, %edx\n"
+	"	mov %rax, (%rdx)\n"
+	"	mov $r3_sysenter_32_back, %ecx\n"
+	"	mov $0x202, %r11d\n"
+	"	mov %ebp, %esp\n"
+	"	sysretl\n"
 
 	/* ---- the steps, in ring 3 ---- */
 	"	.globl r3_int80_64, r3_syscall_64, r3_ud2_64\n"
@@ -278,12 +321,17 @@ __asm__(
 	"r3_ud2_64:\n"
 	"	ud2\n"
 	"	.code32\n"
-	"	.globl r3_int80_32, r3_syscall_32\n"
+	"	.globl r3_int80_32, r3_syscall_32, r3_sysenter_32\n"
 	"r3_int80_32:\n"
 	"	int $0x80\n"
 	"	ud2\n"
 	"r3_syscall_32:\n"
 	"	syscall\n"
+	"	ud2\n"
+	"r3_sysenter_32:\n"
+	"	mov %esp, %ebp\n"
+	"	sysenter\n"
+	"r3_sysenter_32_back:\n"
 	"	ud2\n"
 
 	/* ---- back to the 32-bit runtime ---- */
@@ -337,7 +385,7 @@ __asm__(
 	"	.code32\n");
 
 extern char r3_stubs[], r3_int80[], r3_idt[];
-extern char r3_int80_64[], r3_syscall_64[], r3_int80_32[], r3_syscall_32[], r3_ud2_64[];
+extern char r3_int80_64[], r3_syscall_64[], r3_int80_32[], r3_syscall_32[], r3_sysenter_32[], r3_ud2_64[];
 
 static const struct {
 	const char *name;
@@ -346,7 +394,7 @@ static const struct {
 } steps[NSTEPS] = {
 	{ "int80-64", r3_int80_64, 0x33 },     { "syscall-64", r3_syscall_64, 0x33 },
 	{ "int80-32", r3_int80_32, 0x23 },     { "syscall-32", r3_syscall_32, 0x23 },
-	{ "ud2-64", r3_ud2_64, 0x33 },
+	{ "sysenter-32", r3_sysenter_32, 0x23 }, { "ud2-64", r3_ud2_64, 0x33 },
 };
 
 /* A 64-bit interrupt gate to handler in kernel CS 0x10 with the given DPL. */
@@ -392,6 +440,18 @@ void guest_main(void)
 
 	ring3_run((uint32_t)pml4);
 
+	{
+		uint32_t a, b, c, d;
+		char vendor[13];
+		__asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(0), "c"(0));
+		for (int i = 0; i < 4; i++) {
+			vendor[i] = (char)(b >> (8 * i));
+			vendor[4 + i] = (char)(d >> (8 * i));
+			vendor[8 + i] = (char)(c >> (8 * i));
+		}
+		vendor[12] = 0;
+		print("ring3 vendor %s\n", vendor);
+	}
 	for (uint32_t i = 0; i < NSTEPS; i++) {
 		const struct step_record *r = &r3_records[i];
 		uint32_t offset = (uint32_t)r->rip - (uint32_t)steps[i].code;
@@ -415,6 +475,13 @@ void guest_main(void)
 		print(" cstar rip none");
 	else
 		print(" cstar rip %s", r3_cstar_rip >> 32 ? "high" : "low");
+	print("\n");
+	print("ring3");
+	print_cs("sysenter", r3_sysenter_cs);
+	if (!r3_sysenter_rip)
+		print(" sysenter rip none");
+	else
+		print(" sysenter rip %s", r3_sysenter_rip >> 32 ? "high" : "low");
 	print("\n");
 	print("ring3 done\n");
 }
