@@ -20,9 +20,9 @@ size=$((1 << 30))
 [ -f "$img" ] || dd if=/dev/urandom of="$img" bs=1M count=1024 status=none
 cat "$img" > /dev/null
 
-(cd "$here" && cargo build -q --release -p rhyve-virtio --example rhyve_vhost_user --example blk_bench)
+(cd "$here" && cargo build -q --release -p rhyve-cli --bin rhyve-vhost-user && cargo build -q --release -p rhyve-virtio --example blk_bench)
 target=$(cd "$here" && cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-vu=$target/release/examples/rhyve_vhost_user
+vu=$target/release/rhyve-vhost-user
 drv=$target/release/examples/blk_bench
 
 out=$DIR/results.txt

@@ -17,7 +17,7 @@ dir=$(mktemp -d)
 cleanup() { ip netns del "$ns" 2>/dev/null || true; rm -rf "$dir"; }
 trap cleanup EXIT
 
-(cd "$here" && cargo build -q --release -p rhyve-virtio --example rhyve_vhost_user --example net_bench)
+(cd "$here" && cargo build -q --release -p rhyve-cli --bin rhyve-vhost-user && cargo build -q --release -p rhyve-virtio --example net_bench)
 target=$(cd "$here" && cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 
 ip netns add "$ns"
@@ -30,7 +30,7 @@ tap_mac=$(ip netns exec "$ns" cat /sys/class/net/rtap0/address)
 
 for round in $(seq "$ROUNDS"); do
     rm -f "$dir/net.sock"
-    ip netns exec "$ns" "$target/release/examples/rhyve_vhost_user" \
+    ip netns exec "$ns" "$target/release/rhyve-vhost-user" \
         --socket "$dir/net.sock" "virtio-net,rtap0,mac=$mac" 2>/dev/null &
     pid=$!
     while [ ! -S "$dir/net.sock" ]; do sleep 0.05; done

@@ -209,11 +209,12 @@ const USAGE: &str = "usage: rhyve-vhost-user --socket PATH DEVICE\n  DEVICE: a -
 
 /// `rhyve-vhost-user --socket PATH DEVICE`: serve DEVICE on a vhost-user
 /// socket rhyve creates at PATH, one front-end connection after another.
-/// Returns the process exit status (bhyve's: 1 for bad usage, 4 for errors).
+/// `args` are the command's arguments after its name. Returns the process
+/// exit status (bhyve's: 1 for bad usage, 4 for errors).
 pub fn main_with_args(args: &[String]) -> i32 {
     let mut socket = None;
     let mut device = None;
-    let mut it = args.iter().skip(1);
+    let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--socket" => socket = it.next().cloned(),
@@ -248,8 +249,10 @@ pub fn main_with_args(args: &[String]) -> i32 {
         }
     };
     let backend = DeviceBackend::new(dev);
-    // Like vhost-user back-ends generally, a stale socket file is replaced.
-    let _ = std::fs::remove_file(&socket);
+    if let Err(e) = clear_stale_socket(Path::new(&socket)) {
+        eprintln!("rhyve-vhost-user: {socket}: {e}");
+        return 4;
+    }
     let listener = match UnixListener::bind(&socket) {
         Ok(l) => l,
         Err(e) => {
@@ -264,6 +267,29 @@ pub fn main_with_args(args: &[String]) -> i32 {
             return 4;
         }
         backend.reset_device();
+    }
+}
+
+/// Make way for a new listening socket at `path`: nothing there is fine; a
+/// socket nobody listens on any more (left by a killed server) is removed;
+/// anything else (a disk image given by mistake, a live server's socket, a
+/// symbolic link) is refused and left alone.
+pub fn clear_stale_socket(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.to_string()),
+    };
+    if !meta.file_type().is_socket() {
+        return Err("exists and is not a socket: refusing to replace it".into());
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err("a server is already listening on this socket".into()),
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+            std::fs::remove_file(path).map_err(|e| format!("cannot remove the stale socket: {e}"))
+        }
+        Err(e) => Err(format!("cannot tell whether the socket is in use: {e}")),
     }
 }
 

@@ -151,17 +151,9 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// The rhyve-vhost-user command built as this crate's example.
+/// The `rhyve-vhost-user` command users run, as cargo built it.
 pub fn vhost_user_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let bin = dir.join("examples/rhyve_vhost_user");
-    assert!(
-        bin.exists(),
-        "{} missing: cargo test builds it",
-        bin.display()
-    );
-    bin
+    PathBuf::from(env!("CARGO_BIN_EXE_rhyve-vhost-user"))
 }
 
 /// A running `rhyve-vhost-user`, killed when dropped.
