@@ -46,6 +46,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use rhyve_config::file::file_kind;
+
 /// Guest output buffered while the consumer is slow; more is dropped.
 pub const OUTPUT_QUEUE_BYTES: usize = 64 * 1024;
 /// Host input buffered ahead of the UART's FIFO; the reader waits when full.
@@ -269,24 +271,6 @@ fn dup_fd(fd: RawFd) -> Option<File> {
     } else {
         // SAFETY: `new` is a fresh fd nobody else owns.
         Some(unsafe { File::from_raw_fd(new) })
-    }
-}
-
-/// What a non-terminal path is, for the error message.
-fn file_kind(meta: &std::fs::Metadata) -> &'static str {
-    let t = meta.file_type();
-    if t.is_file() {
-        "a regular file"
-    } else if t.is_dir() {
-        "a directory"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_socket() {
-        "a socket"
-    } else if t.is_block_device() {
-        "a block device"
-    } else {
-        "a character device"
     }
 }
 

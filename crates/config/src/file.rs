@@ -48,10 +48,12 @@ fn human_size(bytes: u64) -> String {
     format!("{bytes} bytes")
 }
 
-/// What a non-regular file is, for the error message.
-fn kind_of(meta: &std::fs::Metadata) -> &'static str {
+/// What kind of file `meta` describes ("a FIFO"), for error messages.
+pub fn file_kind(meta: &std::fs::Metadata) -> &'static str {
     let t = meta.file_type();
-    if t.is_dir() {
+    if t.is_file() {
+        "a regular file"
+    } else if t.is_dir() {
         "a directory"
     } else if t.is_fifo() {
         "a FIFO"
@@ -59,10 +61,8 @@ fn kind_of(meta: &std::fs::Metadata) -> &'static str {
         "a socket"
     } else if t.is_block_device() {
         "a block device"
-    } else if t.is_char_device() {
-        "a character device"
     } else {
-        "a special file"
+        "a character device"
     }
 }
 
@@ -84,7 +84,7 @@ pub fn open_regular(path: &Path) -> Result<File, FileError> {
     if !meta.is_file() {
         return Err(FileError::NotRegular {
             path: path.to_path_buf(),
-            kind: kind_of(&meta),
+            kind: file_kind(&meta),
         });
     }
     Ok(file)
