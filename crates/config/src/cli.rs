@@ -393,7 +393,7 @@ fn parse_fw_cfg(opt: &str) -> Result<FwCfgFile, CliError> {
         // bhyve reads the file while parsing; an unreadable one is a
         // command-line error, not a failure at VM start.
         if let Err(e) = crate::file::open_regular(Path::new(path)) {
-            tracing::warn!(path, error = %e, "Can't open fw_cfg_user_file file");
+            tracing::warn!("Can't open fw_cfg_user_file file {e}");
             return Err(bad());
         }
         FwCfgSource::File(PathBuf::from(path))
