@@ -17,6 +17,7 @@ fn run(bin: &str, args: &[&str]) -> Output {
     let mut cmd = Command::new(bin);
     cmd.args(args)
         .env("RHYVE_VMM_DIR", test_registry())
+        .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -102,6 +103,17 @@ fn bhyve_config_files_are_read_with_a_bound() {
         &format!(
             "bhyve: Failed to open configuration file {}: larger than the limit of 1 MiB\n",
             big.display()
+        ),
+    );
+    // bhyve opens -f files while parsing: a FIFO is refused, not waited on.
+    let item = format!("name=opt/x,file={}", fifo.display());
+    assert_fails(
+        &run(BHYVE, &["-f", &item, "vm"]),
+        64,
+        &format!(
+            "bhyve: warning: Can't open fw_cfg_user_file file {}: a FIFO, not a regular file\n\
+             bhyve: invalid fwcfg item '{item}'\n",
+            fifo.display()
         ),
     );
     std::fs::remove_dir_all(&dir).unwrap();
