@@ -108,3 +108,61 @@ fn rhyve_vhost_user_logs_the_same_way() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// What `bhyve WARNS` prints on stderr when stderr is a terminal.
+fn stderr_on_a_terminal(no_color: bool) -> String {
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    // SAFETY: pty set-up on fds we own; ptsname_r writes at most name.len() bytes.
+    let (mut master, slave) = unsafe {
+        let fd = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+        assert!(fd >= 0);
+        assert_eq!(libc::grantpt(fd), 0);
+        assert_eq!(libc::unlockpt(fd), 0);
+        let mut name = [0 as libc::c_char; 128];
+        assert_eq!(libc::ptsname_r(fd, name.as_mut_ptr(), name.len()), 0);
+        let path = std::ffi::CStr::from_ptr(name.as_ptr()).to_string_lossy();
+        let slave = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path.as_ref())
+            .unwrap();
+        (std::fs::File::from_raw_fd(fd), slave)
+    };
+    let mut cmd = Command::new(BHYVE);
+    cmd.args(WARNS)
+        .env_remove("RUST_LOG")
+        .env_remove("NO_COLOR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(slave);
+    if no_color {
+        cmd.env("NO_COLOR", "1");
+    }
+    let status = cmd.status().unwrap();
+    assert_eq!(status.code(), Some(64));
+    // Close our copy of the slave: with no slave open, reading the master
+    // gives what bhyve wrote, then EIO.
+    drop(cmd);
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = master.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&out).replace("\r\n", "\n")
+}
+
+#[test]
+fn a_terminal_gets_the_level_in_colour_unless_no_color() {
+    assert_eq!(
+        stderr_on_a_terminal(false),
+        format!(
+            "{}{ERROR}",
+            WARNING.replace("warning:", "\x1b[33mwarning\x1b[0m:")
+        )
+    );
+    assert_eq!(stderr_on_a_terminal(true), format!("{WARNING}{ERROR}"));
+}
