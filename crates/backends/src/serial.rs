@@ -162,8 +162,9 @@ static STDIO_TAKEN: AtomicBool = AtomicBool::new(false);
 static CLEANUP_INSTALLED: OnceLock<()> = OnceLock::new();
 
 /// Put the terminal back the way rhyve found it and remove null-modem
-/// symlinks and lock files. Safe to call more than once and from a signal handler (it only
-/// uses try_lock, tcsetattr(3) and unlink(2)). The VMM calls this on exit.
+/// symlinks and lock files. Safe to call more than once and from a signal
+/// handler (it only uses try_lock, tcsetattr(3) and unlink(2)). The VMM
+/// calls this on exit.
 pub fn restore_terminal() {
     if let Ok(saved) = SAVED_TERMINALS.try_lock() {
         for t in saved.iter() {
@@ -846,7 +847,7 @@ impl Drop for SerialBackend {
                 let _ = t.join();
             }
         }
-        // Link and lock file go now, not when the struct's fields drop.
+        // Link and lock file go before the pty slave they lead to closes.
         self.null_modem = None;
         if self.is_stdio {
             STDIO_TAKEN.store(false, Ordering::SeqCst);
