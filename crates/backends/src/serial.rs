@@ -4,18 +4,26 @@
 //! * `stdio`: the terminal rhyve runs in. stdin is put in raw mode while the
 //!   VM runs (only if it is a terminal) and restored on drop, at exit and on
 //!   fatal signals. A missing, closed or non-terminal stdin is fine: the
-//!   backend is then output-only (as in CI).
+//!   backend is then output-only (as in CI), and stdout may be a file
+//!   (`-l com1,stdio >console.log` keeps a console log).
 //! * `/dev/nmdmNA` (or `...B`): FreeBSD's null-modem pair. Linux has no nmdm,
 //!   so rhyve opens a pseudo-terminal, uses the master as this side and puts
-//!   a symlink at the peer path pointing at the pty slave, so `cu -l
-//!   /dev/nmdm0B` or `screen /dev/nmdm0B` attach as they do on FreeBSD. The
-//!   symlink is removed when the backend goes away.
+//!   a symlink at the peer path, so `cu -l /dev/nmdm0B` or `screen
+//!   /dev/nmdm0B` attach as they do on FreeBSD. The pair is one process's:
+//!   it is locked (flock(2) on `/dev/nmdmN.lock`, released by the kernel
+//!   however the process ends) and a second VM on it is refused. The link
+//!   points at `/proc/<pid>/fd/<fd>`, the pty slave this process holds at a
+//!   high descriptor number, not at `/dev/pts/N`: when the process dies, even
+//!   by SIGKILL, the link dangles instead of leading to whichever terminal
+//!   the host hands out as `/dev/pts/N` next. The next owner of the pair
+//!   replaces such a stale link; a clean exit removes link and lock file.
 //! * `tcp=ip:port` / `tcp=[ipv6]:port`: listen; one client at a time, a second
 //!   one is told "Socket already connected" and dropped; output with no client
 //!   is dropped, as bhyve does.
-//! * any other path: opened read-write. A terminal is put in raw mode; a
-//!   regular file is an output-only log (appended to); other files (FIFOs,
-//!   character devices) are read and written.
+//! * any other path: a terminal device (bhyve's `uart_tty_backend`), put in
+//!   raw mode. Anything else is refused before it is opened for writing, so
+//!   a slip such as `-l com1,./disk.img` never appends console output to a
+//!   file.
 //!
 //! Guest output never blocks a vCPU: bytes go into a bounded queue drained by a
 //! writer thread, and are dropped (with a log line) when the consumer stops
@@ -31,12 +39,14 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
+
+use rhyve_config::file::file_kind;
 
 /// Guest output buffered while the consumer is slow; more is dropped.
 pub const OUTPUT_QUEUE_BYTES: usize = 64 * 1024;
@@ -73,9 +83,12 @@ pub enum SerialTarget {
         ours: PathBuf,
         /// The side a user attaches to; a symlink to the pty slave.
         peer: PathBuf,
+        /// Locked by the process that owns the pair.
+        lock: PathBuf,
     },
     Tcp(SocketAddr),
-    Path(PathBuf),
+    /// A terminal device.
+    Terminal(PathBuf),
 }
 
 impl SerialTarget {
@@ -125,15 +138,17 @@ impl SerialTarget {
             return Ok(SerialTarget::NullModem {
                 ours: PathBuf::from(value),
                 peer: PathBuf::from(format!("/dev/nmdm{name}{peer_side}")),
+                lock: PathBuf::from(format!("/dev/nmdm{name}.lock")),
             });
         }
-        Ok(SerialTarget::Path(PathBuf::from(value)))
+        Ok(SerialTarget::Terminal(PathBuf::from(value)))
     }
 }
 
 // ---------------------------------------------------------------------------
-// Process-wide cleanup: terminal modes and null-modem symlinks. Kept in
-// statics so exit(3) (atexit) and fatal-signal handlers can undo them.
+// Process-wide cleanup: terminal modes, null-modem symlinks and their lock
+// files. Kept in statics so exit(3) (atexit) and fatal-signal handlers can
+// undo them.
 
 struct SavedTerminal {
     fd: RawFd,
@@ -141,13 +156,15 @@ struct SavedTerminal {
 }
 
 static SAVED_TERMINALS: Mutex<Vec<SavedTerminal>> = Mutex::new(Vec::new());
-static SYMLINKS: Mutex<Vec<CString>> = Mutex::new(Vec::new());
+/// Null-modem links and lock files to remove when the process ends.
+static OWNED_PATHS: Mutex<Vec<CString>> = Mutex::new(Vec::new());
 static STDIO_TAKEN: AtomicBool = AtomicBool::new(false);
 static CLEANUP_INSTALLED: OnceLock<()> = OnceLock::new();
 
 /// Put the terminal back the way rhyve found it and remove null-modem
-/// symlinks. Safe to call more than once and from a signal handler (it only
-/// uses try_lock, tcsetattr(3) and unlink(2)). The VMM calls this on exit.
+/// symlinks and lock files. Safe to call more than once and from a signal
+/// handler (it only uses try_lock, tcsetattr(3) and unlink(2)). The VMM
+/// calls this on exit.
 pub fn restore_terminal() {
     if let Ok(saved) = SAVED_TERMINALS.try_lock() {
         for t in saved.iter() {
@@ -155,8 +172,8 @@ pub fn restore_terminal() {
             unsafe { libc::tcsetattr(t.fd, libc::TCSANOW, &t.termios) };
         }
     }
-    if let Ok(links) = SYMLINKS.try_lock() {
-        for l in links.iter() {
+    if let Ok(paths) = OWNED_PATHS.try_lock() {
+        for l in paths.iter() {
             // SAFETY: unlink of a NUL-terminated path we own.
             unsafe { libc::unlink(l.as_ptr()) };
         }
@@ -258,6 +275,151 @@ fn dup_fd(fd: RawFd) -> Option<File> {
     }
 }
 
+fn set_blocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL on an fd we own.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Lowest descriptor number for the pty slave a null-modem link names.
+/// Should the pid be reused after a SIGKILL, the new process would need a
+/// terminal open at this very number for the stale link to reach it;
+/// programs seldom have hundreds of files open.
+const NULL_MODEM_SLAVE_MIN_FD: RawFd = 512;
+
+/// `file` moved to a descriptor at or above [`NULL_MODEM_SLAVE_MIN_FD`],
+/// or left where it is when the fd limit is lower than that.
+fn move_to_high_fd(file: File) -> File {
+    // SAFETY: F_DUPFD_CLOEXEC returns a new fd we own, or -1.
+    let high = unsafe {
+        libc::fcntl(
+            file.as_raw_fd(),
+            libc::F_DUPFD_CLOEXEC,
+            NULL_MODEM_SLAVE_MIN_FD,
+        )
+    };
+    if high < 0 {
+        return file;
+    }
+    // SAFETY: `high` is a fresh fd nobody else owns; `file` closes on drop.
+    unsafe { File::from_raw_fd(high) }
+}
+
+/// True for a link target rhyve puts at a null-modem peer path (today's
+/// `/proc/<pid>/fd/<n>`, or `/dev/pts/<n>` from older versions).
+fn is_null_modem_link(target: &Path) -> bool {
+    let t = target.as_os_str().as_bytes();
+    (t.starts_with(b"/proc/") && t.windows(4).any(|w| w == b"/fd/")) || t.starts_with(b"/dev/pts/")
+}
+
+/// Take the pair's lock file, exclusively and without waiting, and write our
+/// pid into it. A pair locked by a live process is refused, naming it.
+fn lock_null_modem(label: &str, path: &Path) -> Result<File, SerialError> {
+    let err = io_err(label);
+    loop {
+        // O_NOFOLLOW and the type check: the lock is only ever a regular
+        // file of its own, never something a link points us at.
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| SerialError::Io {
+                path: label.to_string(),
+                source: io::Error::new(e.kind(), format!("lock file {}: {e}", path.display())),
+            })?;
+        let meta = file.metadata().map_err(io_err(label))?;
+        if !meta.file_type().is_file() {
+            return Err(SerialError::Invalid {
+                path: label.to_string(),
+                why: format!("lock file {} is {}", path.display(), file_kind(&meta)),
+            });
+        }
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(err(e));
+            }
+            let mut owner = String::new();
+            let _ = (&file).take(32).read_to_string(&mut owner);
+            let owner = match owner.trim().parse::<u32>() {
+                Ok(pid) => format!("process {pid}"),
+                Err(_) => "another process".to_string(),
+            };
+            return Err(SerialError::Invalid {
+                path: label.to_string(),
+                why: format!(
+                    "the null-modem pair is in use by {owner} (lock {})",
+                    path.display()
+                ),
+            });
+        }
+        // The previous owner may have removed the file between our open and
+        // our flock: then we locked an orphan, and must lock the file that
+        // is at the path now.
+        let current = std::fs::symlink_metadata(path);
+        if current.is_ok_and(|c| c.ino() == meta.ino() && c.dev() == meta.dev()) {
+            file.set_len(0).map_err(err)?;
+            (&file)
+                .write_all(format!("{}\n", std::process::id()).as_bytes())
+                .map_err(io_err(label))?;
+            return Ok(file);
+        }
+    }
+}
+
+/// A null-modem pair this process owns: its locked lock file and, once
+/// made, its peer link; both are removed on drop and when the process exits.
+struct NullModemPair {
+    lock_path: PathBuf,
+    link: Option<PathBuf>,
+    _lock_file: File,
+}
+
+impl NullModemPair {
+    fn new(lock_path: &Path, lock_file: File) -> Self {
+        install_cleanup_hooks();
+        remove_at_exit(lock_path);
+        NullModemPair {
+            lock_path: lock_path.to_path_buf(),
+            link: None,
+            _lock_file: lock_file,
+        }
+    }
+
+    fn set_link(&mut self, link: &Path) {
+        remove_at_exit(link);
+        self.link = Some(link.to_path_buf());
+    }
+}
+
+impl Drop for NullModemPair {
+    /// The link first, then the lock file while its lock is still held.
+    fn drop(&mut self) {
+        let mut owned = lock(&OWNED_PATHS);
+        for p in self.link.iter().chain([&self.lock_path]) {
+            let _ = std::fs::remove_file(p);
+            if let Ok(c) = CString::new(p.as_os_str().as_bytes()) {
+                owned.retain(|l| *l != c);
+            }
+        }
+    }
+}
+
+fn remove_at_exit(path: &Path) {
+    if let Ok(c) = CString::new(path.as_os_str().as_bytes()) {
+        lock(&OWNED_PATHS).push(c);
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Queues shared between the vCPU side and the I/O threads.
 
@@ -339,7 +501,7 @@ pub struct SerialBackend {
     threads: Vec<JoinHandle<()>>,
     /// Terminal fds we switched to raw mode and must restore.
     raw_fds: Vec<RawFd>,
-    symlink: Option<PathBuf>,
+    null_modem: Option<NullModemPair>,
     is_stdio: bool,
     /// Keeps the pty slave open so the master never sees a hangup while no
     /// one is attached.
@@ -363,9 +525,11 @@ impl SerialBackend {
         let mut backend = Self::unopened(value)?;
         match target {
             SerialTarget::Stdio => backend.open_stdio()?,
-            SerialTarget::NullModem { ours, peer } => backend.open_null_modem(&ours, &peer)?,
+            SerialTarget::NullModem { ours, peer, lock } => {
+                backend.open_null_modem(&ours, &peer, &lock)?
+            }
             SerialTarget::Tcp(addr) => backend.open_tcp(value, addr)?,
-            SerialTarget::Path(path) => backend.open_path(value, &path)?,
+            SerialTarget::Terminal(path) => backend.open_terminal(value, &path)?,
         }
         Ok(backend)
     }
@@ -393,7 +557,7 @@ impl SerialBackend {
             shared,
             threads: Vec::new(),
             raw_fds: Vec::new(),
-            symlink: None,
+            null_modem: None,
             is_stdio: false,
             _pty_slave: None,
             _files: Vec::new(),
@@ -453,9 +617,17 @@ impl SerialBackend {
         Ok(())
     }
 
-    fn open_null_modem(&mut self, ours: &Path, peer: &Path) -> Result<(), SerialError> {
+    fn open_null_modem(
+        &mut self,
+        ours: &Path,
+        peer: &Path,
+        lock_path: &Path,
+    ) -> Result<(), SerialError> {
         let label = self.shared.label.clone();
         let err = io_err(&label);
+        // Before anything else: the pair may be another VM's.
+        let pair = NullModemPair::new(lock_path, lock_null_modem(&label, lock_path)?);
+        let pair = self.null_modem.insert(pair);
         // SAFETY: posix_openpt returns a new fd or -1.
         let master = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
         if master < 0 {
@@ -482,32 +654,31 @@ impl SerialBackend {
             .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
             .open(&slave_path)
             .map_err(io_err(&label))?;
+        let slave = move_to_high_fd(slave);
         // Raw line discipline on the pair, as bhyve puts its nmdm side in raw mode.
         make_raw(master.as_raw_fd()).map_err(io_err(&label))?;
         self.raw_fds.push(master.as_raw_fd());
-        match std::fs::symlink_metadata(peer) {
-            Ok(meta) if meta.file_type().is_symlink() => {
+        match std::fs::read_link(peer) {
+            // We hold the lock, so a link rhyve made is a dead owner's.
+            Ok(target) if is_null_modem_link(&target) => {
                 std::fs::remove_file(peer).map_err(io_err(&label))?;
             }
-            Ok(_) => {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Ok(_) | Err(_) => {
                 return Err(SerialError::Invalid {
                     path: label.clone(),
-                    why: format!("{} exists and is not a symlink rhyve made", peer.display()),
+                    why: format!("{} exists and is not a link rhyve made", peer.display()),
                 })
             }
-            Err(_) => {}
         }
-        std::os::unix::fs::symlink(&slave_path, peer).map_err(|e| SerialError::Io {
+        let target = format!("/proc/{}/fd/{}", std::process::id(), slave.as_raw_fd());
+        std::os::unix::fs::symlink(&target, peer).map_err(|e| SerialError::Io {
             path: label.clone(),
             source: io::Error::new(e.kind(), format!("symlink {}: {e}", peer.display())),
         })?;
-        install_cleanup_hooks();
-        if let Ok(c) = CString::new(peer.as_os_str().as_bytes()) {
-            lock(&SYMLINKS).push(c);
-        }
-        self.symlink = Some(peer.to_path_buf());
+        pair.set_link(peer);
         tracing::info!(
-            "{}: null modem, attach to {} (-> {slave_path})",
+            "{}: null modem, attach to {} (-> {target} = {slave_path})",
             ours.display(),
             peer.display()
         );
@@ -525,39 +696,41 @@ impl SerialBackend {
         self.spawn("tcp", move |shared| tcp_loop(shared, listener))
     }
 
-    fn open_path(&mut self, label: &str, path: &Path) -> Result<(), SerialError> {
+    /// bhyve's `uart_tty_backend`: a terminal and nothing else. The type is
+    /// checked before the path is opened, so a regular file or another
+    /// device is never opened read-write (opening some devices has effects
+    /// of its own, a watchdog for one).
+    fn open_terminal(&mut self, label: &str, path: &Path) -> Result<(), SerialError> {
+        let not_a_terminal = |what: &str| SerialError::Invalid {
+            path: label.to_string(),
+            why: format!(
+                "{what}, not a terminal (a console goes to stdio, tcp=ip:port, \
+                 /dev/nmdmNA or a terminal device)"
+            ),
+        };
         let meta = std::fs::metadata(path).map_err(io_err(label))?;
-        if meta.is_dir() {
-            return Err(SerialError::Invalid {
-                path: label.to_string(),
-                why: "is a directory".into(),
-            });
+        if !meta.file_type().is_char_device() {
+            return Err(not_a_terminal(file_kind(&meta)));
         }
-        let regular = meta.file_type().is_file();
-        let mut opts = OpenOptions::new();
-        opts.read(true)
+        // O_NONBLOCK as bhyve: a serial line without carrier would block the open.
+        let file = OpenOptions::new()
+            .read(true)
             .write(true)
-            .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC);
-        if regular {
-            opts.append(true);
+            .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .open(path)
+            .map_err(io_err(label))?;
+        if !is_tty(file.as_raw_fd()) {
+            return Err(not_a_terminal("a character device"));
         }
-        let file = opts.open(path).map_err(io_err(label))?;
-        if is_tty(file.as_raw_fd()) {
-            make_raw(file.as_raw_fd()).map_err(io_err(label))?;
-            self.raw_fds.push(file.as_raw_fd());
-        }
+        make_raw(file.as_raw_fd()).map_err(io_err(label))?;
+        self.raw_fds.push(file.as_raw_fd());
+        // CLOCAL is set now; the I/O threads want blocking reads and writes.
+        set_blocking(file.as_raw_fd()).map_err(io_err(label))?;
         let file = Arc::new(file);
         self._files.push(file.clone());
         self.shared.set_sink(Some(file.clone()));
         self.start_writer()?;
-        let readable = !regular
-            && (meta.file_type().is_char_device()
-                || meta.file_type().is_fifo()
-                || meta.file_type().is_socket());
-        if readable {
-            self.start_reader(file)?;
-        }
-        Ok(())
+        self.start_reader(file)
     }
 
     /// The `lpc.comN.path` value this backend was opened from.
@@ -674,12 +847,8 @@ impl Drop for SerialBackend {
                 let _ = t.join();
             }
         }
-        if let Some(link) = self.symlink.take() {
-            let _ = std::fs::remove_file(&link);
-            if let Ok(c) = CString::new(link.as_os_str().as_bytes()) {
-                lock(&SYMLINKS).retain(|l| *l != c);
-            }
-        }
+        // Link and lock file go before the pty slave they lead to closes.
+        self.null_modem = None;
         if self.is_stdio {
             STDIO_TAKEN.store(false, Ordering::SeqCst);
         }
@@ -867,12 +1036,21 @@ mod tests {
             SerialTarget::parse("/dev/nmdm0A").unwrap(),
             SerialTarget::NullModem {
                 ours: "/dev/nmdm0A".into(),
-                peer: "/dev/nmdm0B".into()
+                peer: "/dev/nmdm0B".into(),
+                lock: "/dev/nmdm0.lock".into(),
+            }
+        );
+        assert_eq!(
+            SerialTarget::parse("/dev/nmdm12B").unwrap(),
+            SerialTarget::NullModem {
+                ours: "/dev/nmdm12B".into(),
+                peer: "/dev/nmdm12A".into(),
+                lock: "/dev/nmdm12.lock".into(),
             }
         );
         assert_eq!(
             SerialTarget::parse("/dev/ttyS1").unwrap(),
-            SerialTarget::Path("/dev/ttyS1".into())
+            SerialTarget::Terminal("/dev/ttyS1".into())
         );
         for bad in [
             "tcp=",
@@ -897,19 +1075,66 @@ mod tests {
         false
     }
 
-    #[test]
-    fn regular_file_is_an_output_log() {
-        let dir = std::env::temp_dir().join(format!("rhyve-serial-{}", std::process::id()));
+    /// A fresh pseudo-terminal: the master and the slave's path.
+    fn open_pty() -> (File, PathBuf) {
+        // SAFETY: pty setup on fds we own; ptsname_r writes at most name.len() bytes.
+        unsafe {
+            let master = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+            assert!(master >= 0);
+            let master = File::from_raw_fd(master);
+            let mut name = [0 as libc::c_char; 128];
+            assert_eq!(libc::grantpt(master.as_raw_fd()), 0);
+            assert_eq!(libc::unlockpt(master.as_raw_fd()), 0);
+            assert_eq!(
+                libc::ptsname_r(master.as_raw_fd(), name.as_mut_ptr(), name.len()),
+                0
+            );
+            let path = std::ffi::CStr::from_ptr(name.as_ptr()).to_string_lossy();
+            (master, PathBuf::from(path.into_owned()))
+        }
+    }
+
+    fn scratch_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("rhyve-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("com1.log");
-        std::fs::write(&path, b"old\n").unwrap();
-        let b = SerialBackend::open(path.to_str().unwrap()).unwrap();
-        b.write(b"hello");
-        assert!(b.drain_output(Duration::from_secs(5)));
-        drop(b);
-        assert_eq!(std::fs::read(&path).unwrap(), b"old\nhello");
+        dir
+    }
+
+    #[test]
+    fn a_path_must_be_a_terminal_and_anything_else_is_left_untouched() {
+        let dir = scratch_dir("serial-paths");
+        let disk = dir.join("linux.img");
+        std::fs::write(&disk, b"guest disk").unwrap();
+        let fifo = dir.join("fifo");
+        let c = CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: mkfifo on a path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        for (path, why) in [
+            (&disk, "a regular file, not a terminal"),
+            (&fifo, "a FIFO, not a terminal"),
+            (&dir, "a directory, not a terminal"),
+            (
+                &PathBuf::from("/dev/null"),
+                "a character device, not a terminal",
+            ),
+        ] {
+            let e = SerialBackend::open(path.to_str().unwrap()).unwrap_err();
+            assert!(e.to_string().contains(why), "{}: {e}", path.display());
+        }
         assert!(SerialBackend::open(dir.join("missing").to_str().unwrap()).is_err());
-        assert!(SerialBackend::open(dir.to_str().unwrap()).is_err());
+        assert_eq!(std::fs::read(&disk).unwrap(), b"guest disk");
+
+        // A terminal works both ways.
+        let (mut master, slave) = open_pty();
+        let b = SerialBackend::open(slave.to_str().unwrap()).unwrap();
+        b.write(b"hello");
+        let mut got = [0u8; 5];
+        master.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hello");
+        master.write_all(b"in").unwrap();
+        assert!(wait_for(|| lock(&b.shared.input).bytes.len() == 2));
+        drop(b);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -962,17 +1187,16 @@ mod tests {
 
     #[test]
     fn null_modem_symlink_reaches_guest_both_ways() {
-        let dir = std::env::temp_dir().join(format!("rhyve-nmdm-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        // Parse a real nmdm name, but place the pair in a scratch directory.
-        let ours = dir.join("nmdm9A");
-        let peer = dir.join("nmdm9B");
+        let dir = scratch_dir("nmdm");
+        let (ours, peer, lock_path) = scratch_pair(&dir);
         let mut b = SerialBackend::unopened("test-nmdm").unwrap();
-        b.open_null_modem(&ours, &peer).unwrap();
-        assert!(std::fs::symlink_metadata(&peer)
-            .unwrap()
-            .file_type()
-            .is_symlink());
+        b.open_null_modem(&ours, &peer, &lock_path).unwrap();
+        let target = std::fs::read_link(&peer).unwrap();
+        assert!(
+            target.starts_with(format!("/proc/{}/fd/", std::process::id())),
+            "{}",
+            target.display()
+        );
         let mut user = OpenOptions::new()
             .read(true)
             .write(true)
@@ -995,25 +1219,128 @@ mod tests {
         forget_terminal(user.as_raw_fd());
         drop(b);
         assert!(std::fs::symlink_metadata(&peer).is_err(), "symlink removed");
+        assert!(
+            std::fs::symlink_metadata(&lock_path).is_err(),
+            "lock file removed"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A null-modem pair's three paths inside `dir`.
+    fn scratch_pair(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+        (
+            dir.join("nmdm9A"),
+            dir.join("nmdm9B"),
+            dir.join("nmdm9.lock"),
+        )
+    }
+
+    #[test]
+    fn a_null_modem_pair_belongs_to_one_owner() {
+        let dir = scratch_dir("nmdm-excl");
+        let (ours, peer, lock_path) = scratch_pair(&dir);
+        let mut first = SerialBackend::unopened("first").unwrap();
+        first.open_null_modem(&ours, &peer, &lock_path).unwrap();
+        let link = std::fs::read_link(&peer).unwrap();
+
+        let mut second = SerialBackend::unopened("second").unwrap();
+        let e = second
+            .open_null_modem(&ours, &peer, &lock_path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("in use by process {}", std::process::id())),
+            "{e}"
+        );
+        drop(second);
+        assert_eq!(
+            std::fs::read_link(&peer).unwrap(),
+            link,
+            "first keeps its link"
+        );
+        first.write(b"still mine");
+        let mut user = OpenOptions::new().read(true).open(&peer).unwrap();
+        make_raw(user.as_raw_fd()).unwrap();
+        let mut got = [0u8; 10];
+        user.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"still mine");
+        forget_terminal(user.as_raw_fd());
+
+        // Once the first is gone the pair is free again.
+        drop(first);
+        let mut third = SerialBackend::unopened("third").unwrap();
+        third.open_null_modem(&ours, &peer, &lock_path).unwrap();
+        drop(third);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Body of the SIGKILL test: owns a pair in RHYVE_NMDM_CHILD's directory
+    /// until killed.
+    #[test]
+    fn null_modem_child() {
+        let Ok(dir) = std::env::var("RHYVE_NMDM_CHILD") else {
+            return;
+        };
+        let (ours, peer, lock_path) = scratch_pair(Path::new(&dir));
+        let mut b = SerialBackend::unopened("child").unwrap();
+        b.open_null_modem(&ours, &peer, &lock_path).unwrap();
+        println!("nmdm ready");
+        std::io::stdout().flush().unwrap();
+        std::thread::sleep(Duration::from_secs(60));
+    }
+
+    #[test]
+    fn after_sigkill_the_peer_link_leads_to_no_terminal() {
+        let dir = scratch_dir("nmdm-kill");
+        let (ours, peer, lock_path) = scratch_pair(&dir);
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "serial::tests::null_modem_child", "--nocapture"])
+            .env("RHYVE_NMDM_CHILD", &dir)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let mut seen = Vec::new();
+        let mut byte = [0u8; 1];
+        while !seen.ends_with(b"nmdm ready") && out.read(&mut byte).unwrap() == 1 {
+            seen.push(byte[0]);
+        }
+        assert!(
+            seen.ends_with(b"nmdm ready"),
+            "{}",
+            String::from_utf8_lossy(&seen)
+        );
+        let slave_rdev = std::fs::metadata(&peer).unwrap().rdev();
+        child.kill().unwrap();
+        child.wait().unwrap();
+
+        // The host hands the freed pty number to the next terminal: the
+        // dead VM's link must not lead there.
+        let (_master, next) = open_pty();
+        let next_rdev = std::fs::metadata(&next).unwrap().rdev();
+        match std::fs::metadata(&peer) {
+            Err(_) => {}
+            Ok(m) => assert!(
+                m.rdev() != next_rdev && m.rdev() != slave_rdev,
+                "{} leads to {}",
+                peer.display(),
+                next.display()
+            ),
+        }
+        // The next owner replaces the stale link and lock.
+        let mut b = SerialBackend::unopened("next").unwrap();
+        b.open_null_modem(&ours, &peer, &lock_path).unwrap();
+        assert!(std::fs::metadata(&peer).is_ok());
+        drop(b);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn output_to_a_stuck_consumer_is_bounded_and_never_blocks() {
-        // A FIFO with a reader that never reads: the writer thread blocks,
+        // A terminal whose other end never reads: the writer thread blocks,
         // the queue fills, the rest is dropped, and write() returns at once.
-        let dir = std::env::temp_dir().join(format!("rhyve-fifo-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let fifo = dir.join("fifo");
-        let c = CString::new(fifo.as_os_str().as_bytes()).unwrap();
-        // SAFETY: mkfifo on a path we own.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-        let _reader = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&fifo)
-            .unwrap();
-        let b = SerialBackend::open(fifo.to_str().unwrap()).unwrap();
+        let (master, slave) = open_pty();
+        let b = SerialBackend::open(slave.to_str().unwrap()).unwrap();
         let start = Instant::now();
         for _ in 0..(4 * OUTPUT_QUEUE_BYTES / 1024) {
             b.write(&[b'x'; 1024]);
@@ -1021,8 +1348,7 @@ mod tests {
         assert!(start.elapsed() < Duration::from_secs(2));
         assert!(b.dropped_output() > 0);
         drop(b);
-        drop(_reader);
-        std::fs::remove_dir_all(&dir).unwrap();
+        drop(master);
     }
 
     /// Body of the stdio tests: runs only inside the child processes the

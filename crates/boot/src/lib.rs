@@ -52,6 +52,10 @@ pub enum BootError {
         #[source]
         source: std::io::Error,
     },
+    #[error("kernel {0}")]
+    KernelFile(rhyve_config::file::FileError),
+    #[error("initrd {0}")]
+    InitrdFile(rhyve_config::file::FileError),
     #[error("kernel {}: {source}", path.display())]
     KernelLoad {
         path: PathBuf,
@@ -79,7 +83,7 @@ pub enum BootError {
     #[error("invalid uuid \"{0}\"")]
     BadUuid(String),
     #[error("cannot read the host name: {0}")]
-    Hostname(std::io::Error),
+    Hostname(rhyve_config::file::FileError),
 }
 
 /// Copy `bytes` to guest physical `addr`, naming `what` in the error.

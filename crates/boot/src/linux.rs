@@ -39,6 +39,7 @@ use rhyve_platform::layout::{MemoryLayout, BIOS_AREA_END};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::{write_guest, BootError};
+use rhyve_config::file::open_regular;
 
 const GDT_ADDR: u64 = 0x500;
 const PVH_START_INFO_ADDR: u64 = 0x6000;
@@ -131,7 +132,7 @@ pub fn load_linux(
     cmdline: &str,
     memory: &MemoryLayout,
 ) -> Result<BootEntry, BootError> {
-    let mut file = File::open(kernel).map_err(io_error(kernel))?;
+    let mut file = open_regular(kernel).map_err(BootError::KernelFile)?;
     let mut magic = [0u8; 4];
     let is_elf = match file.read_exact(&mut magic) {
         Ok(()) => magic == *b"\x7fELF",
@@ -190,7 +191,7 @@ fn load_initrd(
     low: u64,
     high: u64,
 ) -> Result<(u64, u64), BootError> {
-    let mut file = File::open(path).map_err(io_error(path))?;
+    let mut file = open_regular(path).map_err(BootError::InitrdFile)?;
     let size = file.metadata().map_err(io_error(path))?.len();
     let too_large = || BootError::InitrdTooLarge {
         path: PathBuf::from(path),

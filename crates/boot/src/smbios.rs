@@ -132,7 +132,8 @@ fn derived_uuid(vm_name: &str, hostname: &str) -> [u8; 16] {
 }
 
 fn host_name() -> Result<String, BootError> {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
+    // HOST_NAME_MAX is 64; the limit only guards against a strange /proc.
+    rhyve_config::file::read_limited_string(std::path::Path::new("/proc/sys/kernel/hostname"), 4096)
         .map(|s| s.trim_end().to_string())
         .map_err(BootError::Hostname)
 }

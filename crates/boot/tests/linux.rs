@@ -247,7 +247,7 @@ fn bad_inputs_are_errors() {
     assert!(load_linux(&mem, &empty, None, "", &memory).is_err());
     assert!(matches!(
         load_linux(&mem, Path::new("/nonexistent/kernel"), None, "", &memory),
-        Err(BootError::Io { .. })
+        Err(BootError::KernelFile(_))
     ));
 
     let kernel = s.file("bzImage", &bzimage(&[0x90; 512], 0x020F, 1));

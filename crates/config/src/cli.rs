@@ -9,7 +9,7 @@
 //! `-k` or a config-tree conflict is bhyve's generic error status 4.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::check;
 use crate::cnum::{scan_list, strtol_full};
@@ -37,6 +37,10 @@ pub(crate) const CPU_SETSIZE: i64 = 1024;
 
 /// fw_cfg file names are at most this long, terminator included.
 const FWCFG_MAX_NAME: usize = 56;
+
+/// The largest `-k` file read. bhyve's own are a few hundred bytes; one
+/// with every key of a large machine stays far below this.
+const CONFIG_FILE_LIMIT: u64 = 1 << 20;
 
 /// What the command line asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -245,13 +249,13 @@ fn parse_config_option(tree: &mut ConfigTree, option: &str) -> Result<bool, CliE
 /// `-k file`: `path=value` lines; lines starting with `#` and empty lines
 /// are skipped.
 fn parse_config_file(tree: &mut ConfigTree, path: &str) -> Result<(), CliError> {
-    let bytes = std::fs::read(path).map_err(|e| {
-        CliError::new(
-            format!("{PROGNAME}: Failed to open configuration file {path}: {e}"),
-            EXIT_ERROR,
-        )
-    })?;
-    let text = String::from_utf8_lossy(&bytes);
+    let text =
+        crate::file::read_limited_string(Path::new(path), CONFIG_FILE_LIMIT).map_err(|e| {
+            CliError::new(
+                format!("{PROGNAME}: Failed to open configuration file {e}"),
+                EXIT_ERROR,
+            )
+        })?;
     for (index, raw) in text.split_inclusive('\n').enumerate() {
         if raw.starts_with('#') || raw == "\n" {
             continue;
@@ -388,8 +392,8 @@ fn parse_fw_cfg(opt: &str) -> Result<FwCfgFile, CliError> {
     } else if let Some(path) = value.strip_prefix("file=") {
         // bhyve reads the file while parsing; an unreadable one is a
         // command-line error, not a failure at VM start.
-        if let Err(e) = std::fs::File::open(path) {
-            tracing::warn!(path, error = %e, "Can't open fw_cfg_user_file file");
+        if let Err(e) = crate::file::open_regular(Path::new(path)) {
+            tracing::warn!("Can't open fw_cfg_user_file file {e}");
             return Err(bad());
         }
         FwCfgSource::File(PathBuf::from(path))

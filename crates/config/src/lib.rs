@@ -9,10 +9,12 @@
 //! [`validate`] and the readers next to it ([`topology`], [`memory_size`],
 //! [`vcpu_pinning`], [`numa_domains`], [`pci_functions`]) are the checks
 //! bhyve makes before building the VM, for the runtime to reuse.
+//! [`file`] reads the files an operator names, bounded, for every crate.
 
 mod check;
 mod cli;
 mod cnum;
+pub mod file;
 mod getopt;
 mod legacy;
 mod memsize;

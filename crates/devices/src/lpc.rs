@@ -483,19 +483,16 @@ mod tests {
 
     #[test]
     fn lpc_machine_has_four_com_ports_and_pc_testdev() {
-        let dir = std::env::temp_dir().join(format!("rhyve-lpc-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let log = dir.join("com2.log");
-        std::fs::write(&log, b"").unwrap();
+        let (mut terminal, com2) = crate::test_util::open_pty();
         let mut c = ConfigTree::new();
         c.set("pci.0.31.0.device", "lpc").unwrap();
-        c.set("lpc.com2.path", log.to_str().unwrap()).unwrap();
+        c.set("lpc.com2.path", &com2).unwrap();
         c.set("lpc.pc-testdev", "true").unwrap();
         c.set("rtc.use_localtime", "false").unwrap();
         let m = machine();
         let mut p = build(&m, &c).unwrap();
         assert_eq!(p.com_port_names(), vec!["com1", "com2", "com3", "com4"]);
-        assert_eq!(p.com_ports[1].path.as_deref(), log.to_str());
+        assert_eq!(p.com_ports[1].path.as_deref(), Some(com2.as_str()));
         assert!(p.com_ports[0].path.is_none());
         for (_, base, _) in COM_PORTS {
             assert_eq!(inb(&m.io, u64::from(base) + 5), 0x60, "LSR: THRE|TEMT");
@@ -505,7 +502,9 @@ mod tests {
         }
         m.io.write(0x3F8, b"x"); // com1 has no backend: dropped
         p.shutdown();
-        assert_eq!(std::fs::read(&log).unwrap(), b"hi com2");
+        let mut got = [0u8; 7];
+        std::io::Read::read_exact(&mut terminal, &mut got).unwrap();
+        assert_eq!(&got, b"hi com2");
         assert!(p.pc_testdev);
         m.io.write(0xE0, &0xDEAD_BEEFu32.to_le_bytes());
         assert_eq!(inb(&m.io, 0xE3), 0xDE);
@@ -514,7 +513,6 @@ mod tests {
         assert!(m.mmio.write(PCTESTDEV_IOMEM_BASE + 8, &[7]));
         m.io.write(0xF4, &[3]);
         assert_eq!(m.exits.pending().map(|e| e.status()), Some(7));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Fakes of the interrupt plumbing for device tests.
+//! Fakes of the interrupt plumbing, and a pseudo-terminal, for device tests.
 
 use rhyve_platform::irq::{InterruptController, InterruptLine, MsiSender};
 use std::collections::HashMap;
@@ -60,5 +60,30 @@ impl InterruptController for FakeController {
     }
     fn msi(&self) -> Arc<dyn MsiSender> {
         self.msi.clone()
+    }
+}
+
+/// A fresh pseudo-terminal in raw mode: its master, and the slave's path
+/// (what `lpc.comN.path` names).
+pub fn open_pty() -> (std::fs::File, String) {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: pty set-up on an fd we own; ptsname_r writes at most name.len() bytes.
+    unsafe {
+        let fd = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+        assert!(fd >= 0, "posix_openpt");
+        let master = std::fs::File::from_raw_fd(fd);
+        let mut name = [0 as libc::c_char; 128];
+        assert_eq!(libc::grantpt(master.as_raw_fd()), 0);
+        assert_eq!(libc::unlockpt(master.as_raw_fd()), 0);
+        assert_eq!(
+            libc::ptsname_r(master.as_raw_fd(), name.as_mut_ptr(), name.len()),
+            0
+        );
+        let mut t: libc::termios = std::mem::zeroed();
+        assert_eq!(libc::tcgetattr(master.as_raw_fd(), &mut t), 0);
+        libc::cfmakeraw(&mut t);
+        assert_eq!(libc::tcsetattr(master.as_raw_fd(), libc::TCSANOW, &t), 0);
+        let path = std::ffi::CStr::from_ptr(name.as_ptr()).to_string_lossy();
+        (master, path.into_owned())
     }
 }

@@ -497,14 +497,8 @@ mod tests {
 
     #[test]
     fn backend_input_raises_interrupt_and_output_reaches_host() {
-        let dir = std::env::temp_dir().join(format!("rhyve-uart-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let fifo = dir.join("in");
-        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-        // SAFETY: mkfifo on our own scratch path.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-        // Hold a reader so the backend's read-write open sees a live pipe.
-        let backend = Arc::new(SerialBackend::open(fifo.to_str().unwrap()).unwrap());
+        let (mut terminal, path) = crate::test_util::open_pty();
+        let backend = Arc::new(SerialBackend::open(&path).unwrap());
         let line = Arc::new(RecordingLine::default());
         let u = Arc::new(Mutex::new(Uart::new(line.clone())));
         Uart::attach_backend(&u, backend.clone());
@@ -513,12 +507,7 @@ mod tests {
             g.write_reg(REG_IIR, FCR_ENABLE);
             g.write_reg(REG_IER, IER_ERXRDY);
         }
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&fifo)
-            .map(|mut f| std::io::Write::write_all(&mut f, b"hello, guest"))
-            .unwrap()
-            .unwrap();
+        std::io::Write::write_all(&mut terminal, b"hello, guest").unwrap();
         let start = std::time::Instant::now();
         while !line.level() && start.elapsed() < Duration::from_secs(5) {
             std::thread::sleep(Duration::from_millis(5));
@@ -538,7 +527,6 @@ mod tests {
         assert!(!line.level());
         drop(u);
         drop(backend);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -11,7 +11,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::time::Duration;
 
 /// What the menu and prompt need from a terminal.
@@ -48,13 +48,28 @@ impl FdConsole {
         FdConsole::new(dup(0)?, dup(1)?)
     }
 
-    /// A tty device such as the `-c` argument.
+    /// A tty device such as the `-c` argument. Anything else (a disk image
+    /// named by mistake, a FIFO) is refused before it is opened for writing,
+    /// so the menu is never written into it.
     pub fn open(path: &str) -> io::Result<FdConsole> {
+        let not_a_terminal = || {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a terminal (-c takes a tty such as /dev/pts/N)",
+            )
+        };
+        if !std::fs::metadata(path)?.file_type().is_char_device() {
+            return Err(not_a_terminal());
+        }
         let f = OpenOptions::new()
             .read(true)
             .write(true)
             .custom_flags(libc::O_NOCTTY)
             .open(path)?;
+        // SAFETY: isatty only inspects the descriptor.
+        if unsafe { libc::isatty(f.as_raw_fd()) } != 1 {
+            return Err(not_a_terminal());
+        }
         let out = f.try_clone()?;
         FdConsole::new(f, out)
     }

@@ -83,9 +83,10 @@ impl Region {
         })
     }
 
-    /// Open a host file read-only as a region.
+    /// Open a host file read-only as a region. Only regular files: a FIFO
+    /// or a terminal named by mistake would leave grub-bhyve waiting.
     pub fn open(path: &Path) -> Result<Region, GrubError> {
-        let f = File::open(path).map_err(|e| GrubError::io(path.display().to_string(), e))?;
+        let f = rhyve_config::file::open_regular(path)?;
         Region::whole(f).map_err(|e| GrubError::io(path.display().to_string(), e))
     }
 

@@ -9,6 +9,10 @@ pub enum GrubError {
     Usage(String),
     #[error("device map {path}: {message}")]
     DeviceMap { path: String, message: String },
+    #[error("device map {0}")]
+    DeviceMapFile(rhyve_config::file::FileError),
+    #[error(transparent)]
+    File(#[from] rhyve_config::file::FileError),
     #[error("{0}: I/O error: {1}")]
     Io(String, io::Error),
     #[error("no such device: {0}")]

@@ -8,7 +8,6 @@
 
 use crate::disk::Region;
 use crate::error::GrubError;
-use std::io::Read;
 
 /// Largest file we read into memory (kernels and initrds fit well below).
 pub const MAX_FILE_SIZE: u64 = 1 << 30;
@@ -226,15 +225,10 @@ impl Filesystem for HostFs {
         if meta.len() > MAX_FILE_SIZE {
             return Err(too_large(path, meta.len()));
         }
-        let f = std::fs::File::open(&p).map_err(|e| GrubError::io(p.clone(), e))?;
-        let mut data = Vec::new();
-        f.take(MAX_FILE_SIZE + 1)
-            .read_to_end(&mut data)
-            .map_err(|e| GrubError::io(p.clone(), e))?;
-        if data.len() as u64 > MAX_FILE_SIZE {
-            return Err(too_large(path, data.len() as u64));
-        }
-        Ok(data)
+        Ok(rhyve_config::file::read_limited(
+            std::path::Path::new(&p),
+            MAX_FILE_SIZE,
+        )?)
     }
 
     fn label(&self) -> Option<String> {

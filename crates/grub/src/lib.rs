@@ -41,6 +41,11 @@ pub use options::{
 };
 pub use script::{parse as parse_script, Stmt};
 
+use rhyve_config::file::FileError;
+
+/// The largest device map read: a line per disk, a few dozen bytes each.
+const DEVICE_MAP_LIMIT: u64 = 1 << 20;
+
 /// What to boot, as chosen from the menu or the prompt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootSelection {
@@ -68,27 +73,23 @@ pub struct BootSelection {
 /// in grub-emu.
 fn load_devices(opts: &GrubOptions, console: &mut dyn Console) -> Result<Devices, GrubError> {
     let cwd = std::env::current_dir().map_err(|e| GrubError::io("current directory", e))?;
-    let entries = match std::fs::read(&opts.device_map) {
-        Ok(bytes) => {
-            if bytes.len() > 1 << 20 {
-                return Err(GrubError::DeviceMap {
-                    path: opts.device_map.clone(),
-                    message: "larger than 1 MiB".to_string(),
-                });
-            }
-            parse_device_map(&String::from_utf8_lossy(&bytes), &cwd).map_err(|message| {
-                GrubError::DeviceMap {
-                    path: opts.device_map.clone(),
-                    message,
-                }
-            })?
-        }
-        Err(e) => {
+    let map = std::path::Path::new(&opts.device_map);
+    let entries = match rhyve_config::file::read_limited_string(map, DEVICE_MAP_LIMIT) {
+        Ok(text) => parse_device_map(&text, &cwd).map_err(|message| GrubError::DeviceMap {
+            path: opts.device_map.clone(),
+            message,
+        })?,
+        Err(FileError::Io { source, .. }) => {
             let _ = console.write_bytes(
-                format!("warning: cannot open device map {}: {e}\n", opts.device_map).as_bytes(),
+                format!(
+                    "warning: cannot open device map {}: {source}\n",
+                    opts.device_map
+                )
+                .as_bytes(),
             );
             Vec::new()
         }
+        Err(e) => return Err(GrubError::DeviceMapFile(e)),
     };
     let mut warnings = Vec::new();
     let devices = Devices::open(&entries, &mut |w| warnings.push(w));

@@ -20,6 +20,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::EntryRegs;
+use rhyve_config::file::{open_regular, read_limited, read_limited_string, FileError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -177,11 +178,7 @@ impl Registry {
         match try_lock(&lock) {
             // Nobody holds it: whatever pid file is there is stale.
             Ok(true) => None,
-            _ => fs::read_to_string(dir.join("pid"))
-                .ok()?
-                .trim()
-                .parse()
-                .ok(),
+            _ => read_pid(&dir),
         }
     }
 
@@ -222,8 +219,20 @@ impl Registry {
     }
 }
 
+/// The largest vm.json read back; a record is a few hundred bytes.
+const VM_RECORD_LIMIT: u64 = 1 << 20;
+
 fn read_record(dir: &Path) -> Option<VmRecord> {
-    serde_json::from_slice(&fs::read(dir.join("vm.json")).ok()?).ok()
+    serde_json::from_slice(&read_limited(&dir.join("vm.json"), VM_RECORD_LIMIT).ok()?).ok()
+}
+
+/// The pid in a VM's pid file, if there is one that reads as a pid.
+fn read_pid(dir: &Path) -> Option<u32> {
+    read_limited_string(&dir.join("pid"), 32)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Exclusive use of one named VM, held until dropped.
@@ -254,9 +263,7 @@ impl VmHandle {
         match try_lock(&lock) {
             Ok(true) => {}
             Ok(false) => {
-                let pid = fs::read_to_string(dir.join("pid"))
-                    .ok()
-                    .and_then(|p| p.trim().parse().ok());
+                let pid = read_pid(&dir);
                 return Err(RegistryError::Busy {
                     name: name.to_string(),
                     pid,
@@ -298,7 +305,14 @@ impl VmHandle {
     }
 
     pub fn record(&self) -> Result<VmRecord, RegistryError> {
-        let bytes = fs::read(self.dir.join("vm.json")).map_err(self.io("reading vm.json"))?;
+        let bytes =
+            read_limited(&self.dir.join("vm.json"), VM_RECORD_LIMIT).map_err(|e| match e {
+                FileError::Io { source, .. } => self.io("reading vm.json")(source),
+                other => RegistryError::Damaged {
+                    name: self.name.clone(),
+                    why: other.to_string(),
+                },
+            })?;
         serde_json::from_slice(&bytes).map_err(|e| RegistryError::Damaged {
             name: self.name.clone(),
             why: e.to_string(),
@@ -331,14 +345,17 @@ impl VmHandle {
 
     /// The runs a loader stored, if any.
     pub fn boot_image(&self) -> Result<Vec<(u64, Vec<u8>)>, RegistryError> {
-        let mut f = match File::open(self.dir.join("boot-image")) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(self.io("reading the boot image")(e)),
-        };
         let damaged = |why: &str| RegistryError::Damaged {
             name: self.name.clone(),
             why: format!("boot image: {why}"),
+        };
+        let mut f = match open_regular(&self.dir.join("boot-image")) {
+            Ok(f) => f,
+            Err(e) if e.is_not_found() => return Ok(Vec::new()),
+            Err(FileError::Io { source, .. }) => {
+                return Err(self.io("reading the boot image")(source))
+            }
+            Err(other) => return Err(damaged(&other.to_string())),
         };
         let mut magic = [0u8; 8];
         f.read_exact(&mut magic).map_err(|_| damaged("too short"))?;

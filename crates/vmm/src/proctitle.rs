@@ -11,7 +11,9 @@ use std::ffi::CString;
 
 /// arg_start and arg_end from /proc/self/stat (fields 48 and 49).
 fn argv_area() -> Option<(usize, usize)> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let stat =
+        rhyve_config::file::read_limited_string(std::path::Path::new("/proc/self/stat"), 4096)
+            .ok()?;
     // Fields after the command name, which is parenthesised and may hold spaces.
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split(' ').collect();

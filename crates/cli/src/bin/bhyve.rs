@@ -3,7 +3,7 @@
 use rhyve_config::parse_bhyve_args;
 
 fn main() {
-    init_logging();
+    rhyve_cli::init_logging("bhyve");
     let args: Vec<String> = std::env::args_os()
         .skip(1)
         .map(|a| a.to_string_lossy().into_owned())
@@ -34,22 +34,4 @@ fn main() {
         }
     };
     std::process::exit(status);
-}
-
-/// Warnings and errors (bad guest input, device trouble) go to stderr;
-/// `RHYVE_LOG` raises the level (`debug`) or filters by module
-/// (`rhyve_virtio=trace`). A plain level avoids building a filter, which
-/// keeps start-up light.
-fn init_logging() {
-    let spec = std::env::var("RHYVE_LOG").unwrap_or_default();
-    let builder = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .without_time();
-    match spec.parse::<tracing::Level>() {
-        Ok(level) => builder.with_max_level(level).init(),
-        Err(_) if spec.is_empty() => builder.with_max_level(tracing::Level::WARN).init(),
-        Err(_) => builder
-            .with_env_filter(tracing_subscriber::EnvFilter::new(spec))
-            .init(),
-    }
 }

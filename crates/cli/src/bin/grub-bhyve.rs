@@ -3,6 +3,7 @@
 //! VM, and exits; `bhyve NAME` then runs it.
 
 fn main() {
+    rhyve_cli::init_logging("grub-bhyve");
     let args: Vec<String> = std::env::args().skip(1).collect();
     let opts = match rhyve_grub::parse_args(&args) {
         Ok(o) => o,

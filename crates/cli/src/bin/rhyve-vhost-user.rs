@@ -3,6 +3,8 @@
 //! vhost-user front end such as QEMU, Cloud Hypervisor or user-mode-linux.
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    rhyve_cli::init_logging("rhyve-vhost-user");
+    // main_with_args skips the program name itself.
+    let args: Vec<String> = std::env::args().collect();
     std::process::exit(rhyve_virtio::vhost_user::main_with_args(&args));
 }
