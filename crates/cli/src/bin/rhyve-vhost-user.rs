@@ -4,7 +4,6 @@
 
 fn main() {
     rhyve_cli::init_logging("rhyve-vhost-user");
-    // main_with_args skips the program name itself.
-    let args: Vec<String> = std::env::args().collect();
+    let args: Vec<String> = std::env::args().skip(1).collect();
     std::process::exit(rhyve_virtio::vhost_user::main_with_args(&args));
 }
