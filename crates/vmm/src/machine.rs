@@ -135,6 +135,8 @@ fn take_named_vm(tree: &ConfigTree, spec: &VmSpec) -> Result<VmHandle, VmmError>
         )));
     }
     record.memory_size = Some(size);
+    // Registers of an earlier run no longer describe this one.
+    record.vcpus_at_stop.clear();
     handle.save(&record).map_err(setup("registry"))?;
     Ok(handle)
 }
