@@ -240,10 +240,12 @@ pub fn main_with_args(args: &[String]) -> i32 {
         } else {
             match stopped_registers(&registry, &name, o.cpu) {
                 Some(v) => v,
-                None => return fail(&format!(
+                None => {
+                    return fail(&format!(
                     "VM {name} has no state for vcpu {}: it has not run and no loader prepared it",
                     o.cpu
-                )),
+                ))
+                }
             }
         };
         print_registers(o.cpu, &values, &wanted);
