@@ -287,5 +287,16 @@ pub fn refuse_unsupported(tree: &ConfigTree) -> Result<(), VmmError> {
     if tree.get("lpc.fwcfg").ok().flatten().as_deref() == Some("qemu") {
         return unsupported("QEMU fw_cfg (fwcfg=qemu)");
     }
+    // bhyve gives each further bus a host bridge of its own in the DSDT;
+    // rhyve's firmware tables describe bus 0 only.
+    if let Some(f) = rhyve_config::pci_functions(tree)?
+        .into_iter()
+        .find(|f| f.bus != 0)
+    {
+        return Err(VmmError::Unsupported(format!(
+            "pci slot {}:{}:{}: PCI bus {} is not supported yet: the firmware tables describe bus 0 only (use -s {}:{})",
+            f.bus, f.slot, f.func, f.bus, f.slot, f.func
+        )));
+    }
     Ok(())
 }
