@@ -381,7 +381,6 @@ fn destroying_many_starting_vms_stops_every_one() {
     for n in &names {
         wait_until("the VM to exist", || reg.0.join(n).join("vm.json").exists());
     }
-    let started = Instant::now();
     for (n, vm) in names.iter().zip(vms.iter_mut()) {
         let o = reg.bhyvectl(&[&format!("--vm={n}"), "--destroy"]);
         assert!(
@@ -390,9 +389,9 @@ fn destroying_many_starting_vms_stops_every_one() {
             o.status,
             text(&o)
         );
-        // Gone means its bhyve has released the VM: it is exiting, at most
-        // a moment from its end.
-        let deadline = Instant::now() + Duration::from_secs(5);
+        // Gone means its bhyve has released the VM after tearing it down:
+        // the process is only returning from main.
+        let deadline = Instant::now() + Duration::from_secs(30);
         let status = loop {
             if let Some(s) = vm.0.try_wait().unwrap() {
                 break s;
@@ -403,11 +402,6 @@ fn destroying_many_starting_vms_stops_every_one() {
         assert_eq!(status.code(), Some(4), "{n}");
         assert!(!reg.0.join(n).exists(), "{n} still listed");
     }
-    assert!(
-        started.elapsed() < Duration::from_secs(120),
-        "destroying took {:?}",
-        started.elapsed()
-    );
     assert_eq!(text(&reg.bhyvectl(&["--list"])), "");
     for vm in vms {
         let err = String::from_utf8_lossy(&vm.wait_with_output().unwrap().stderr).to_string();
