@@ -238,15 +238,12 @@ pub fn main_with_args(args: &[String]) -> i32 {
                 Err(e) => return fail(&e),
             }
         } else {
-            match stopped_registers(&registry, &name, o.cpu) {
-                Some(v) => v,
-                None => {
-                    return fail(&format!(
-                    "VM {name} has no state for vcpu {}: it has not run and no loader prepared it",
-                    o.cpu
-                ))
-                }
-            }
+            let Some(values) = stopped_registers(&registry, &name, o.cpu) else {
+                let cpu = o.cpu;
+                let why = "it has not run and no loader prepared it";
+                return fail(&format!("VM {name} has no state for vcpu {cpu}: {why}"));
+            };
+            values
         };
         print_registers(o.cpu, &values, &wanted);
     }
