@@ -345,17 +345,29 @@ const BOOT_IMAGE_MAX: u64 = 4 << 30;
 
 impl VmHandle {
     fn take(name: &str, dir: PathBuf) -> Result<Self, RegistryError> {
-        let lock = OpenOptions::new()
+        let lock = Self::open_lock(name, &dir)?;
+        Self::lock(name, dir, lock)
+    }
+
+    fn open_lock(name: &str, dir: &Path) -> Result<File, RegistryError> {
+        OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .open(dir.join("lock"))
-            .map_err(|source| RegistryError::Io {
-                name: name.to_string(),
-                what: "opening the lock",
-                source,
-            })?;
+            .map_err(|source| match source.kind() {
+                // Its directory was removed since we looked.
+                io::ErrorKind::NotFound => RegistryError::NoSuchVm(name.to_string()),
+                _ => RegistryError::Io {
+                    name: name.to_string(),
+                    what: "opening the lock",
+                    source,
+                },
+            })
+    }
+
+    fn lock(name: &str, dir: PathBuf, lock: File) -> Result<Self, RegistryError> {
         match try_lock(&lock) {
             Ok(true) => {
                 // Destroyed (renamed away) between our open and our lock: the
@@ -642,6 +654,25 @@ mod tests {
             r.create(&long),
             Err(RegistryError::NameTooLong { len: 230, .. })
         ));
+    }
+
+    #[test]
+    fn a_lock_opened_before_a_destroy_does_not_take_the_removed_vm() {
+        let (_t, r) = registry();
+        let holder = r.create("vm4").unwrap();
+        let dir = holder.dir().to_path_buf();
+        // Another process got as far as opening the lock, then waited.
+        let late = VmHandle::open_lock("vm4", &dir).unwrap();
+        holder.destroy().unwrap();
+        assert!(matches!(
+            VmHandle::lock("vm4", dir.clone(), late),
+            Err(RegistryError::NoSuchVm(_))
+        ));
+        // A new VM of the same name is a different one, and takes fine.
+        let late = VmHandle::open_lock("vm4", &dir);
+        assert!(matches!(late, Err(RegistryError::NoSuchVm(_))));
+        drop(r.create("vm4").unwrap());
+        drop(r.open("vm4").unwrap());
     }
 
     #[test]
