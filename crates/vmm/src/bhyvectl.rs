@@ -240,7 +240,7 @@ pub fn main_with_args(args: &[String]) -> i32 {
         } else {
             let Some(values) = stopped_registers(&registry, &name, o.cpu) else {
                 let cpu = o.cpu;
-                let why = "it has not run and no loader prepared it";
+                let why = "it never ran to a stop (not started, or its bhyve was killed)";
                 return fail(&format!("VM {name} has no state for vcpu {cpu}: {why}"));
             };
             values
