@@ -138,10 +138,11 @@ impl BlockFile {
         let mut readonly = opts.readonly;
         let file = match open_file(opts, readonly) {
             Ok(f) => f,
-            // bhyve retries a refused read-write open as read-only.
-            Err(e) if !readonly && matches!(e.raw_os_error(), Some(libc::EROFS | libc::EACCES)) => {
+            // bhyve retries any failed read-write open as read-only (a
+            // running executable's ETXTBSY as much as EROFS or EACCES).
+            Err(e) if !readonly => {
                 readonly = true;
-                tracing::warn!("{path}: opening read-only ({e})");
+                tracing::warn!("{path}: cannot open read-write ({e}), using it read-only");
                 open_file(opts, true).map_err(|source| BlockError::Open {
                     path: path.clone(),
                     source,

@@ -76,8 +76,11 @@ pub enum BootError {
         low: u64,
         high: u64,
     },
-    #[error("guest RAM ({have:#x} bytes below 4 GiB) is too small: {why}")]
-    MemoryTooSmall { have: u64, why: String },
+    #[error(
+        "guest memory is too small for kernel {}: it needs {} MiB of RAM below 4 GiB (up to {need:#x}), the VM has {} MiB there (-m)",
+        path.display(), need.div_ceil(1 << 20), have >> 20
+    )]
+    MemoryTooSmall { path: PathBuf, have: u64, need: u64 },
     #[error(transparent)]
     Config(#[from] rhyve_config::ConfigError),
     #[error("invalid uuid \"{0}\"")]

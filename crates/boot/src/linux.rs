@@ -213,6 +213,98 @@ fn load_initrd(
     Ok((start, size))
 }
 
+/// Offsets in a bzImage's boot sector and setup header (boot protocol,
+/// Documentation/arch/x86/boot.rst).
+const HDR_SETUP_SECTS: usize = 0x1F1;
+const HDR_SYSSIZE: usize = 0x1F4;
+const HDR_BOOT_FLAG: usize = 0x1FE;
+const HDR_MAGIC: usize = 0x202;
+const HDR_VERSION: usize = 0x206;
+const HDR_XLOADFLAGS: usize = 0x236;
+const HDR_PREF_ADDRESS: usize = 0x258;
+const HDR_INIT_SIZE: usize = 0x260;
+/// The setup header up to and including `init_size`.
+const HDR_END: usize = HDR_INIT_SIZE + 4;
+
+/// Check what the boot protocol lets a loader check before loading: the
+/// header's magic and version, that the file holds all the kernel its header
+/// announces (a truncated bzImage would otherwise boot into garbage), and
+/// that guest RAM holds the kernel where it will run.
+fn check_bzimage_header(
+    path: &Path,
+    file: &mut File,
+    memory: &MemoryLayout,
+) -> Result<(), BootError> {
+    let file_len = file.metadata().map_err(io_error(path))?.len();
+    let mut hdr = [0u8; HDR_END];
+    file.seek(SeekFrom::Start(0)).map_err(io_error(path))?;
+    if file_len < HDR_END as u64 {
+        return Err(unsupported(
+            path,
+            format!(
+                "neither an ELF nor a bzImage: {file_len} bytes, shorter than a Linux boot header"
+            ),
+        ));
+    }
+    file.read_exact(&mut hdr).map_err(io_error(path))?;
+    file.seek(SeekFrom::Start(0)).map_err(io_error(path))?;
+    let u16_at = |o: usize| u16::from_le_bytes([hdr[o], hdr[o + 1]]);
+    let u32_at = |o: usize| u32::from_le_bytes([hdr[o], hdr[o + 1], hdr[o + 2], hdr[o + 3]]);
+    if u16_at(HDR_BOOT_FLAG) != 0xAA55 || &hdr[HDR_MAGIC..HDR_MAGIC + 4] != b"HdrS" {
+        return Err(unsupported(
+            path,
+            "neither an ELF nor a bzImage (no \"HdrS\" Linux boot header at 0x202)",
+        ));
+    }
+    let version = u16_at(HDR_VERSION);
+    if version < HDR_MAGIC_VERSION_64BIT || u16_at(HDR_XLOADFLAGS) & XLF_KERNEL_64 == 0 {
+        return Err(unsupported(
+            path,
+            format!(
+                "boot protocol {}.{:02} without a 64-bit entry point (need 2.12 and XLF_KERNEL_64)",
+                version >> 8,
+                version & 0xFF
+            ),
+        ));
+    }
+    // setup_sects 0 means 4; the boot sector comes on top.
+    let setup_sects = match hdr[HDR_SETUP_SECTS] {
+        0 => 4,
+        n => u64::from(n),
+    };
+    let setup_len = (setup_sects + 1) * 512;
+    let kernel_len = u64::from(u32_at(HDR_SYSSIZE)) * 16;
+    if file_len < setup_len + kernel_len {
+        return Err(unsupported(
+            path,
+            format!(
+                "truncated: its boot header announces {} bytes ({setup_len} of setup, {kernel_len} of kernel), the file has {file_len}",
+                setup_len + kernel_len
+            ),
+        ));
+    }
+    // The protected-mode kernel is copied to 1 MiB; the decompressor then
+    // runs at max(1 MiB, pref_address) and needs init_size bytes there.
+    let pref_address = u64::from_le_bytes(
+        hdr[HDR_PREF_ADDRESS..HDR_PREF_ADDRESS + 8]
+            .try_into()
+            .expect("8 bytes"),
+    );
+    let copied_end = BIOS_AREA_END + (file_len - setup_len);
+    let runtime_end = BIOS_AREA_END
+        .max(pref_address)
+        .saturating_add(u64::from(u32_at(HDR_INIT_SIZE)));
+    let need = copied_end.max(runtime_end);
+    if need > memory.lowmem {
+        return Err(BootError::MemoryTooSmall {
+            path: path.to_path_buf(),
+            have: memory.lowmem,
+            need,
+        });
+    }
+    Ok(())
+}
+
 fn load_bzimage(
     mem: &GuestMemoryMmap,
     path: &Path,
@@ -221,6 +313,7 @@ fn load_bzimage(
     cmdline: &str,
     memory: &MemoryLayout,
 ) -> Result<BootEntry, BootError> {
+    check_bzimage_header(path, file, memory)?;
     let loaded =
         BzImage::load(mem, None, file, Some(GuestAddress(BIOS_AREA_END))).map_err(|source| {
             BootError::KernelLoad {
@@ -231,30 +324,13 @@ fn load_bzimage(
     let hdr: setup_header = loaded
         .setup_header
         .ok_or_else(|| unsupported(path, "no setup header"))?;
-    let version = hdr.version;
-    let xloadflags = hdr.xloadflags;
-    if version < HDR_MAGIC_VERSION_64BIT || xloadflags & XLF_KERNEL_64 == 0 {
-        return Err(unsupported(
-            path,
-            format!(
-                "boot protocol {}.{:02} without a 64-bit entry point (need 2.12 and XLF_KERNEL_64)",
-                version >> 8,
-                version & 0xFF
-            ),
-        ));
-    }
     let load = loaded.kernel_load.0;
-    // The decompressor runs at max(load, pref_address) and needs init_size.
+    // The decompressor runs at max(load, pref_address) and needs init_size
+    // (within RAM: checked with the header above).
     let runtime_start = load.max(hdr.pref_address);
     let kernel_top = loaded
         .kernel_end
         .max(runtime_start.saturating_add(u64::from(hdr.init_size)));
-    if kernel_top > memory.lowmem {
-        return Err(BootError::MemoryTooSmall {
-            have: memory.lowmem,
-            why: format!("the kernel needs RAM up to {kernel_top:#x}"),
-        });
-    }
 
     let mut params = boot_params {
         hdr,
@@ -323,8 +399,14 @@ fn load_bzimage(
 }
 
 /// Check the ELF is 64-bit and every loadable segment sits at or above
-/// 1 MiB (so it cannot overwrite the boot structures or firmware tables).
-fn check_elf_segments(path: &Path, file: &mut File) -> Result<(), BootError> {
+/// 1 MiB (so it cannot overwrite the boot structures or firmware tables),
+/// lies within the file (not truncated) and fits in guest RAM.
+fn check_elf_segments(
+    path: &Path,
+    file: &mut File,
+    memory: &MemoryLayout,
+) -> Result<(), BootError> {
+    let file_len = file.metadata().map_err(io_error(path))?.len();
     let mut ehdr = [0u8; 64];
     file.seek(SeekFrom::Start(0)).map_err(io_error(path))?;
     file.read_exact(&mut ehdr).map_err(io_error(path))?;
@@ -343,6 +425,16 @@ fn check_elf_segments(path: &Path, file: &mut File) -> Result<(), BootError> {
     if phentsize != 56 {
         return Err(unsupported(path, "unexpected ELF program header size"));
     }
+    let table_end = u64::from(phnum)
+        .checked_mul(56)
+        .and_then(|len| phoff.checked_add(len));
+    if table_end.is_none_or(|end| end > file_len) {
+        return Err(unsupported(
+            path,
+            format!("truncated: its program headers end past the file's {file_len} bytes"),
+        ));
+    }
+    let mut need = 0u64;
     for i in 0..u64::from(phnum) {
         let mut phdr = [0u8; 56];
         file.seek(SeekFrom::Start(phoff + i * 56))
@@ -351,13 +443,37 @@ fn check_elf_segments(path: &Path, file: &mut File) -> Result<(), BootError> {
         const PT_LOAD: u32 = 1;
         let p_type = u32::from_le_bytes([phdr[0], phdr[1], phdr[2], phdr[3]]);
         let p_paddr = u64_at(&phdr, 24);
+        let p_offset = u64_at(&phdr, 8);
         let p_filesz = u64_at(&phdr, 32);
-        if p_type == PT_LOAD && p_filesz > 0 && p_paddr < BIOS_AREA_END {
+        let p_memsz = u64_at(&phdr, 40);
+        if p_type != PT_LOAD {
+            continue;
+        }
+        if p_filesz > 0 && p_paddr < BIOS_AREA_END {
             return Err(unsupported(
                 path,
                 format!("a segment loads at {p_paddr:#x}, below 1 MiB"),
             ));
         }
+        if p_offset
+            .checked_add(p_filesz)
+            .is_none_or(|end| end > file_len)
+        {
+            return Err(unsupported(
+                path,
+                format!(
+                    "truncated: a segment's {p_filesz} bytes at file offset {p_offset:#x} end past the file's {file_len} bytes"
+                ),
+            ));
+        }
+        need = need.max(p_paddr.saturating_add(p_memsz.max(p_filesz)));
+    }
+    if need > memory.lowmem {
+        return Err(BootError::MemoryTooSmall {
+            path: path.to_path_buf(),
+            have: memory.lowmem,
+            need,
+        });
     }
     file.seek(SeekFrom::Start(0)).map_err(io_error(path))?;
     Ok(())
@@ -371,7 +487,7 @@ fn load_pvh(
     cmdline: &str,
     memory: &MemoryLayout,
 ) -> Result<BootEntry, BootError> {
-    check_elf_segments(path, file)?;
+    check_elf_segments(path, file, memory)?;
     let loaded = Elf::load(mem, None, file, None).map_err(|source| BootError::KernelLoad {
         path: path.to_path_buf(),
         source,
@@ -385,12 +501,6 @@ fn load_pvh(
             ))
         }
     };
-    if loaded.kernel_end > memory.lowmem {
-        return Err(BootError::MemoryTooSmall {
-            have: memory.lowmem,
-            why: format!("the kernel needs RAM up to {:#x}", loaded.kernel_end),
-        });
-    }
     write_cmdline(mem, cmdline, CMDLINE_MAX)?;
 
     let mut start_info = hvm_start_info {

@@ -57,6 +57,11 @@ fn bzimage(payload: &[u8], version: u16, xloadflags: u16) -> Vec<u8> {
     put(&mut b, 0x238, &2048u32.to_le_bytes()); // cmdline_size
     put(&mut b, 0x258, &0x100_0000u64.to_le_bytes()); // pref_address
     put(&mut b, 0x260, &0x80_0000u32.to_le_bytes()); // init_size
+    put(
+        &mut b,
+        0x1F4,
+        &(payload.len().div_ceil(16) as u32).to_le_bytes(),
+    ); // syssize
     b.extend_from_slice(payload);
     b
 }
@@ -241,8 +246,11 @@ fn bad_inputs_are_errors() {
     let junk = s.file("junk", b"this is not a kernel");
     assert!(matches!(
         load_linux(&mem, &junk, None, "", &memory),
-        Err(BootError::KernelLoad { .. })
+        Err(BootError::UnsupportedKernel { .. })
     ));
+    let junk = s.file("junk-long", &[0x5Au8; 4096]);
+    let err = load_linux(&mem, &junk, None, "", &memory).unwrap_err();
+    assert!(err.to_string().contains("no \"HdrS\""), "{err}");
     let empty = s.file("empty", b"");
     assert!(load_linux(&mem, &empty, None, "", &memory).is_err());
     assert!(matches!(
@@ -263,10 +271,33 @@ fn bad_inputs_are_errors() {
     ));
     let small = MemoryLayout::new(16 * MIB);
     let small_mem = guest(&small);
-    assert!(matches!(
-        load_linux(&small_mem, &kernel, None, "", &small),
-        Err(BootError::MemoryTooSmall { .. })
-    ));
+    let err = load_linux(&small_mem, &kernel, None, "", &small).unwrap_err();
+    assert!(matches!(err, BootError::MemoryTooSmall { .. }), "{err}");
+    // pref_address 16 MiB + init_size 8 MiB.
+    assert!(
+        err.to_string().contains("needs 24 MiB") && err.to_string().contains("has 16 MiB"),
+        "{err}"
+    );
+
+    // A bzImage cut short of what its header announces.
+    let mut cut = bzimage(&[0x90; 4096], 0x020F, 1);
+    cut.truncate(cut.len() - 100);
+    let cut = s.file("cut", &cut);
+    let err = load_linux(&mem, &cut, None, "", &memory).unwrap_err();
+    assert!(err.to_string().contains("truncated"), "{err}");
+    // An ELF whose segment ends past the file.
+    let mut elf = pvh_elf(0x20_0000, &[0xF4u8; 64], Some(0x20_0010));
+    elf.truncate(elf.len() - 10);
+    let elf = s.file("cut-elf", &elf);
+    let err = load_linux(&mem, &elf, None, "", &memory).unwrap_err();
+    assert!(err.to_string().contains("truncated"), "{err}");
+    // An ELF too big for the RAM.
+    let elf = s.file(
+        "high-elf",
+        &pvh_elf(0x7F0_0000, &[0xF4u8; 64], Some(0x7F0_0010)),
+    );
+    let err = load_linux(&small_mem, &elf, None, "", &small).unwrap_err();
+    assert!(matches!(err, BootError::MemoryTooSmall { .. }), "{err}");
 }
 
 #[test]

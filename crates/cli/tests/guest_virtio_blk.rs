@@ -55,3 +55,37 @@ fn sector_0_read_completes_with_msix() {
 fn sector_0_read_completes_with_intx() {
     read_sector0("intx", "vblk-intx").assert_line("virtio-blk irq intx");
 }
+
+/// bhyve retries any failed read-write open of a disk read-only, not only
+/// EROFS/EACCES: here a running program's file (ETXTBSY for writing).
+#[test]
+fn a_disk_that_cannot_be_opened_for_writing_is_used_read_only() {
+    let disk = std::env::temp_dir().join(vm_name("vblk-busy"));
+    std::fs::copy("/bin/sleep", &disk).unwrap();
+    let mut running = std::process::Command::new(&disk).arg("60").spawn().unwrap();
+    let slot = format!("4,virtio-blk,{}", disk.display());
+    let run = run_guest(
+        Path::new(env!("CARGO_BIN_EXE_bhyve")),
+        "virtioblk",
+        "",
+        &["-s", &slot],
+        "vblk-busy",
+    );
+    let _ = running.kill();
+    let _ = running.wait();
+    let _ = std::fs::remove_file(&disk);
+    run.assert_no_failure();
+    run.assert_code(1);
+    assert!(
+        run.stdout
+            .lines()
+            .any(|l| l.starts_with("sector0 7f 45 4c 46")),
+        "the guest reads the program's ELF header: {}",
+        run.stdout
+    );
+    assert!(
+        run.stderr.contains("cannot open read-write") && run.stderr.contains("read-only"),
+        "a warning names the fallback: {}",
+        run.stderr
+    );
+}

@@ -266,3 +266,185 @@ fn killed_bhyve_leaves_a_stale_entry_that_is_detected() {
         "-D destroys the VM on power-off"
     );
 }
+
+#[test]
+fn longest_names_under_a_long_registry_path_are_fully_manageable() {
+    require_kvm();
+    let base = Registry::new("longname");
+    // 300 bytes of registry path: with a 229-byte name, far past sun_path's 108.
+    let reg = Registry(base.0.join("r".repeat(150)).join("s".repeat(150)));
+    std::fs::create_dir_all(&reg.0).unwrap();
+    let guest = spin_guest(&base.0);
+    let guest_arg = format!("boot.kernel={}", guest.display());
+    let name = "n".repeat(229);
+    let vm_flag = format!("--vm={name}");
+
+    let mut vm = reg.bhyve(&spin_vm_args(&guest_arg, &["-m", "16M"], &name));
+    wait_until("the VM to run", || {
+        text(&reg.bhyvectl(&["--list"])).contains("running")
+    });
+    let o = reg.bhyvectl(&[&vm_flag, "--get-stats"]);
+    assert!(o.status.success(), "--get-stats: {}", text(&o));
+    assert!(text(&o).contains("Resident memory"), "{}", text(&o));
+    let o = reg.bhyvectl(&[&vm_flag, "--force-poweroff"]);
+    assert!(o.status.success(), "--force-poweroff: {}", text(&o));
+    assert_eq!(vm.wait().unwrap().code(), Some(1));
+    let o = reg.bhyvectl(&[&vm_flag, "--destroy"]);
+    assert!(o.status.success(), "--destroy: {}", text(&o));
+    assert!(!reg.0.join(&name).exists());
+
+    // One byte more than bhyve's VM_MAX_NAMELEN is refused up front.
+    let long = "n".repeat(230);
+    let o = reg
+        .bhyve(&spin_vm_args(&guest_arg, &["-m", "16M"], &long))
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("bhyve: VM name") && err.contains("too long: 230 bytes, at most 229"),
+        "{err}"
+    );
+    let o = reg.bhyvectl(&[&format!("--vm={long}"), "--create"]);
+    assert_eq!(o.status.code(), Some(255), "{}", text(&o));
+    assert!(text(&o).contains("too long"), "{}", text(&o));
+}
+
+/// bhyve keeps a stopped VM in the kernel "for inspection" (vmrun.sh says
+/// so after a triple fault): its registers stay readable.
+#[test]
+fn registers_of_a_triple_faulted_vm_stay_readable() {
+    require_kvm();
+    let reg = Registry::new("inspect");
+    std::fs::create_dir_all(&reg.0).unwrap();
+    let mut args: Vec<String> = rhyve_guests::boot_args("exitcodes", "triplefault");
+    args.extend(["-s", "0,hostbridge", "-s", "31,lpc"].map(String::from));
+    args.push("vm5".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = reg.bhyve(&args).wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+
+    let o = reg.bhyvectl(&["--vm=vm5", "--get-all"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    let value = |reg: &str| -> u64 {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("{reg}[0]")))
+            .unwrap_or_else(|| panic!("no {reg} line in {out}"));
+        u64::from_str_radix(line.rsplit("0x").next().unwrap(), 16).unwrap()
+    };
+    // The guest runs in protected mode from its PVH entry: the state it
+    // stopped in, not a blank one.
+    assert_ne!(value("rip"), 0, "{out}");
+    assert_eq!(value("cr0") & 1, 1, "CR0.PE: {out}");
+    assert_eq!(value("cs"), 0x8, "{out}");
+
+    // A VM that never ran has no such state, and says so.
+    assert!(reg.bhyvectl(&["--vm=vm6", "--create"]).status.success());
+    let o = reg.bhyvectl(&["--vm=vm6", "--get-rip"]);
+    assert_eq!(o.status.code(), Some(255), "{}", text(&o));
+    assert!(
+        text(&o).contains("VM vm6 has no state for vcpu 0"),
+        "{}",
+        text(&o)
+    );
+}
+
+/// Many VMs started at once and destroyed one after another, most of them
+/// still starting: every `--destroy` succeeds, and when it returns the VM's
+/// bhyve is gone.
+#[test]
+fn destroying_many_starting_vms_stops_every_one() {
+    require_kvm();
+    const VMS: usize = 40;
+    let reg = Registry::new("stress");
+    std::fs::create_dir_all(&reg.0).unwrap();
+    let guest = spin_guest(&reg.0);
+    let guest_arg = format!("boot.kernel={}", guest.display());
+    let names: Vec<String> = (0..VMS).map(|i| format!("s{i}")).collect();
+    let mut vms: Vec<Vm> = names
+        .iter()
+        .map(|n| {
+            Vm(Command::new(env!("CARGO_BIN_EXE_bhyve"))
+                .args(spin_vm_args(&guest_arg, &["-m", "16M"], n))
+                .env("RHYVE_VMM_DIR", &reg.0)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start bhyve"))
+        })
+        .collect();
+    // Each exists once its bhyve took its name; most are still being built.
+    for n in &names {
+        wait_until("the VM to exist", || reg.0.join(n).join("vm.json").exists());
+    }
+    for (n, vm) in names.iter().zip(vms.iter_mut()) {
+        let o = reg.bhyvectl(&[&format!("--vm={n}"), "--destroy"]);
+        assert!(
+            o.status.success() && o.stdout.is_empty() && o.stderr.is_empty(),
+            "--destroy of {n}: {:?} {}",
+            o.status,
+            text(&o)
+        );
+        // Gone means its bhyve has released the VM after tearing it down:
+        // the process is only returning from main.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(s) = vm.0.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "{n} still runs after --destroy");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(status.code(), Some(4), "{n}");
+        assert!(!reg.0.join(n).exists(), "{n} still listed");
+    }
+    assert_eq!(text(&reg.bhyvectl(&["--list"])), "");
+    for vm in vms {
+        let err = String::from_utf8_lossy(&vm.wait_with_output().unwrap().stderr).to_string();
+        assert!(err.contains("the VM was destroyed"), "{err}");
+    }
+}
+
+/// A destroy that reaches a bhyve still building its machine (here held up
+/// opening its kernel, a FIFO nobody writes yet) waits for it to stop and
+/// only then reports success, however long the start takes.
+#[test]
+fn destroy_waits_for_a_vm_that_is_still_starting() {
+    require_kvm();
+    let reg = Registry::new("starting");
+    std::fs::create_dir_all(&reg.0).unwrap();
+    let fifo = reg.0.join("kernel.fifo");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let guest_arg = format!("boot.kernel={}", fifo.display());
+    let vm = reg.bhyve(&spin_vm_args(&guest_arg, &["-m", "16M"], "vm7"));
+    wait_until("the VM to be taken", || {
+        text(&reg.bhyvectl(&["--list"])).contains("vm7\t16M\trunning")
+    });
+    let mut destroy = Command::new(env!("CARGO_BIN_EXE_bhyvectl"))
+        .args(["--vm=vm7", "--destroy"])
+        .env("RHYVE_VMM_DIR", &reg.0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    let early = destroy.try_wait().unwrap();
+    // Let the start go on: bhyve reads a kernel it cannot use and ends.
+    std::fs::write(&fifo, b"not a kernel").unwrap();
+    let o = destroy.wait_with_output().unwrap();
+    assert!(
+        early.is_none(),
+        "--destroy gave up on a starting VM: {early:?} {}",
+        text(&o)
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let end = vm.wait_with_output().unwrap();
+    assert_eq!(end.status.code(), Some(4), "{}", text(&end));
+    assert!(!reg.0.join("vm7").exists());
+}

@@ -40,6 +40,14 @@ impl KvmVm {
     pub fn new(spec: VmSpec) -> Result<Self> {
         let kvm =
             Kvm::new().map_err(|e| HvError::NoKvm(std::io::Error::from_raw_os_error(e.errno())))?;
+        // bhyve's limit is hw.vmm.maxcpu; KVM's is KVM_CAP_MAX_VCPUS.
+        let max_vcpus = kvm.get_max_vcpus();
+        if spec.cpus as usize > max_vcpus {
+            return Err(HvError::Unsupported(format!(
+                "{} vCPUs requested but only {max_vcpus} available",
+                spec.cpus
+            )));
+        }
         let fd = kvm.create_vm().map_err(kvm_err("creating the VM"))?;
         let ranges: Vec<(GuestAddress, usize)> = spec
             .memory

@@ -8,15 +8,25 @@
 //!   entry registers;
 //! - `boot-image`: the guest memory a loader wrote (kernel, initrd, zero
 //!   page), as (address, bytes) records;
-//! - `lock`: flock'ed by whichever process uses the VM (loader or bhyve),
-//!   which refuses concurrent use and tells a live VM from a stale one;
-//! - `pid` and `control`: the running bhyve's pid and control socket.
+//! - `lock`: write-locked (an open file description lock, which others can
+//!   probe without taking it) by whichever process uses the VM (loader or
+//!   bhyve), which refuses concurrent use and tells a live VM from a stale one;
+//! - `pid` and `control`: the running bhyve's pid and control socket, bound
+//!   and reached through `/proc/self/fd/N/control` so that any accepted name
+//!   under any registry root fits a socket address (`sun_path`, 108 bytes);
+//! - `destroy`: a pending `bhyvectl --destroy`; the bhyve holding the VM
+//!   stops when it sees it, whatever phase it is in.
 //!
 //! The entry stays until `bhyvectl --destroy` (or bhyve -D on power-off).
+//! Removal renames the directory away first, atomically, while its lock is
+//! held: a process that opened the old lock sees, once it gets the lock,
+//! that its path names nothing any more, and never runs a removed VM.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
 use crate::EntryRegs;
@@ -26,6 +36,8 @@ use rhyve_config::file::{open_regular, read_limited, read_limited_string, FileEr
 pub enum RegistryError {
     #[error("invalid VM name \"{0}\"")]
     BadName(String),
+    #[error("VM name \"{name}\" is too long: {len} bytes, at most {MAX_NAME_LEN} (bhyve's VM_MAX_NAMELEN)")]
+    NameTooLong { name: String, len: usize },
     #[error("VM {0} does not exist")]
     NoSuchVm(String),
     #[error("VM {0} already exists")]
@@ -55,6 +67,10 @@ pub struct VmRecord {
     /// The RTC's NVRAM, kept across reboots as bhyve's in-kernel RTC keeps it.
     #[serde(default)]
     pub rtc_nvram: Option<Vec<u8>>,
+    /// Each vCPU's registers when the VM last stopped, as bhyve's kernel VM
+    /// keeps them (a triple-faulted VM is left "for inspection").
+    #[serde(default)]
+    pub vcpus_at_stop: Vec<Vec<(String, u64)>>,
 }
 
 /// The registry root.
@@ -72,9 +88,13 @@ pub struct VmListing {
     pub running: Option<u32>,
 }
 
+/// bhyve's VM_MAX_NAMELEN: SPECNAMELEN (255) less room for the device
+/// path's prefix (10) and suffix (15) and their separator.
+pub const MAX_NAME_LEN: usize = 229;
+
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
-        && name.len() <= 229
+        && name.len() <= MAX_NAME_LEN
         && name != "."
         && name != ".."
         && name
@@ -82,19 +102,62 @@ fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "-_.:+".contains(c))
 }
 
-/// flock(2) without waiting.
+/// A whole-file write lock request for fcntl(2).
+fn whole_file_write_lock() -> libc::flock {
+    // SAFETY: flock is plain data; all-zero is a valid value.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::F_WRLCK as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    lock
+}
+
+/// Take the open-file-description write lock without waiting. Such locks
+/// live as long as the descriptor, like flock(2)'s, but can be probed
+/// without taking them ([`is_locked`]).
 fn try_lock(file: &File) -> io::Result<bool> {
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+    let lock = whole_file_write_lock();
+    // SAFETY: fcntl on a descriptor we own with a valid flock.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) } == 0 {
         return Ok(true);
     }
     let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+    if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) {
         Ok(false)
     } else {
         Err(e)
     }
 }
+
+/// True if another open file description holds the lock. Probing never
+/// takes it, so it cannot make a bhyve starting at that moment fail.
+fn is_locked(file: &File) -> io::Result<bool> {
+    let mut lock = whole_file_write_lock();
+    // SAFETY: fcntl on a descriptor we own with a valid flock.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut lock) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(lock.l_type != libc::F_UNLCK as libc::c_short)
+}
+
+/// `path` reached through a descriptor of its directory, short whatever the
+/// directory's own path is: `/proc/self/fd/N/<file>`.
+fn via_dir_fd(dir: &File, file: &str) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}/{file}", dir.as_raw_fd()))
+}
+
+/// The directory `dir` opened as a path-only handle.
+fn open_dir(dir: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+        .open(dir)
+}
+
+/// The control socket file in a VM's directory.
+const CONTROL: &str = "control";
+/// The pending-destroy marker in a VM's directory.
+const DESTROY: &str = "destroy";
 
 impl Registry {
     /// `$RHYVE_VMM_DIR`, or `/run/rhyve/vmm`.
@@ -114,6 +177,12 @@ impl Registry {
     }
 
     fn dir(&self, name: &str) -> Result<PathBuf, RegistryError> {
+        if name.len() > MAX_NAME_LEN {
+            return Err(RegistryError::NameTooLong {
+                name: name.to_string(),
+                len: name.len(),
+            });
+        }
         if !valid_name(name) {
             return Err(RegistryError::BadName(name.to_string()));
         }
@@ -167,19 +236,24 @@ impl Registry {
         }
     }
 
-    /// The pid of the process using `name`, if any (stale pid files ignored).
+    /// True while a process (bhyve or a loader) holds `name`.
+    pub fn in_use(&self, name: &str) -> bool {
+        let Ok(dir) = self.dir(name) else {
+            return false;
+        };
+        File::open(dir.join("lock"))
+            .and_then(|lock| is_locked(&lock))
+            .unwrap_or(false)
+    }
+
+    /// The pid of the process using `name`, if any (stale pid files ignored;
+    /// `None` also for a user that has not written its pid yet).
     pub fn user_pid(&self, name: &str) -> Option<u32> {
-        let dir = self.dir(name).ok()?;
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(dir.join("lock"))
-            .ok()?;
-        match try_lock(&lock) {
+        if !self.in_use(name) {
             // Nobody holds it: whatever pid file is there is stale.
-            Ok(true) => None,
-            _ => read_pid(&dir),
+            return None;
         }
+        read_pid(&self.dir(name).ok()?)
     }
 
     pub fn list(&self) -> Vec<VmListing> {
@@ -200,22 +274,51 @@ impl Registry {
         out
     }
 
-    /// Remove `name`'s entry. The caller stops a running VM first.
-    pub fn remove(&self, name: &str) -> Result<(), RegistryError> {
+    /// What the registry records about `name`, read without taking it.
+    pub fn record(&self, name: &str) -> Result<VmRecord, RegistryError> {
+        let dir = self.dir(name)?;
+        let bytes = fs::read(dir.join("vm.json")).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => RegistryError::NoSuchVm(name.to_string()),
+            _ => RegistryError::Io {
+                name: name.to_string(),
+                what: "reading vm.json",
+                source: e,
+            },
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| RegistryError::Damaged {
+            name: name.to_string(),
+            why: e.to_string(),
+        })
+    }
+
+    /// Ask whoever holds `name` to stop for `bhyvectl --destroy`; the VM's
+    /// bhyve looks for this while it starts and runs.
+    pub fn request_destroy(&self, name: &str) -> Result<(), RegistryError> {
         let dir = self.dir(name)?;
         if !dir.join("vm.json").exists() {
             return Err(RegistryError::NoSuchVm(name.to_string()));
         }
-        fs::remove_dir_all(&dir).map_err(|source| RegistryError::Io {
+        fs::write(dir.join(DESTROY), b"").map_err(|source| RegistryError::Io {
             name: name.to_string(),
-            what: "removing the VM",
+            what: "requesting the destroy",
             source,
         })
     }
 
-    /// The control socket of the bhyve running `name`.
-    pub fn control_socket(&self, name: &str) -> Result<PathBuf, RegistryError> {
-        Ok(self.dir(name)?.join("control"))
+    /// Withdraw a destroy request nobody acted on.
+    pub fn cancel_destroy(&self, name: &str) {
+        if let Ok(dir) = self.dir(name) {
+            let _ = fs::remove_file(dir.join(DESTROY));
+        }
+    }
+
+    /// Connect to the control socket of the bhyve running `name`.
+    pub fn connect_control(&self, name: &str) -> io::Result<UnixStream> {
+        let dir = self
+            .dir(name)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let dir = open_dir(&dir)?;
+        UnixStream::connect(via_dir_fd(&dir, CONTROL))
     }
 }
 
@@ -241,6 +344,8 @@ pub struct VmHandle {
     name: String,
     dir: PathBuf,
     _lock: File,
+    /// Removed by [`VmHandle::destroy`]: the path may name a new VM now.
+    destroyed: bool,
 }
 
 const BOOT_IMAGE_MAGIC: &[u8; 8] = b"RHYVEBI1";
@@ -249,19 +354,41 @@ const BOOT_IMAGE_MAX: u64 = 4 << 30;
 
 impl VmHandle {
     fn take(name: &str, dir: PathBuf) -> Result<Self, RegistryError> {
-        let lock = OpenOptions::new()
+        let lock = Self::open_lock(name, &dir)?;
+        Self::lock(name, dir, lock)
+    }
+
+    fn open_lock(name: &str, dir: &Path) -> Result<File, RegistryError> {
+        OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .open(dir.join("lock"))
-            .map_err(|source| RegistryError::Io {
-                name: name.to_string(),
-                what: "opening the lock",
-                source,
-            })?;
+            .map_err(|source| match source.kind() {
+                // Its directory was removed since we looked.
+                io::ErrorKind::NotFound => RegistryError::NoSuchVm(name.to_string()),
+                _ => RegistryError::Io {
+                    name: name.to_string(),
+                    what: "opening the lock",
+                    source,
+                },
+            })
+    }
+
+    fn lock(name: &str, dir: PathBuf, lock: File) -> Result<Self, RegistryError> {
         match try_lock(&lock) {
-            Ok(true) => {}
+            Ok(true) => {
+                // Destroyed (renamed away) between our open and our lock: the
+                // lock we hold is a removed VM's.
+                let same = match (lock.metadata(), fs::metadata(dir.join("lock"))) {
+                    (Ok(held), Ok(now)) => held.dev() == now.dev() && held.ino() == now.ino(),
+                    _ => false,
+                };
+                if !same {
+                    return Err(RegistryError::NoSuchVm(name.to_string()));
+                }
+            }
             Ok(false) => {
                 let pid = read_pid(&dir);
                 return Err(RegistryError::Busy {
@@ -277,15 +404,46 @@ impl VmHandle {
                 })
             }
         }
-        // We hold the lock: a pid file or socket left by a killed process is stale.
-        let _ = fs::remove_file(dir.join("pid"));
-        let _ = fs::remove_file(dir.join("control"));
-        let _ = fs::write(dir.join("pid"), format!("{}\n", std::process::id()));
+        // We hold the lock: a pid file or socket left by a killed process is
+        // stale. The pid file is replaced in one rename, never missing.
+        let _ = fs::remove_file(dir.join(CONTROL));
+        let pid_tmp = dir.join("pid.new");
+        let _ = fs::write(&pid_tmp, format!("{}\n", std::process::id()))
+            .and_then(|()| fs::rename(&pid_tmp, dir.join("pid")));
         Ok(Self {
             name: name.to_string(),
             dir,
             _lock: lock,
+            destroyed: false,
         })
+    }
+
+    /// True once `bhyvectl --destroy` asked for this VM to go away.
+    pub fn destroy_requested(&self) -> bool {
+        self.dir.join(DESTROY).exists()
+    }
+
+    /// Serve the control socket (for bhyvectl) in this VM's directory.
+    pub fn bind_control(&self) -> io::Result<UnixListener> {
+        let dir = open_dir(&self.dir)?;
+        let path = via_dir_fd(&dir, CONTROL);
+        let _ = fs::remove_file(&path);
+        UnixListener::bind(path)
+    }
+
+    /// Remove the VM from the registry (bhyvectl --destroy, bhyve -D / -M).
+    pub fn destroy(mut self) -> Result<(), RegistryError> {
+        let root = self.dir.parent().unwrap_or(Path::new("/")).to_path_buf();
+        // A name no VM can have ('#' is not allowed), so never listed.
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let grave = root.join(format!(
+            "#destroyed.{}.{}",
+            std::process::id(),
+            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        fs::rename(&self.dir, &grave).map_err(self.io("removing the VM"))?;
+        self.destroyed = true;
+        fs::remove_dir_all(&grave).map_err(self.io("removing the VM"))
     }
 
     pub fn name(&self) -> &str {
@@ -387,10 +545,10 @@ impl VmHandle {
 
 impl Drop for VmHandle {
     fn drop(&mut self) {
-        // Only while the directory is still ours (not destroyed meanwhile).
-        if self.dir.join("vm.json").exists() {
+        // Only while the directory is still ours (not destroyed).
+        if !self.destroyed {
             let _ = fs::remove_file(self.dir.join("pid"));
-            let _ = fs::remove_file(self.dir.join("control"));
+            let _ = fs::remove_file(self.dir.join(CONTROL));
         }
     }
 }
@@ -441,8 +599,9 @@ mod tests {
         assert_eq!(l[0].running, Some(std::process::id()));
         drop(h);
         assert_eq!(r.list()[0].running, None);
-        r.remove("vm0").unwrap();
+        r.open("vm0").unwrap().destroy().unwrap();
         assert!(r.list().is_empty());
+        assert_eq!(std::fs::read_dir(r.root()).unwrap().count(), 0);
         assert!(matches!(r.open("vm0"), Err(RegistryError::NoSuchVm(_))));
         assert!(matches!(r.create("../x"), Err(RegistryError::BadName(_))));
     }
@@ -460,6 +619,7 @@ mod tests {
             }),
             cmdline: Some("console=ttyS0".into()),
             rtc_nvram: Some(vec![1, 2, 3]),
+            vcpus_at_stop: vec![vec![("rip".into(), 0xfff0)]],
         };
         h.save(&rec).unwrap();
         h.save_boot_image(&[(0x7000, b"zero page"), (0x100000, &[1, 2, 3])])
@@ -490,5 +650,63 @@ mod tests {
             std::fs::read_to_string(h.dir().join("pid")).unwrap().trim(),
             std::process::id().to_string()
         );
+    }
+
+    #[test]
+    fn longest_name_under_a_long_root_has_a_reachable_control_socket() {
+        let (t, _) = registry();
+        let root = t.path().join("d".repeat(200)).join("e".repeat(200));
+        let r = Registry::at(&root);
+        let name = "n".repeat(MAX_NAME_LEN);
+        let h = r.create(&name).unwrap();
+        let listener = h.bind_control().unwrap();
+        let mut client = r.connect_control(&name).unwrap();
+        client.write_all(b"x").unwrap();
+        let (mut served, _) = listener.accept().unwrap();
+        let mut byte = [0u8];
+        served.read_exact(&mut byte).unwrap();
+        assert_eq!(&byte, b"x");
+        let long = "n".repeat(MAX_NAME_LEN + 1);
+        assert!(matches!(
+            r.create(&long),
+            Err(RegistryError::NameTooLong { len: 230, .. })
+        ));
+    }
+
+    #[test]
+    fn a_lock_opened_before_a_destroy_does_not_take_the_removed_vm() {
+        let (_t, r) = registry();
+        let holder = r.create("vm4").unwrap();
+        let dir = holder.dir().to_path_buf();
+        // Another process got as far as opening the lock, then waited.
+        let late = VmHandle::open_lock("vm4", &dir).unwrap();
+        holder.destroy().unwrap();
+        assert!(matches!(
+            VmHandle::lock("vm4", dir.clone(), late),
+            Err(RegistryError::NoSuchVm(_))
+        ));
+        // A new VM of the same name is a different one, and takes fine.
+        let late = VmHandle::open_lock("vm4", &dir);
+        assert!(matches!(late, Err(RegistryError::NoSuchVm(_))));
+        drop(r.create("vm4").unwrap());
+        drop(r.open("vm4").unwrap());
+    }
+
+    #[test]
+    fn probing_does_not_take_the_lock_and_destroy_requests_are_seen() {
+        let (_t, r) = registry();
+        drop(r.create("vm3").unwrap());
+        assert!(!r.in_use("vm3"));
+        let h = r.open("vm3").unwrap();
+        assert!(r.in_use("vm3"));
+        assert!(!h.destroy_requested());
+        r.request_destroy("vm3").unwrap();
+        assert!(h.destroy_requested());
+        r.cancel_destroy("vm3");
+        assert!(!h.destroy_requested());
+        drop(h);
+        // A probe while nobody holds it leaves it free to take.
+        assert!(!r.in_use("vm3"));
+        drop(r.open("vm3").unwrap());
     }
 }

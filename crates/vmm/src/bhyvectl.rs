@@ -1,6 +1,7 @@
 //! `bhyvectl`, as bhyvectl(8): long options only, `--vm=NAME` required.
 //! A running VM is reached through its control socket; a VM that only
-//! exists in the registry answers from what its loader left there.
+//! exists in the registry answers from what it left there when it stopped
+//! (its vCPUs' registers) or what its loader prepared.
 
 use std::time::{Duration, Instant};
 
@@ -87,16 +88,69 @@ fn parse(args: &[String]) -> Result<Options, ()> {
     Ok(o)
 }
 
-/// Wait until no process holds `name` (a destroyed VM's bhyve exiting).
-fn wait_released(registry: &Registry, name: &str) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while registry.user_pid(name).is_some() {
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
+/// How long `--destroy` waits for the VM's bhyve to stop: it notices the
+/// request within a tick once running, but may first have a machine to
+/// build on a loaded host.
+const DESTROY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// bhyvectl --destroy: ask whoever holds the VM to stop, take the VM once it
+/// is free and remove it. Success means the VM is gone: no process runs it
+/// and the registry no longer lists it.
+fn destroy(registry: &Registry, name: &str) -> Result<(), String> {
+    match registry.request_destroy(name) {
+        Ok(()) => {}
+        // Destroyed meanwhile (another bhyvectl, or bhyve -M ending).
+        Err(RegistryError::NoSuchVm(_)) => return Ok(()),
+        Err(e) => return Err(e.to_string()),
     }
-    true
+    let deadline = Instant::now() + DESTROY_TIMEOUT;
+    loop {
+        match registry.open(name) {
+            Ok(vm) => return vm.destroy().map_err(|e| e.to_string()),
+            Err(RegistryError::NoSuchVm(_)) => return Ok(()),
+            Err(RegistryError::Busy { pid, .. }) => {
+                if Instant::now() > deadline {
+                    registry.cancel_destroy(name);
+                    let by = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
+                    return Err(format!(
+                        "VM {name} did not stop within {} s: the process using it{by} does not answer",
+                        DESTROY_TIMEOUT.as_secs()
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// Register values of a VM no bhyve runs: its vCPU's state when it stopped,
+/// or the entry state a loader prepared; `None` if it has none.
+fn stopped_registers(registry: &Registry, name: &str, cpu: usize) -> Option<Vec<(String, String)>> {
+    let record = registry.record(name).ok()?;
+    if let Some(regs) = record.vcpus_at_stop.get(cpu) {
+        return Some(
+            regs.iter()
+                .map(|(k, v)| (k.clone(), format!("{v:#x}")))
+                .collect(),
+        );
+    }
+    match record.entry {
+        Some(e) if cpu == 0 => Some(vec![
+            ("rip".into(), format!("{:#x}", e.rip)),
+            ("rsp".into(), format!("{:#x}", e.rsp)),
+            ("rsi".into(), format!("{:#x}", e.rsi)),
+            ("rbx".into(), format!("{:#x}", e.rbx)),
+            ("cr0".into(), format!("{:#x}", e.cr0)),
+            ("cr3".into(), format!("{:#x}", e.cr3)),
+            ("cr4".into(), format!("{:#x}", e.cr4)),
+            ("efer".into(), format!("{:#x}", e.efer)),
+            ("rflags".into(), "0x2".into()),
+            ("cs".into(), format!("{:#x}", e.code_selector)),
+            ("ds".into(), format!("{:#x}", e.data_selector)),
+        ]),
+        _ => None,
+    }
 }
 
 fn print_registers(cpu: usize, values: &[(String, String)], wanted: &[&str]) {
@@ -161,16 +215,12 @@ pub fn main_with_args(args: &[String]) -> i32 {
         println!("VM:{name} is not created.");
         return 1;
     }
-    let running = registry.user_pid(&name);
-    let socket = match registry.control_socket(&name) {
-        Ok(s) => s,
-        Err(e) => return fail(&e.to_string()),
-    };
+    let running = registry.in_use(&name);
     let ask = |what: &str| -> Result<Vec<(String, String)>, String> {
-        if running.is_none() {
+        if !running {
             return Err(format!("VM {name} is not running"));
         }
-        control::request(&socket, what)
+        control::request(&registry, &name, what)
     };
     if o.inject_nmi {
         if let Err(e) = ask(&format!("nmi {}", o.cpu)) {
@@ -182,39 +232,23 @@ pub fn main_with_args(args: &[String]) -> i32 {
         wanted = REGISTERS.to_vec();
     }
     if !wanted.is_empty() {
-        let values = if running.is_some() {
+        let values = if running {
             match ask(&format!("regs {}", o.cpu)) {
                 Ok(v) => v,
                 Err(e) => return fail(&e),
             }
         } else {
-            // A VM a loader prepared but nothing runs: its entry state.
-            let entry = registry
-                .open(&name)
-                .ok()
-                .and_then(|h| h.record().ok())
-                .and_then(|r| r.entry);
-            match entry {
-                Some(e) if o.cpu == 0 => vec![
-                    ("rip".into(), format!("{:#x}", e.rip)),
-                    ("rsp".into(), format!("{:#x}", e.rsp)),
-                    ("rsi".into(), format!("{:#x}", e.rsi)),
-                    ("rbx".into(), format!("{:#x}", e.rbx)),
-                    ("cr0".into(), format!("{:#x}", e.cr0)),
-                    ("cr3".into(), format!("{:#x}", e.cr3)),
-                    ("cr4".into(), format!("{:#x}", e.cr4)),
-                    ("efer".into(), format!("{:#x}", e.efer)),
-                    ("rflags".into(), "0x2".into()),
-                    ("cs".into(), format!("{:#x}", e.code_selector)),
-                    ("ds".into(), format!("{:#x}", e.data_selector)),
-                ],
-                _ => Vec::new(),
-            }
+            let Some(values) = stopped_registers(&registry, &name, o.cpu) else {
+                let cpu = o.cpu;
+                let why = "it never ran to a stop (not started, or its bhyve was killed)";
+                return fail(&format!("VM {name} has no state for vcpu {cpu}: {why}"));
+            };
+            values
         };
         print_registers(o.cpu, &values, &wanted);
     }
     if o.get_stats || o.get_all {
-        let stats = if running.is_some() {
+        let stats = if running {
             match ask(&format!("stats {}", o.cpu)) {
                 Ok(s) => s,
                 Err(e) => return fail(&e),
@@ -235,16 +269,8 @@ pub fn main_with_args(args: &[String]) -> i32 {
         }
     }
     if o.destroy {
-        if running.is_some() {
-            if let Err(e) = ask("destroy") {
-                return fail(&e);
-            }
-            if !wait_released(&registry, &name) {
-                return fail(&format!("VM {name} did not stop"));
-            }
-        }
-        if let Err(e) = registry.remove(&name) {
-            return fail(&e.to_string());
+        if let Err(e) = destroy(&registry, &name) {
+            return fail(&e);
         }
     }
     0

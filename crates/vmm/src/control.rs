@@ -2,17 +2,20 @@
 //! `bhyvectl`: bhyve's kernel ioctls on a VM (suspend, get registers, stats,
 //! NMI) become requests to the process that owns the VM on Linux.
 //!
-//! Protocol: one request line (`reset`, `poweroff`, `destroy`, `stats N`,
-//! `regs N`, `nmi N`), answered by zero or more `name<TAB>value` lines and a
-//! last line `ok` or `error <message>`.
+//! Protocol: one request line (`reset`, `poweroff`, `stats N`, `regs N`,
+//! `nmi N`), answered by zero or more `name<TAB>value` lines and a last line
+//! `ok` or `error <message>`. A request that ends the VM is carried out after
+//! the answer is sent, so the process exiting never cuts the answer off.
+//! (`--destroy` does not come this way: see the registry's `destroy` marker,
+//! which also reaches a bhyve that is still starting.)
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rhyve_hypervisor::registry::{Registry, VmHandle};
 use rhyve_platform::exit::{ExitRequest, ExitRequests};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -20,6 +23,12 @@ use crate::vcpu::{VcpuRequest, VcpuShared};
 
 /// How long a request waits for a vCPU thread to answer.
 const VCPU_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client waits for the socket of a VM that is still starting
+/// (building the machine can take a while on a loaded host).
+const STARTING_VM_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What a request asks for: value lines to answer, and maybe a way to end the VM.
+type Answer = (Vec<(String, String)>, Option<ExitRequest>);
 
 pub struct ControlServer {
     pub shared: Arc<VcpuShared>,
@@ -47,10 +56,10 @@ fn resident_bytes(memory: &GuestMemoryMmap) -> u64 {
 }
 
 impl ControlServer {
-    /// Serve requests on `path` from a background thread for the life of the process.
-    pub fn spawn(self, path: &Path) -> std::io::Result<()> {
-        let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path)?;
+    /// Serve requests on `named`'s control socket from a background thread
+    /// for the life of the process.
+    pub fn spawn(self, named: &VmHandle) -> std::io::Result<()> {
+        let listener: UnixListener = named.bind_control()?;
         let server = Arc::new(self);
         std::thread::Builder::new()
             .name("control".into())
@@ -70,11 +79,18 @@ impl ControlServer {
         BufReader::new(std::io::Read::take(&stream, 256)).read_line(&mut line)?;
         let mut out = &stream;
         match self.handle(line.trim()) {
-            Ok(lines) => {
+            Ok((lines, end)) => {
+                let mut reply = String::new();
                 for (name, value) in lines {
-                    writeln!(out, "{name}\t{value}")?;
+                    reply.push_str(&format!("{name}\t{value}\n"));
                 }
-                writeln!(out, "ok")
+                reply.push_str("ok\n");
+                let sent = out.write_all(reply.as_bytes());
+                // Asked for even if the client is gone: the operator wanted it.
+                if let Some(why) = end {
+                    self.exits.request(why);
+                }
+                sent
             }
             Err(e) => writeln!(out, "error {e}"),
         }
@@ -91,16 +107,13 @@ impl ControlServer {
         Ok(cpu)
     }
 
-    fn handle(&self, request: &str) -> Result<Vec<(String, String)>, String> {
+    fn handle(&self, request: &str) -> Result<Answer, String> {
         let mut words = request.split_whitespace();
         let command = words.next().unwrap_or("");
         let arg = words.next();
         match command {
-            "reset" => self.exits.request(ExitRequest::Reset),
-            "poweroff" => self.exits.request(ExitRequest::PowerOff),
-            "destroy" => self.exits.request(ExitRequest::Error(
-                "the VM was destroyed (bhyvectl --destroy)".into(),
-            )),
+            "reset" => return Ok((Vec::new(), Some(ExitRequest::Reset))),
+            "poweroff" => return Ok((Vec::new(), Some(ExitRequest::PowerOff))),
             "stats" => {
                 let cpu = self.cpu(arg)?;
                 let mut lines: Vec<(String, String)> = self
@@ -115,7 +128,7 @@ impl ControlServer {
                     "Resident memory".into(),
                     resident_bytes(&self.memory).to_string(),
                 ));
-                return Ok(lines);
+                return Ok((lines, None));
             }
             "regs" => {
                 let cpu = self.cpu(arg)?;
@@ -124,10 +137,11 @@ impl ControlServer {
                 let regs = rx
                     .recv_timeout(VCPU_ANSWER_TIMEOUT)
                     .map_err(|_| format!("vcpu {cpu} did not answer"))??;
-                return Ok(regs
+                let lines = regs
                     .into_iter()
                     .map(|(k, v)| (k.to_string(), format!("{v:#x}")))
-                    .collect());
+                    .collect();
+                return Ok((lines, None));
             }
             "nmi" => {
                 let cpu = self.cpu(arg)?;
@@ -138,18 +152,22 @@ impl ControlServer {
             }
             other => return Err(format!("unknown request \"{other}\"")),
         }
-        Ok(Vec::new())
+        Ok((Vec::new(), None))
     }
 }
 
-/// A client: send `request` to the bhyve serving `socket`; the value lines,
+/// A client: send `request` to the bhyve running `name`; the value lines,
 /// or the server's error.
-pub fn request(socket: &Path, request: &str) -> Result<Vec<(String, String)>, String> {
-    // A VM is marked running as soon as its bhyve holds the entry, a moment
-    // before the socket is up: wait for it briefly.
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+pub fn request(
+    registry: &Registry,
+    name: &str,
+    request: &str,
+) -> Result<Vec<(String, String)>, String> {
+    // A VM is marked running as soon as its bhyve holds the entry, before
+    // it has built the machine and opened the socket: wait while it starts.
+    let deadline = std::time::Instant::now() + STARTING_VM_TIMEOUT;
     let mut stream = loop {
-        match UnixStream::connect(socket) {
+        match registry.connect_control(name) {
             Ok(s) => break s,
             Err(e)
                 if matches!(
@@ -157,6 +175,9 @@ pub fn request(socket: &Path, request: &str) -> Result<Vec<(String, String)>, St
                     std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
                 ) && std::time::Instant::now() < deadline =>
             {
+                if !registry.in_use(name) {
+                    return Err(format!("VM {name} is not running"));
+                }
                 std::thread::sleep(Duration::from_millis(20));
             }
             Err(e) => return Err(format!("cannot reach the VM: {e}")),

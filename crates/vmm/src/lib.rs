@@ -53,14 +53,16 @@ const TICK: Duration = Duration::from_millis(50);
 /// Halt checks happen every this many ticks.
 const HALT_CHECK_TICKS: u32 = 4;
 
-/// Hooks the supervisor needs from the platform devices.
-pub struct Supervision {
+/// Hooks the supervisor needs from the platform devices and the registry.
+pub struct Supervision<'a> {
     /// True once the guest has switched ACPI on (SMI_CMD 0xA0).
     pub acpi_enabled: Box<dyn Fn() -> bool + Send>,
     /// Press the ACPI power button.
     pub press_power_button: Box<dyn Fn() + Send>,
     /// Put the terminal back before the process dies of a signal.
     pub restore_terminal: Box<dyn Fn() + Send>,
+    /// True once `bhyvectl --destroy` asked for the VM to go away.
+    pub destroy_requested: Box<dyn Fn() -> bool + 'a>,
 }
 
 impl VmmError {
@@ -112,7 +114,7 @@ pub fn run(tree: &ConfigTree) -> i32 {
         exits: exits.clone(),
         memory: vm.memory().clone(),
     };
-    if let Err(e) = control.spawn(&named.dir().join("control")) {
+    if let Err(e) = control.spawn(&named) {
         tracing::warn!("no control socket for bhyvectl: {e}");
     }
     let (pm_query, pm_press) = (platform.pm.clone(), platform.pm.clone());
@@ -124,6 +126,7 @@ pub fn run(tree: &ConfigTree) -> i32 {
             }
         }),
         restore_terminal: Box::new(rhyve_backends::serial::restore_terminal),
+        destroy_requested: Box::new(|| named.destroy_requested()),
     };
     if let Some(nvram) = named.record().ok().and_then(|r| r.rtc_nvram) {
         platform
@@ -132,9 +135,11 @@ pub fn run(tree: &ConfigTree) -> i32 {
             .unwrap_or_else(|e| e.into_inner())
             .restore_nvram(&nvram);
     }
-    let why = supervise(vcpus, shared, exits, hooks);
-    // The VM outlives this process: keep what its RTC remembers.
+    let why = supervise(vcpus, shared.clone(), exits, hooks);
+    // The VM outlives this process: keep what its RTC remembers and where
+    // its vCPUs stopped.
     if let Ok(mut record) = named.record() {
+        record.vcpus_at_stop = shared.registers_at_stop();
         record.rtc_nvram = Some(
             platform
                 .rtc
@@ -156,9 +161,7 @@ pub fn run(tree: &ConfigTree) -> i32 {
         && tree.bool_or("destroy_on_poweroff", false).unwrap_or(false))
         || tree.bool_or("monitor", false).unwrap_or(false);
     if destroy {
-        let name = named.name().to_string();
-        drop(named);
-        if let Err(e) = rhyve_hypervisor::registry::Registry::from_env().remove(&name) {
+        if let Err(e) = named.destroy() {
             eprintln!("bhyve: {e}");
         }
     }
@@ -211,6 +214,12 @@ pub fn supervise(
         match wake_rx.recv_timeout(TICK) {
             Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if (hooks.destroy_requested)() {
+            exits.request(ExitRequest::Error(
+                "the VM was destroyed (bhyvectl --destroy)".into(),
+            ));
+            break;
         }
         if signals::take_sigterm() {
             if (hooks.acpi_enabled)() {
@@ -277,6 +286,17 @@ pub fn refuse_unsupported(tree: &ConfigTree) -> Result<(), VmmError> {
     }
     if tree.get("lpc.fwcfg").ok().flatten().as_deref() == Some("qemu") {
         return unsupported("QEMU fw_cfg (fwcfg=qemu)");
+    }
+    // bhyve gives each further bus a host bridge of its own in the DSDT;
+    // rhyve's firmware tables describe bus 0 only.
+    if let Some(f) = rhyve_config::pci_functions(tree)?
+        .into_iter()
+        .find(|f| f.bus != 0)
+    {
+        return Err(VmmError::Unsupported(format!(
+            "pci slot {}:{}:{}: PCI bus {} is not supported yet: the firmware tables describe bus 0 only (use -s {}:{})",
+            f.bus, f.slot, f.func, f.bus, f.slot, f.func
+        )));
     }
     Ok(())
 }

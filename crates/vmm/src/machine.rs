@@ -135,6 +135,8 @@ fn take_named_vm(tree: &ConfigTree, spec: &VmSpec) -> Result<VmHandle, VmmError>
         )));
     }
     record.memory_size = Some(size);
+    // Registers of an earlier run no longer describe this one.
+    record.vcpus_at_stop.clear();
     handle.save(&record).map_err(setup("registry"))?;
     Ok(handle)
 }
@@ -179,15 +181,50 @@ fn write_tables(
         .bool_or("x86.mptable", true)
         .map_err(|e| VmmError::Config(e.to_string()))?
     {
+        if rhyve_boot::build_mptable(spec.cpus, &routes).is_err() {
+            let max = most_that_fit(spec.cpus, |n| rhyve_boot::build_mptable(n, &routes).is_ok());
+            return Err(VmmError::Setup(format!(
+                "-c {}: the MP table (0xF0000-0xF1000, one entry per vCPU) describes at most {max} vCPUs on this machine; leave it out with -Y (guests then find the vCPUs in ACPI's MADT)",
+                spec.cpus
+            )));
+        }
         rhyve_boot::write_mptable(vm.memory(), spec.cpus, &routes).map_err(setup("MP table"))?;
     }
-    let topology = CpuTopology {
-        sockets: spec.sockets as u16,
+    let topology = |sockets: u32| CpuTopology {
+        sockets: sockets as u16,
         cores: spec.cores as u16,
         threads: spec.threads as u16,
     };
-    rhyve_boot::write_smbios(vm.memory(), tree, &spec.memory, topology).map_err(setup("SMBIOS"))?;
+    if rhyve_boot::build_smbios(tree, &spec.memory, topology(spec.sockets)).is_err() {
+        let max = most_that_fit(spec.sockets, |n| {
+            rhyve_boot::build_smbios(tree, &spec.memory, topology(n)).is_ok()
+        });
+        if max > 0 {
+            return Err(VmmError::Setup(format!(
+                "-c {}: {} sockets do not fit in SMBIOS: its area (0xF1000-0xF2400, as bhyve's) holds one processor structure per socket, for at most {max} sockets; give the vCPUs as cores (-c {},sockets=1,cores={})",
+                spec.cpus, spec.sockets, spec.cpus, spec.cpus
+            )));
+        }
+    }
+    rhyve_boot::write_smbios(vm.memory(), tree, &spec.memory, topology(spec.sockets))
+        .map_err(setup("SMBIOS"))?;
     Ok(())
+}
+
+/// The largest `n` in 1..`limit` for which `fits(n)` holds (0 if none),
+/// `fits` holding for every number up to some bound: how many vCPUs or
+/// sockets a firmware table has room for.
+fn most_that_fit(limit: u32, fits: impl Fn(u32) -> bool) -> u32 {
+    let (mut lo, mut hi) = (0, limit);
+    while lo + 1 < hi {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
 }
 
 /// Build the whole machine the tree describes.

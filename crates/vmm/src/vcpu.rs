@@ -34,6 +34,8 @@ pub struct VcpuShared {
     /// pthread ids of the vCPU threads, to kick them out of the guest.
     threads: Vec<AtomicU64>,
     counters: Vec<VcpuCounters>,
+    /// Each vCPU's registers as its thread left the guest for good.
+    at_stop: Vec<Mutex<Vec<(&'static str, u64)>>>,
 }
 
 /// A request served by the vCPU thread on its next exit.
@@ -89,6 +91,7 @@ impl VcpuShared {
             requests: (0..cpus).map(|_| Mutex::new(Vec::new())).collect(),
             threads: (0..cpus).map(|_| AtomicU64::new(0)).collect(),
             counters: (0..cpus).map(|_| VcpuCounters::default()).collect(),
+            at_stop: (0..cpus).map(|_| Mutex::new(Vec::new())).collect(),
             pinning,
             io,
             mmio,
@@ -123,6 +126,21 @@ impl VcpuShared {
             unsafe { libc::pthread_kill(tid as libc::pthread_t, crate::signals::kick_signal()) };
         }
         true
+    }
+
+    /// Each vCPU's registers when the VM stopped (empty for a vCPU that
+    /// could not be read), once every vCPU thread has ended.
+    pub fn registers_at_stop(&self) -> Vec<Vec<(String, u64)>> {
+        self.at_stop
+            .iter()
+            .map(|regs| {
+                regs.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), *v))
+                    .collect()
+            })
+            .collect()
     }
 
     /// Ask every vCPU to look at whether it is halted for good on its next exit.
@@ -170,8 +188,18 @@ fn pin_current_thread(cpus: &[u32]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Run `vcpu` until the VM is asked to stop.
+/// Run `vcpu` until the VM is asked to stop, then keep its registers: bhyve
+/// leaves a stopped VM in the kernel where bhyvectl can still read them.
 pub fn run_vcpu(mut vcpu: Box<dyn Vcpu>, shared: Arc<VcpuShared>) {
+    run_until_stopped(vcpu.as_mut(), &shared);
+    let id = vcpu.id() as usize;
+    match vcpu.registers() {
+        Ok(regs) => *shared.at_stop[id].lock().unwrap_or_else(|e| e.into_inner()) = regs,
+        Err(e) => tracing::warn!("vcpu {id}: cannot keep its registers: {e}"),
+    }
+}
+
+fn run_until_stopped(vcpu: &mut dyn Vcpu, shared: &VcpuShared) {
     let id = vcpu.id();
     // SAFETY: pthread_self has no preconditions.
     shared.threads[id as usize].store(unsafe { libc::pthread_self() } as u64, Ordering::SeqCst);
@@ -200,13 +228,13 @@ pub fn run_vcpu(mut vcpu: Box<dyn Vcpu>, shared: Arc<VcpuShared>) {
                 counters.io.fetch_add(1, Ordering::Relaxed);
                 if !shared.io.read(u64::from(port), data) {
                     let len = data.len();
-                    unassigned_port(&shared, id, "read", port, len);
+                    unassigned_port(shared, id, "read", port, len);
                 }
             }
             VcpuExit::IoOut { port, data } => {
                 counters.io.fetch_add(1, Ordering::Relaxed);
                 if !shared.io.write(u64::from(port), data) {
-                    unassigned_port(&shared, id, "write", port, data.len());
+                    unassigned_port(shared, id, "write", port, data.len());
                 }
             }
             VcpuExit::MmioRead { addr, data } => {
@@ -248,7 +276,7 @@ pub fn run_vcpu(mut vcpu: Box<dyn Vcpu>, shared: Arc<VcpuShared>) {
                 .request(ExitRequest::Error(format!("vcpu {id}: {why}"))),
             VcpuExit::Interrupted => {
                 counters.interrupted.fetch_add(1, Ordering::Relaxed);
-                serve_requests(vcpu.as_mut(), &shared.requests[id as usize]);
+                serve_requests(vcpu, &shared.requests[id as usize]);
                 if shared.halt_check[id as usize].load(Ordering::SeqCst) {
                     let idle = match (vcpu.started(), vcpu.halted_for_good()) {
                         (Ok(false), _) | (_, Ok(true)) => IDLE_FOR_GOOD,
