@@ -277,12 +277,18 @@ impl Registry {
     /// What the registry records about `name`, read without taking it.
     pub fn record(&self, name: &str) -> Result<VmRecord, RegistryError> {
         let dir = self.dir(name)?;
-        let bytes = fs::read(dir.join("vm.json")).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => RegistryError::NoSuchVm(name.to_string()),
-            _ => RegistryError::Io {
+        let bytes = read_limited(&dir.join("vm.json"), VM_RECORD_LIMIT).map_err(|e| match e {
+            FileError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => {
+                RegistryError::NoSuchVm(name.to_string())
+            }
+            FileError::Io { source, .. } => RegistryError::Io {
                 name: name.to_string(),
                 what: "reading vm.json",
-                source: e,
+                source,
+            },
+            other => RegistryError::Damaged {
+                name: name.to_string(),
+                why: other.to_string(),
             },
         })?;
         serde_json::from_slice(&bytes).map_err(|e| RegistryError::Damaged {
