@@ -3,9 +3,25 @@
 # /init (crates/guests/linux-init/init.c) mounts /proc, prints the kernel
 # release, the CPU count and the PCI functions Linux enumerated, prints
 # BOOT-OK with /proc/uptime and powers the VM off through ACPI (bhyve exit
-# status 1). The machine has a virtio-blk and an AHCI disk besides the host
-# bridge and LPC; the script checks Linux listed all four functions with
-# bhyve's IDs and that its rtc_cmos driver registered the RTC.
+# status 1). The script checks Linux listed every PCI function with bhyve's
+# IDs and that its rtc_cmos driver registered the RTC. Then /init loads
+# Linux's own drivers from the initramfs (Debian's modules, dependencies
+# resolved on the host) and exercises the devices with them, the host
+# playing its part (scripts/full-boot-host.py, in a network namespace of
+# its own):
+#   - virtio-blk: vda's first MiB read and summed (the host's sum must
+#     match), 64 KiB of a pattern written at 1 MiB and synced (the host
+#     finds it in the image); vdb, attached `ro`, is read-only to Linux
+#     and refuses a write;
+#   - virtio-rnd: Linux's hwrng reads from it;
+#   - virtio-console: a line each way through the port named port1 and the
+#     host's socket;
+#   - virtio-net on a tap: the guest pings the host, the host pings the
+#     guest, 256 KiB each way over TCP with matching sums;
+#   - the ACPI power button: SIGTERM to bhyve reaches /init as KEY_POWER
+#     from Linux's button driver, and /init powers off (exit status 1).
+# The AHCI disk is enumerated only: Debian's cloud kernel has no AHCI
+# driver.
 #
 #   scripts/full-boot.sh [CPUS]      (default 1)
 #
@@ -37,26 +53,86 @@ cpus="${1:-1}"
 scripts/setup.sh
 cargo build --release --bin bhyve
 kernel="$(scripts/fetch-guest-kernel.sh --elf)"
+moddir="$(ls -d work/guest/kernel/lib/modules/*/ | head -n1)"
 init="$(cargo run -q --release -p rhyve-guests --bin rhyve-guest-path -- linux-init)"
 initrd=work/guest/full-boot-initramfs.cpio
-scripts/build-initramfs.sh "$initrd" "$init"
-disks=(work/guest/full-boot-virtio.img work/guest/full-boot-ahci.img)
-truncate -s 1M "${disks[@]}"
+scripts/build-initramfs.sh "$initrd" "$init" --modules "$moddir" \
+  virtio_pci,virtio_blk,virtio_net,virtio_console,virtio-rng,button,evdev
+vda=work/guest/full-boot-vda.img
+vdb=work/guest/full-boot-vdb.img
+ahci=work/guest/full-boot-ahci.img
+head -c 2M /dev/urandom > "$vda"
+truncate -s 1M "$vdb" "$ahci"
+vda_sum=$(python3 -c 'import sys
+h = 0xcbf29ce484222325
+for b in open(sys.argv[1], "rb").read(1 << 20):
+    h = ((h ^ b) * 0x100000001b3) & 0xffffffffffffffff
+print(f"{h:016x}")' "$vda")
+console_sock="$PWD/work/guest/full-boot-console$cpus.sock"
+rm -f "$console_sock"
+netns="rhyvefb$cpus"
+tap="tapfb$cpus"
+ip netns del "$netns" 2>/dev/null || true
+ip netns add "$netns"
+ip -n "$netns" link set lo up
+trap 'ip netns del "$netns" 2>/dev/null || true' EXIT
 log="work/full-boot-c$cpus.log"
 cmdline="console=ttyS0 clearcpuid=cx16,ssse3,smep,smap noxsave vdso=0 nosoftlockup sysctl.kernel.hung_task_timeout_secs=0 ipv6.disable=1 mitigations=off init_on_alloc=0 cryptomgr.notests initcall_blacklist=trace_eval_init,blake2s_mod_init rodata=off rcupdate.rcu_cpu_stall_suppress=1 panic=-1"
 start=$(date +%s)
 set +e
-./target/release/bhyve -A -H -P -c "$cpus" -m 256M -s 0,hostbridge -s 31,lpc -l com1,stdio \
-  -s 3,virtio-blk,"${disks[0]}" -s 4,ahci-hd,"${disks[1]}" \
+ip netns exec "$netns" python3 scripts/full-boot-host.py --tap "$tap" --console-socket "$console_sock" -- \
+  ./target/release/bhyve -A -H -P -c "$cpus" -m 256M -s 0,hostbridge -s 31,lpc -l com1,stdio \
+  -s 3,virtio-blk,"$vda" -s 4,ahci-hd,"$ahci" -s 5,virtio-blk,"$vdb",ro \
+  -s 6,virtio-net,"$tap" -s 7,virtio-console,port1="$console_sock" -s 8,virtio-rnd \
   -o boot.kernel="$kernel" -o boot.initrd="$initrd" -o boot.cmdline="$cmdline" \
-  "fullboot$cpus" < /dev/null | tee "$log"
+  "fullboot$cpus" | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 echo "bhyve exited with status $status after $(( $(date +%s) - start )) s"
-grep -q "^BOOT-OK uptime " "$log" || { echo "full-boot: no BOOT-OK line" >&2; exit 1; }
-for function in "0000 12751275" "0018 1af41001" "0020 80862821" "00f8 80867000"; do
-  grep -q "^pci $function " "$log" || { echo "full-boot: Linux did not list PCI function $function" >&2; exit 1; }
+# The guest's tty ends its lines with CR LF.
+sed -i 's/\r$//' "$log"
+failed=0
+check() { # check DESCRIPTION PATTERN: a line of the log matches PATTERN
+  if grep -qE -- "$2" "$log"; then
+    echo "full-boot: ok: $1"
+  else
+    echo "full-boot: FAILED: $1 (no line matching '$2')" >&2
+    failed=1
+  fi
+}
+check "BOOT-OK" "^BOOT-OK uptime "
+for function in "0000 12751275" "0018 1af41001" "0020 80862821" "0028 1af41001" "0030 1af41000" "0038 1af41003" "0040 1af41005" "00f8 80867000"; do
+  check "Linux lists PCI function $function" "^pci $function "
 done
-grep -q "rtc_cmos .*: registered as rtc0" "$log" || { echo "full-boot: Linux's rtc_cmos did not register the RTC" >&2; exit 1; }
-[ "$status" -eq 1 ] || { echo "full-boot: expected exit status 1 (ACPI power-off)" >&2; exit 1; }
+check "Linux's rtc_cmos registered the RTC" "rtc_cmos .*: registered as rtc0"
+check "every module loaded" "^dev modules: virtio_net.ko$"
+if grep -q "^dev modules: FAIL" "$log"; then
+  echo "full-boot: FAILED: a module did not load" >&2
+  failed=1
+fi
+check "virtio-blk: Linux read vda's first MiB as the host wrote it" "^dev virtio-blk: vda read 1048576 bytes fnv1a64 $vda_sum$"
+check "virtio-blk: Linux wrote and synced" "^dev virtio-blk: vda wrote 65536 bytes of pattern 131i\+7 at 1048576 and synced$"
+if python3 -c 'import sys
+data = open(sys.argv[1], "rb").read()[1 << 20:(1 << 20) + 65536]
+sys.exit(0 if data == bytes((i * 131 + 7) & 0xff for i in range(65536)) else 1)' "$vda"; then
+  echo "full-boot: ok: virtio-blk: the host finds the guest's pattern in the image"
+else
+  echo "full-boot: FAILED: virtio-blk: the guest's pattern is not in the image" >&2
+  failed=1
+fi
+check "virtio-blk: Linux sees the ro disk read-only" "^dev virtio-blk: vdb ro flag 1$"
+check "virtio-blk: the ro disk refuses a write (EPERM)" "^dev virtio-blk: vdb \(ro\) refused a write: errno 1$"
+check "virtio-rnd: Linux's hwrng uses it" "^dev virtio-rnd: hwrng current virtio_rng"
+check "virtio-rnd: bytes read from /dev/hwrng" "^dev virtio-rnd: read 32 bytes from /dev/hwrng: [0-9a-f]{64}$"
+check "virtio-console: the host read the guest's line" "^host: virtio-console read: guest to host over port1$"
+check "virtio-console: the guest read the host's line" "^dev virtio-console: read from port1: host to guest over port1$"
+check "virtio-net: the guest's ping answered" "^dev virtio-net: ping 10.99.1.1: echo reply$"
+check "virtio-net: the host's pings answered" "^host: ping 10.99.1.2: [1-3]/3 replies$"
+guest_sent=$(sed -n 's/^dev virtio-net: sent 262144 bytes fnv1a64 \([0-9a-f]*\)$/\1/p' "$log")
+guest_got=$(sed -n 's/^dev virtio-net: received 262144 bytes fnv1a64 \([0-9a-f]*\)$/\1/p' "$log")
+check "virtio-net: TCP, guest to host, sums match" "^host: tcp received 262144 bytes fnv1a64 ${guest_sent:-none};"
+check "virtio-net: TCP, host to guest, sums match" "^host: tcp .*; sent 262144 bytes fnv1a64 ${guest_got:-none}$"
+check "power button: Linux's button driver reported KEY_POWER" "^dev power-button: KEY_POWER pressed: powering off$"
+[ "$status" -eq 1 ] || { echo "full-boot: FAILED: expected exit status 1 (ACPI power-off), got $status" >&2; failed=1; }
+[ "$failed" -eq 0 ] || exit 1
 echo "full-boot: OK with $cpus CPU(s)"

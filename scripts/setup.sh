@@ -10,6 +10,7 @@ packages=(
   cpio              # initramfs archives
   user-mode-linux   # real Linux virtio drivers over vhost-user
   iproute2          # network namespaces and taps for virtio-net tests
+  iputils-ping      # the host pings the full boot's guest
   e2fsprogs         # mkfs.ext4 for disk images
   dosfstools        # FAT images for grub-bhyve tests
   mtools            # filling FAT images without mounting

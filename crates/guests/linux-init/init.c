@@ -77,6 +77,14 @@ typedef unsigned int u32;
 #define NR32_MOUNT 21
 #define NR32_REBOOT 88
 #define NR32_UNAME 122
+#define NR32_LSEEK 19
+#define NR32_IOCTL 54
+#define NR32_FSYNC 118
+#define NR32_NANOSLEEP 162
+#define NR32_POLL 168
+#define NR32_FINIT_MODULE 350
+#define NR32_SOCKET 359
+#define NR32_CONNECT 362
 
 #define LINUX_REBOOT_MAGIC1 0xfee1deadu
 #define LINUX_REBOOT_MAGIC2 672274793u
@@ -359,6 +367,446 @@ static void print_pci_functions(void)
 }
 
 
+/* ---- Linux's own drivers on rhyve's devices (when the initramfs holds
+ * /modules: scripts/build-initramfs.sh --modules) ----
+ *
+ * /modules/order lists the module files in load order (dependencies
+ * first, resolved on the host).  Each device's check prints "dev <name>:
+ * ..." lines that scripts/full-boot.sh compares with what the host saw;
+ * a failed step prints "dev <name>: FAIL ..." and the others go on. */
+
+#define O_RDONLY 0
+#define O_WRONLY 1
+#define O_RDWR 2
+#define EEXIST 17
+#define POLLIN 1
+
+static char *append_hex(char *at, u64 v, int digits)
+{
+	for (int i = digits - 1; i >= 0; i--)
+		*at++ = "0123456789abcdef"[(v >> (4 * i)) & 15];
+	*at = 0;
+	return at;
+}
+
+static void report(const char *dev, const char *what, long err)
+{
+	char *at = append(line, "dev ");
+	at = append(at, dev);
+	at = append(at, ": ");
+	if (err < 0)
+		at = append(at, "FAIL ");
+	at = append(at, what);
+	if (err < 0) {
+		at = append(at, " errno ");
+		at = append_u32(at, (u32)-err);
+	}
+	append(at, "\n");
+	put(line);
+}
+
+/* Where the checks compose what they report (report() writes line). */
+static char msg[256];
+
+static u64 fnv1a64(u64 h, const unsigned char *p, u32 n)
+{
+	for (u32 i = 0; i < n; i++)
+		h = (h ^ p[i]) * 0x100000001b3ul;
+	return h;
+}
+#define FNV_START 0xcbf29ce484222325ul
+
+static long wait_readable(long fd, u32 timeout_ms)
+{
+	struct {
+		int fd;
+		short events, revents;
+	} pfd = { (int)fd, POLLIN, 0 };
+	return sys32(NR32_POLL, (u32)(u64)&pfd, 1, timeout_ms, 0, 0);
+}
+
+static void sleep_ms(u32 ms)
+{
+	struct {
+		u32 sec, nsec;
+	} ts = { ms / 1000, ms % 1000 * 1000000 };
+	sys32(NR32_NANOSLEEP, (u32)(u64)&ts, 0, 0, 0, 0);
+}
+
+static void load_modules(void)
+{
+	char name[128];
+	static char order[4096];
+	u32 len = read_file("/modules/order");
+	if (len >= sizeof(order))
+		len = sizeof(order) - 1;
+	for (u32 i = 0; i <= len; i++)
+		order[i] = buf[i];
+	for (const char *p = order; *p; p = next_line(p)) {
+		char *at = append(name, "/modules/");
+		next_field(p, at, (u32)(sizeof(name) - (u32)(at - name)));
+		long fd = sys32(NR32_OPEN, (u32)(u64)name, O_RDONLY, 0, 0, 0);
+		long err = fd < 0 ? fd : sys32(NR32_FINIT_MODULE, (u32)fd, (u32)(u64) "", 0, 0, 0);
+		if (fd >= 0)
+			sys32(NR32_CLOSE, (u32)fd, 0, 0, 0, 0);
+		if (err == -EEXIST)
+			err = 0;
+		report("modules", name + 9, err);
+	}
+}
+
+/* The first MiB of vda read and summed; 64 KiB of a known pattern written
+ * after it and synced; vdb (read-only) refuses a write. */
+static void check_virtio_blk(void)
+{
+	static unsigned char chunk[65536];
+	char *at;
+	u32 len;
+	u64 sum = FNV_START;
+	long fd = sys32(NR32_OPEN, (u32)(u64) "/dev/vda", O_RDWR, 0, 0, 0), n = 0;
+	if (fd < 0) {
+		report("virtio-blk", "open /dev/vda", fd);
+		return;
+	}
+	for (u32 done = 0; done < (1u << 20); done += (u32)n) {
+		n = sys32(NR32_READ, (u32)fd, (u32)(u64)chunk, sizeof(chunk), 0, 0);
+		if (n <= 0) {
+			report("virtio-blk", "read /dev/vda", n < 0 ? n : -5);
+			return;
+		}
+		sum = fnv1a64(sum, chunk, (u32)n);
+	}
+	at = append(msg, "vda read 1048576 bytes fnv1a64 ");
+	append_hex(at, sum, 16);
+	report("virtio-blk", msg, 0);
+	for (u32 i = 0; i < sizeof(chunk); i++)
+		chunk[i] = (unsigned char)(i * 131 + 7);
+	n = sys32(NR32_LSEEK, (u32)fd, 1u << 20, 0, 0, 0);
+	if (n >= 0)
+		n = sys32(NR32_WRITE, (u32)fd, (u32)(u64)chunk, sizeof(chunk), 0, 0);
+	if (n >= 0)
+		n = sys32(NR32_FSYNC, (u32)fd, 0, 0, 0, 0);
+	report("virtio-blk", "vda wrote 65536 bytes of pattern 131i+7 at 1048576 and synced", n);
+	sys32(NR32_CLOSE, (u32)fd, 0, 0, 0, 0);
+
+	/* Linux opens a read-only disk for writing but refuses the write
+	 * (EPERM); its ro flag comes from the device's VIRTIO_BLK_F_RO. */
+	len = read_file("/sys/block/vdb/ro");
+	at = append(msg, "vdb ro flag ");
+	append(at, len && buf[0] == '1' ? "1" : "0");
+	report("virtio-blk", msg, 0);
+	fd = sys32(NR32_OPEN, (u32)(u64) "/dev/vdb", O_RDWR, 0, 0, 0);
+	n = fd < 0 ? fd : sys32(NR32_WRITE, (u32)fd, (u32)(u64)chunk, 512, 0, 0);
+	if (fd >= 0)
+		sys32(NR32_CLOSE, (u32)fd, 0, 0, 0, 0);
+	if (n >= 0) {
+		report("virtio-blk", "vdb (ro) took a write", -1);
+	} else {
+		at = append(msg, "vdb (ro) refused a write: errno ");
+		append_u32(at, (u32)-n);
+		report("virtio-blk", msg, 0);
+	}
+}
+
+static void check_virtio_rnd(void)
+{
+	unsigned char bytes[32];
+	char *at;
+	u32 len = read_file("/sys/class/misc/hw_random/rng_current");
+	long fd, n;
+	while (len && (buf[len - 1] == '\n'))
+		buf[--len] = 0;
+	at = append(msg, "hwrng current ");
+	append(at, buf);
+	report("virtio-rnd", msg, 0);
+	fd = sys32(NR32_OPEN, (u32)(u64) "/dev/hwrng", O_RDONLY, 0, 0, 0);
+	n = fd < 0 ? fd : sys32(NR32_READ, (u32)fd, (u32)(u64)bytes, sizeof(bytes), 0, 0);
+	if (fd >= 0)
+		sys32(NR32_CLOSE, (u32)fd, 0, 0, 0, 0);
+	if (n < 0) {
+		report("virtio-rnd", "read /dev/hwrng", n);
+		return;
+	}
+	at = append(msg, "read ");
+	at = append_u32(at, (u32)n);
+	at = append(at, " bytes from /dev/hwrng: ");
+	for (long i = 0; i < n; i++)
+		at = append_hex(at, bytes[i], 2);
+	report("virtio-rnd", msg, 0);
+}
+
+/* The port the host named "port1": one line to the host, one line back. */
+static void check_virtio_console(void)
+{
+	char path[64], name[32];
+	long fd = -2, n;
+	for (u32 dev = 0; dev < 4 && fd < 0; dev++)
+		for (u32 port = 0; port < 4 && fd < 0; port++) {
+			char *at = append(path, "/sys/class/virtio-ports/vport");
+			at = append_u32(at, dev);
+			at = append(at, "p");
+			at = append_u32(at, port);
+			append(at, "/name");
+			long nfd = sys32(NR32_OPEN, (u32)(u64)path, O_RDONLY, 0, 0, 0);
+			if (nfd < 0)
+				continue;
+			n = sys32(NR32_READ, (u32)nfd, (u32)(u64)name, sizeof(name) - 1, 0, 0);
+			sys32(NR32_CLOSE, (u32)nfd, 0, 0, 0, 0);
+			name[n > 0 ? n : 0] = 0;
+			if (!str_eq(name, "port1\n"))
+				continue;
+			at = append(path, "/dev/vport");
+			at = append_u32(at, dev);
+			at = append(at, "p");
+			append_u32(at, port);
+			fd = sys32(NR32_OPEN, (u32)(u64)path, O_RDWR, 0, 0, 0);
+		}
+	if (fd < 0) {
+		report("virtio-console", "no port named port1", fd == -2 ? -2 : fd);
+		return;
+	}
+	n = sys32(NR32_WRITE, (u32)fd, (u32)(u64) "guest to host over port1\n", 25, 0, 0);
+	report("virtio-console", "wrote a line to port1", n < 0 ? n : 0);
+	n = wait_readable(fd, 120000);
+	if (n > 0)
+		n = sys32(NR32_READ, (u32)fd, (u32)(u64)buf, 200, 0, 0);
+	if (n <= 0) {
+		report("virtio-console", "read from port1", n < 0 ? n : -110);
+	} else {
+		char *at = append(msg, "read from port1: ");
+		for (long i = 0; i < n && buf[i] != '\n'; i++)
+			*at++ = buf[i];
+		*at = 0;
+		report("virtio-console", msg, 0);
+	}
+	sys32(NR32_CLOSE, (u32)fd, 0, 0, 0, 0);
+}
+
+#define AF_INET 2
+#define SOCK_STREAM 1
+#define SOCK_DGRAM 2
+#define SOCK_RAW 3
+#define IPPROTO_ICMP 1
+#define SIOCSIFFLAGS 0x8914
+#define SIOCSIFADDR 0x8916
+#define SIOCSIFNETMASK 0x891c
+#define IFF_UP 1
+
+struct sockaddr_in4 {
+	unsigned short family, port;
+	u32 addr;
+	unsigned char zero[8];
+};
+
+static u32 ip4(u32 a, u32 b, u32 c, u32 d) { return a | b << 8 | c << 16 | d << 24; }
+
+static long set_ifaddr(long sock, const char *ifname, u32 request, u32 addr)
+{
+	struct {
+		char name[16];
+		struct sockaddr_in4 sa;
+	} ifr = { { 0 }, { AF_INET, 0, addr, { 0 } } };
+	for (int i = 0; ifname[i] && i < 15; i++)
+		ifr.name[i] = ifname[i];
+	return sys32(NR32_IOCTL, (u32)sock, request, (u32)(u64)&ifr, 0, 0);
+}
+
+static long interface_up(long sock, const char *ifname)
+{
+	struct {
+		char name[16];
+		short flags;
+		char pad[14];
+	} ifr = { { 0 }, IFF_UP, { 0 } };
+	for (int i = 0; ifname[i] && i < 15; i++)
+		ifr.name[i] = ifname[i];
+	return sys32(NR32_IOCTL, (u32)sock, SIOCSIFFLAGS, (u32)(u64)&ifr, 0, 0);
+}
+
+static unsigned short inet_checksum(const unsigned char *p, u32 n)
+{
+	u32 sum = 0;
+	for (u32 i = 0; i + 1 < n; i += 2)
+		sum += (u32)p[i] | (u32)p[i + 1] << 8;
+	if (n & 1)
+		sum += p[n - 1];
+	while (sum >> 16)
+		sum = (sum & 0xffff) + (sum >> 16);
+	return (unsigned short)~sum;
+}
+
+/* eth0 at 10.99.1.2/24; an ICMP echo to the host (10.99.1.1) and its
+ * reply; then a TCP connection to the host's port 5555: 256 KiB of a
+ * pattern each way, both summed. */
+static void check_virtio_net(void)
+{
+	static unsigned char data[65536];
+	struct sockaddr_in4 host = { AF_INET, (unsigned short)(5555 >> 8 | (5555 & 0xff) << 8), ip4(10, 99, 1, 1), { 0 } };
+	long sock = sys32(NR32_SOCKET, AF_INET, SOCK_DGRAM, 0, 0, 0), err;
+	char *at;
+	u64 sum;
+	if (sock < 0) {
+		report("virtio-net", "socket", sock);
+		return;
+	}
+	err = set_ifaddr(sock, "eth0", SIOCSIFADDR, ip4(10, 99, 1, 2));
+	if (err >= 0)
+		err = set_ifaddr(sock, "eth0", SIOCSIFNETMASK, ip4(255, 255, 255, 0));
+	if (err >= 0)
+		err = interface_up(sock, "eth0");
+	sys32(NR32_CLOSE, (u32)sock, 0, 0, 0, 0);
+	report("virtio-net", "eth0 10.99.1.2/24 up", err);
+	if (err < 0)
+		return;
+
+	/* Ping the host, retrying while its side of the link comes up. */
+	sock = sys32(NR32_SOCKET, AF_INET, SOCK_RAW, IPPROTO_ICMP, 0, 0);
+	err = sock;
+	/* connect + write + read: sendto and recvfrom take six arguments,
+	 * and sys32 passes five. */
+	if (sock >= 0) {
+		struct sockaddr_in4 to = { AF_INET, 0, ip4(10, 99, 1, 1), { 0 } };
+		err = sys32(NR32_CONNECT, (u32)sock, (u32)(u64)&to, sizeof(to), 0, 0);
+	}
+	for (u32 attempt = 0; err >= 0 && attempt < 30; attempt++) {
+		unsigned char echo[64] = { 8, 0, 0, 0, 0x72, 0x68, 0, (unsigned char)attempt };
+		unsigned short c;
+		long n;
+		for (u32 i = 8; i < sizeof(echo); i++)
+			echo[i] = (unsigned char)i;
+		c = inet_checksum(echo, sizeof(echo));
+		echo[2] = (unsigned char)c;
+		echo[3] = (unsigned char)(c >> 8);
+		n = sys32(NR32_WRITE, (u32)sock, (u32)(u64)echo, sizeof(echo), 0, 0);
+		if (n >= 0 && wait_readable(sock, 1000) > 0) {
+			unsigned char reply[128];
+			n = sys32(NR32_READ, (u32)sock, (u32)(u64)reply, sizeof(reply), 0, 0);
+			u32 ihl = n > 0 ? (u32)(reply[0] & 15) * 4 : 0;
+			if (n >= (long)(ihl + 8) && reply[ihl] == 0 && reply[ihl + 4] == 0x72) {
+				err = 1;
+				break;
+			}
+		}
+	}
+	if (err == 0)
+		err = -110;
+	if (sock >= 0)
+		sys32(NR32_CLOSE, (u32)sock, 0, 0, 0, 0);
+	report("virtio-net", "ping 10.99.1.1: echo reply", err);
+
+	sock = sys32(NR32_SOCKET, AF_INET, SOCK_STREAM, 0, 0, 0);
+	err = sock < 0 ? sock : sys32(NR32_CONNECT, (u32)sock, (u32)(u64)&host, sizeof(host), 0, 0);
+	if (err < 0) {
+		report("virtio-net", "connect to 10.99.1.1:5555", err);
+		if (sock >= 0)
+			sys32(NR32_CLOSE, (u32)sock, 0, 0, 0, 0);
+		return;
+	}
+	sum = FNV_START;
+	for (u32 i = 0; i < sizeof(data); i++)
+		data[i] = (unsigned char)(i * 29 + 3);
+	for (u32 round = 0; round < 4 && err >= 0; round++) {
+		for (u32 off = 0; off < sizeof(data) && err >= 0; off += (u32)err)
+			err = sys32(NR32_WRITE, (u32)sock, (u32)(u64)(data + off), sizeof(data) - off, 0, 0);
+		sum = fnv1a64(sum, data, sizeof(data));
+	}
+	at = append(msg, "sent 262144 bytes fnv1a64 ");
+	append_hex(at, sum, 16);
+	report("virtio-net", msg, err < 0 ? err : 0);
+	sum = FNV_START;
+	u32 got = 0;
+	while (err >= 0 && got < 262144) {
+		if (wait_readable(sock, 60000) <= 0) {
+			err = -110;
+			break;
+		}
+		err = sys32(NR32_READ, (u32)sock, (u32)(u64)data, sizeof(data), 0, 0);
+		if (err == 0)
+			break;
+		if (err > 0) {
+			sum = fnv1a64(sum, data, (u32)err);
+			got += (u32)err;
+		}
+	}
+	at = append(msg, "received ");
+	at = append_u32(at, got);
+	at = append(at, " bytes fnv1a64 ");
+	append_hex(at, sum, 16);
+	report("virtio-net", msg, err < 0 ? err : 0);
+	sys32(NR32_CLOSE, (u32)sock, 0, 0, 0, 0);
+}
+
+/* The ACPI power button through Linux's button driver: the host presses
+ * it (SIGTERM to bhyve) once this says it waits; KEY_POWER powers off. */
+static void await_power_button(void)
+{
+	char path[64];
+	long fd = -2;
+	for (u32 i = 0; i < 8 && fd < 0; i++) {
+		char *at = append(path, "/sys/class/input/event");
+		at = append_u32(at, i);
+		append(at, "/device/name");
+		long nfd = sys32(NR32_OPEN, (u32)(u64)path, O_RDONLY, 0, 0, 0);
+		if (nfd < 0)
+			continue;
+		long n = sys32(NR32_READ, (u32)nfd, (u32)(u64)buf, 64, 0, 0);
+		sys32(NR32_CLOSE, (u32)nfd, 0, 0, 0, 0);
+		buf[n > 0 ? n : 0] = 0;
+		if (!str_eq(buf, "Power Button\n"))
+			continue;
+		at = append(path, "/dev/input/event");
+		append_u32(at, i);
+		fd = sys32(NR32_OPEN, (u32)(u64)path, O_RDONLY, 0, 0, 0);
+	}
+	if (fd < 0) {
+		report("power-button", "no Power Button input device", fd);
+		return;
+	}
+	report("power-button", "waiting for the power button", 0);
+	for (;;) {
+		/* struct input_event for ia32 callers: 32-bit seconds and
+		 * microseconds, type, code, value. */
+		struct {
+			u32 sec, usec;
+			unsigned short type, code;
+			int value;
+		} ev;
+		if (wait_readable(fd, 600000) <= 0) {
+			report("power-button", "no press within 10 minutes", -110);
+			return;
+		}
+		if (sys32(NR32_READ, (u32)fd, (u32)(u64)&ev, sizeof(ev), 0, 0) != sizeof(ev))
+			continue;
+		if (ev.type == 1 && ev.code == 116 && ev.value == 1) {
+			report("power-button", "KEY_POWER pressed: powering off", 0);
+			return;
+		}
+	}
+}
+
+static void exercise_drivers(void)
+{
+	long err = sys32(NR32_MOUNT, (u32)(u64) "devtmpfs", (u32)(u64) "/dev", (u32)(u64) "devtmpfs", 0, 0);
+	if (err >= 0)
+		err = sys32(NR32_MOUNT, (u32)(u64) "sysfs", (u32)(u64) "/sys", (u32)(u64) "sysfs", 0, 0);
+	if (err < 0)
+		fail("mount /dev and /sys", err);
+	load_modules();
+	/* Probing is synchronous, but give the block layer's partition scan
+	 * and the console's port announcements a moment. */
+	sleep_ms(500);
+	check_virtio_blk();
+	check_virtio_rnd();
+	check_virtio_console();
+	check_virtio_net();
+	read_file("/proc/uptime");
+	char *at = append(line, "DRIVERS-DONE uptime ");
+	append(at, buf);
+	put(line);
+	await_power_button();
+}
+
+
 /* The ia32 door this CPU opens from compatibility mode: `syscall` on AMD
  * and Hygon, `sysenter` on Intel and the others (CPUID leaf 0's vendor). */
 static int vendor_opens_syscall(char vendor[13])
@@ -566,6 +1014,14 @@ int main(long argc, char **argv)
 	at = append(line, "BOOT-OK uptime ");
 	append(at, buf);
 	put(line);
+
+	/* With Linux's modules in the initramfs: its drivers on our devices,
+	 * then power-off when the host presses the power button. */
+	err = sys32(NR32_OPEN, (u32)(u64) "/modules/order", O_RDONLY, 0, 0, 0);
+	if (err >= 0) {
+		sys32(NR32_CLOSE, (u32)err, 0, 0, 0, 0);
+		exercise_drivers();
+	}
 
 	err = sys32(NR32_REBOOT, LINUX_REBOOT_MAGIC1, LINUX_REBOOT_MAGIC2, LINUX_REBOOT_CMD_POWER_OFF, 0, 0);
 	fail("reboot(POWER_OFF)", err);

@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""The host's side of the full boot's driver checks (scripts/full-boot.sh).
+
+Runs the bhyve command given after "--" (inside the network namespace this
+script was started in), copies the guest's console to stdout and plays the
+host for the guest's /init (crates/guests/linux-init/init.c):
+
+  - gives the VM's tap the host address 10.99.1.1/24 and serves TCP on port
+    5555: takes 256 KiB from the guest, sends 256 KiB back, and reports the
+    FNV-1a 64 sums of both;
+  - pings the guest (10.99.1.2) once its /init says eth0 is up;
+  - connects to the virtio-console port's socket, reads the guest's line
+    and answers with one of its own;
+  - presses the ACPI power button (SIGTERM to bhyve) when /init waits for
+    it.
+
+Its own lines start with "host: "; it exits with bhyve's status.
+"""
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+FNV_START = 0xCBF29CE484222325
+
+
+def fnv1a64(h, data):
+    for b in data:
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def say(text):
+    sys.stdout.write(f"host: {text}\n")
+    sys.stdout.flush()
+
+
+def configure_tap(tap, deadline):
+    while time.time() < deadline:
+        if subprocess.run(["ip", "link", "show", tap], capture_output=True).returncode == 0:
+            subprocess.run(["ip", "addr", "add", "10.99.1.1/24", "dev", tap], check=True)
+            subprocess.run(["ip", "link", "set", tap, "up"], check=True)
+            return True
+        time.sleep(0.2)
+    say(f"tap {tap} never appeared")
+    return False
+
+
+def serve_tcp(server):
+    conn, _ = server.accept()
+    with conn:
+        conn.settimeout(600)
+        got = bytearray()
+        while len(got) < 262144:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        sent = bytes((i * 31 + 5) & 0xFF for i in range(262144))
+        conn.sendall(sent)
+        say(
+            f"tcp received {len(got)} bytes fnv1a64 {fnv1a64(FNV_START, got):016x}; "
+            f"sent {len(sent)} bytes fnv1a64 {fnv1a64(FNV_START, sent):016x}"
+        )
+
+
+def console_port(path, deadline):
+    while not os.path.exists(path):
+        if time.time() > deadline:
+            say(f"no console socket at {path}")
+            return
+        time.sleep(0.2)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    s.settimeout(1800)
+    got = b""
+    while not got.endswith(b"\n"):
+        chunk = s.recv(256)
+        if not chunk:
+            break
+        got += chunk
+    say(f"virtio-console read: {got.decode(errors='replace').strip()}")
+    s.sendall(b"host to guest over port1\n")
+    # Keep the connection open until the VM ends.
+    threading.Event().wait()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tap", required=True)
+    ap.add_argument("--console-socket", required=True)
+    ap.add_argument("bhyve", nargs=argparse.REMAINDER)
+    args = ap.parse_args()
+    cmd = args.bhyve[1:] if args.bhyve[:1] == ["--"] else args.bhyve
+    deadline = time.time() + 7200
+
+    vm = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    threading.Thread(target=console_port, args=(args.console_socket, deadline), daemon=True).start()
+    if configure_tap(args.tap, time.time() + 60):
+        server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("10.99.1.1", 5555))
+        server.listen(1)
+        threading.Thread(target=serve_tcp, args=(server,), daemon=True).start()
+
+    for raw in vm.stdout:
+        sys.stdout.buffer.write(raw)
+        sys.stdout.flush()
+        text = raw.decode(errors="replace").strip()
+        if text.startswith("dev virtio-net: eth0 10.99.1.2/24 up"):
+            ping = subprocess.run(
+                ["ping", "-c", "3", "-W", "5", "10.99.1.2"], capture_output=True, text=True
+            )
+            replies = sum(1 for l in ping.stdout.splitlines() if "bytes from 10.99.1.2" in l)
+            say(f"ping 10.99.1.2: {replies}/3 replies")
+        elif text.startswith("dev power-button: waiting"):
+            vm.send_signal(signal.SIGTERM)
+            say("pressed the power button (SIGTERM to bhyve)")
+    sys.exit(vm.wait())
+
+
+if __name__ == "__main__":
+    main()
