@@ -62,7 +62,19 @@ fn sector_0_read_completes_with_intx() {
 fn a_disk_that_cannot_be_opened_for_writing_is_used_read_only() {
     let disk = std::env::temp_dir().join(vm_name("vblk-busy"));
     std::fs::copy("/bin/sleep", &disk).unwrap();
-    let mut running = std::process::Command::new(&disk).arg("60").spawn().unwrap();
+    // Another test thread forking while the copy was open for writing can
+    // hold it open a moment longer (ETXTBSY): try again then.
+    let mut attempts = 0;
+    let mut running = loop {
+        match std::process::Command::new(&disk).arg("60").spawn() {
+            Ok(child) => break child,
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && attempts < 50 => {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("cannot run {}: {e}", disk.display()),
+        }
+    };
     let slot = format!("4,virtio-blk,{}", disk.display());
     let run = run_guest(
         Path::new(env!("CARGO_BIN_EXE_bhyve")),

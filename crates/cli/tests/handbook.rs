@@ -220,10 +220,12 @@ fn text(o: &Output) -> String {
     .replace('\r', "")
 }
 
-/// The Handbook's bhyve command line (paths aside; a tap of our own so
-/// parallel runs do not share tap0).
+/// The Handbook's bhyve command line (paths aside; a tap of each VM's own,
+/// so parallel runs and this file's tests running at once do not share one).
 fn bhyve_args(memory: &str) -> Vec<String> {
-    let tap = format!("2:0,virtio-net,rhbk{}", std::process::id() % 100_000);
+    static TAPS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = TAPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tap = format!("2:0,virtio-net,rhbk{}x{n}", std::process::id() % 100_000);
     [
         "-A",
         "-H",
