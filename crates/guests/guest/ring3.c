@@ -416,6 +416,17 @@ static void print_cs(const char *what, uint32_t cs)
 		print(" %s cs 0x%04x", what, cs);
 }
 
+/* At CPL 0 the CSTAR and SYSENTER_EIP code notes where it runs: at the
+ * kernel-half address the MSR holds, or at the low alias when the host cut
+ * RIP to 32 bits. */
+static void print_rip(const char *what, uint64_t rip)
+{
+	if (!rip)
+		print(" %s rip none", what);
+	else
+		print(" %s rip %s", what, rip >> 32 ? "high" : "low");
+}
+
 void guest_main(void)
 {
 	pic_mask_all();
@@ -468,20 +479,11 @@ void guest_main(void)
 	print("ring3");
 	print_cs("lstar", r3_lstar_cs);
 	print_cs("cstar", r3_cstar_cs);
-	/* At CPL 0 the CSTAR code notes where it runs: at the kernel-half
-	 * address CSTAR holds, or at the low alias when the host cut RIP to
-	 * 32 bits. */
-	if (!r3_cstar_rip)
-		print(" cstar rip none");
-	else
-		print(" cstar rip %s", r3_cstar_rip >> 32 ? "high" : "low");
+	print_rip("cstar", r3_cstar_rip);
 	print("\n");
 	print("ring3");
 	print_cs("sysenter", r3_sysenter_cs);
-	if (!r3_sysenter_rip)
-		print(" sysenter rip none");
-	else
-		print(" sysenter rip %s", r3_sysenter_rip >> 32 ? "high" : "low");
+	print_rip("sysenter", r3_sysenter_rip);
 	print("\n");
 	print("ring3 done\n");
 }
