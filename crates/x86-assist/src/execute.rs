@@ -149,6 +149,8 @@ pub(crate) fn execute(
         Op::Cmpxchg16b(_) | Op::Cmpxchg16bRegister => InstructionKind::Cmpxchg16b,
         Op::Popcnt { .. } => InstructionKind::Popcnt,
         Op::Lsl { .. } => InstructionKind::Lsl,
+        Op::Fninit => InstructionKind::Fninit,
+        Op::Fldcw(_) => InstructionKind::Fldcw,
         Op::Ldmxcsr(_) => InstructionKind::Ldmxcsr,
         Op::Stmxcsr(_) => InstructionKind::Stmxcsr,
         Op::Fxsave { .. } => InstructionKind::Fxsave,
@@ -187,6 +189,8 @@ pub(crate) fn execute(
         Op::Cmpxchg16b(operand) => cmpxchg16b(cpu, mem, &operand, insn.len),
         Op::Popcnt { dest, source, size } => popcnt(cpu, mem, dest, source, size, insn.len),
         Op::Lsl { dest, source, size } => lsl(cpu, mem, dest, source, size, insn.len),
+        Op::Fninit => fninit(cpu, insn.len),
+        Op::Fldcw(operand) => fldcw(cpu, mem, &operand, insn.len),
         Op::Ldmxcsr(operand) => ldmxcsr(cpu, mem, &operand, insn.len),
         Op::Stmxcsr(operand) => stmxcsr(cpu, mem, &operand, insn.len),
         Op::Fxsave { operand, wide } => fxsave(cpu, mem, &operand, wide, insn.len),
@@ -382,6 +386,50 @@ fn check_alignment(cpu: &CpuState, linear: u64, size: u64) -> Result<(), Fault> 
 }
 
 /// `ldmxcsr m32`; reserved bits (outside MXCSR_MASK) are #GP(0).
+/// #NM for an x87 instruction when CR0.EM or CR0.TS is set.
+fn check_x87_enabled(cpu: &CpuState) -> Result<(), Fault> {
+    if cpu.cr0 & (CR0_EM | CR0_TS) != 0 {
+        return Err(Fault::nm());
+    }
+    Ok(())
+}
+
+/// `fninit`: control word 0x037F (all exceptions masked, 64-bit precision,
+/// round to nearest), status word 0, every register tagged empty, last
+/// instruction and operand pointers and opcode cleared. The data registers
+/// keep their contents, as on hardware.
+fn fninit(cpu: &mut CpuState, len: usize) -> Result<(), Fault> {
+    check_x87_enabled(cpu)?;
+    cpu.fpu.fcw = 0x037f;
+    cpu.fpu.fsw = 0;
+    cpu.fpu.ftwx = 0;
+    cpu.fpu.last_opcode = 0;
+    cpu.fpu.last_ip = 0;
+    cpu.fpu.last_dp = 0;
+    retire(cpu, len);
+    Ok(())
+}
+
+/// `fldcw m16` (64-bit mode); the reserved bits are kept as written.
+fn fldcw(
+    cpu: &mut CpuState,
+    mem: &mut dyn GuestMemoryAccess,
+    operand: &MemoryOperand,
+    len: usize,
+) -> Result<(), Fault> {
+    if cpu.mode != CpuMode::Long64 {
+        return Err(Fault::Unsupported);
+    }
+    check_x87_enabled(cpu)?;
+    let linear = linear_address(cpu, operand, len)?;
+    check_alignment(cpu, linear, 2)?;
+    let mut buf = [0u8; 2];
+    mem.read(linear, &mut buf)?;
+    cpu.fpu.fcw = u16::from_le_bytes(buf);
+    retire(cpu, len);
+    Ok(())
+}
+
 fn ldmxcsr(
     cpu: &mut CpuState,
     mem: &mut dyn GuestMemoryAccess,

@@ -1566,7 +1566,27 @@ fn structured_bytes(rng: &mut XorShift) -> Vec<u8> {
             }
             bytes.push(0xcf);
         }
-        4 => bytes.push([0xcc, 0x9b][rng.below(2) as usize]),
+        4 => match rng.below(4) {
+            0 => bytes.push(0xcc),
+            1 => bytes.push(0x9b),
+            2 => bytes.extend([0xdb, 0xe3]),
+            _ => {
+                // d9 /5 (fldcw), now and then another d9 form.
+                bytes.push(0xd9);
+                bytes.push(if rng.below(4) == 0 {
+                    rng.next() as u8
+                } else {
+                    (rng.below(3) as u8) << 6 | 5 << 3 | rng.below(8) as u8
+                });
+                for _ in 0..rng.below(6) {
+                    bytes.push(if rng.below(2) == 0 {
+                        (rng.below(16) as u8) << 4
+                    } else {
+                        rng.next() as u8
+                    });
+                }
+            }
+        },
         _ => {
             if rng.below(4) != 0 {
                 bytes.push(0xf0);
@@ -2494,4 +2514,104 @@ fn lsl_memory_source_faults_and_refusals() {
         Outcome::Unsupported
     );
     assert_eq!(describe(&[0x48, 0x0f, 0x03, 0xc0]), "lsl (register source)");
+}
+
+// ---- fninit / fldcw (the firmware's InitializeFloatingPointUnits) ----
+
+// fninit; fldcw [rip+0x1234]
+const FNINIT: [u8; 2] = [0xdb, 0xe3];
+const FLDCW_RIP: [u8; 6] = [0xd9, 0x2d, 0x34, 0x12, 0x00, 0x00];
+
+#[test]
+fn fninit_resets_control_status_tags_and_pointers() {
+    let mut mem = memory_with_gdt();
+    let mut cpu = sse_cpu();
+    cpu.fpu.fcw = 0x0040;
+    cpu.fpu.fpr[3] = [0x11; 16];
+    cpu.rflags |= rflags::RF;
+    let mut expected = cpu.clone();
+    assert_eq!(
+        run(&FNINIT, &mut cpu, &mut mem),
+        completed(InstructionKind::Fninit)
+    );
+    expected.fpu.fcw = 0x037f;
+    expected.fpu.fsw = 0;
+    expected.fpu.ftwx = 0;
+    expected.fpu.last_opcode = 0;
+    expected.fpu.last_ip = 0;
+    expected.fpu.last_dp = 0;
+    expected.rip += 2;
+    expected.rflags &= !rflags::RF;
+    assert_eq!(cpu, expected, "data registers and MXCSR unchanged");
+    // In every mode: the firmware's reset code may run it before long mode.
+    let mut real = cpu.clone();
+    real.mode = CpuMode::Real;
+    real.fpu.fcw = 0;
+    assert_eq!(
+        run(&FNINIT, &mut real, &mut mem),
+        completed(InstructionKind::Fninit)
+    );
+    assert_eq!(real.fpu.fcw, 0x037f);
+}
+
+#[test]
+fn fldcw_loads_the_control_word() {
+    let mut mem = memory_with_gdt();
+    let mut cpu = sse_cpu();
+    let at = cpu.rip + 6 + 0x1234;
+    mem.map(at, &0x027fu16.to_le_bytes());
+    let mut expected = cpu.clone();
+    assert_eq!(
+        run(&FLDCW_RIP, &mut cpu, &mut mem),
+        completed(InstructionKind::Fldcw)
+    );
+    expected.fpu.fcw = 0x027f;
+    expected.rip += 6;
+    assert_eq!(cpu, expected);
+    // [rbx] with a page fault.
+    let mut cpu = sse_cpu();
+    cpu.gpr[3] = 0xdead_0000;
+    let rip = cpu.rip;
+    assert_eq!(
+        run(&[0xd9, 0x2b], &mut cpu, &mut mem),
+        page_fault(InstructionKind::Fldcw, 0xdead_0000, 0, rip)
+    );
+}
+
+#[test]
+fn x87_instructions_raise_nm_with_em_or_ts_and_refuse_other_forms() {
+    let mut mem = memory_with_gdt();
+    for cr0 in [CR0_EM, CR0_TS] {
+        for (bytes, kind) in [
+            (&FNINIT[..], InstructionKind::Fninit),
+            (&FLDCW_RIP[..], InstructionKind::Fldcw),
+        ] {
+            let mut cpu = sse_cpu();
+            cpu.cr0 |= cr0;
+            let rip = cpu.rip;
+            assert_eq!(
+                run(bytes, &mut cpu, &mut mem),
+                exception(kind, vector::NM, None, rip)
+            );
+        }
+    }
+    let mut cpu = sse_cpu();
+    // fnstcw (d9 /7), fld st(1) (d9 c1), a lone db: not ours.
+    for bytes in [&[0xd9, 0x3b][..], &[0xd9, 0xc1], &[0xdb, 0xe2], &[0xdb]] {
+        assert!(
+            matches!(
+                run(bytes, &mut cpu, &mut mem),
+                Outcome::Unsupported | Outcome::Exception { .. }
+            ),
+            "{bytes:02x?}"
+        );
+    }
+    // A lock prefix is #UD.
+    let rip = cpu.rip;
+    assert_eq!(
+        run(&[0xf0, 0xdb, 0xe3], &mut cpu, &mut mem),
+        exception(InstructionKind::Fninit, vector::UD, None, rip)
+    );
+    assert_eq!(describe(&FNINIT), "fninit");
+    assert_eq!(describe(&FLDCW_RIP), "fldcw [rip+0x1234]");
 }
