@@ -137,9 +137,6 @@ pub(crate) enum Op {
         source: RegisterOrMemory,
         size: OperandSize,
     },
-    /// `db e3`: initialise the x87 FPU without checking for pending
-    /// exceptions (`finit` is `fwait` then this).
-    Fninit,
     /// `d9 /5` with a memory operand: load the x87 control word.
     Fldcw(MemoryOperand),
     /// `0f ae /2` with a memory operand.
@@ -253,7 +250,6 @@ pub(crate) fn decode(bytes: &[u8], mode: CpuMode) -> Result<Instruction, DecodeE
             done(Op::Iret(size), at + 1)
         }
         0x9b => done(Op::Fwait, at + 1),
-        0xdb if byte(bytes, at + 1)? == 0xe3 => done(Op::Fninit, at + 2),
         0xd9 => {
             // Memory operands are decoded for 64-bit mode only; mod = 3
             // forms are register-stack instructions (fld st(i)...).

@@ -149,7 +149,6 @@ pub(crate) fn execute(
         Op::Cmpxchg16b(_) | Op::Cmpxchg16bRegister => InstructionKind::Cmpxchg16b,
         Op::Popcnt { .. } => InstructionKind::Popcnt,
         Op::Lsl { .. } => InstructionKind::Lsl,
-        Op::Fninit => InstructionKind::Fninit,
         Op::Fldcw(_) => InstructionKind::Fldcw,
         Op::Ldmxcsr(_) => InstructionKind::Ldmxcsr,
         Op::Stmxcsr(_) => InstructionKind::Stmxcsr,
@@ -189,7 +188,6 @@ pub(crate) fn execute(
         Op::Cmpxchg16b(operand) => cmpxchg16b(cpu, mem, &operand, insn.len),
         Op::Popcnt { dest, source, size } => popcnt(cpu, mem, dest, source, size, insn.len),
         Op::Lsl { dest, source, size } => lsl(cpu, mem, dest, source, size, insn.len),
-        Op::Fninit => fninit(cpu, insn.len),
         Op::Fldcw(operand) => fldcw(cpu, mem, &operand, insn.len),
         Op::Ldmxcsr(operand) => ldmxcsr(cpu, mem, &operand, insn.len),
         Op::Stmxcsr(operand) => stmxcsr(cpu, mem, &operand, insn.len),
@@ -391,22 +389,6 @@ fn check_x87_enabled(cpu: &CpuState) -> Result<(), Fault> {
     if cpu.cr0 & (CR0_EM | CR0_TS) != 0 {
         return Err(Fault::nm());
     }
-    Ok(())
-}
-
-/// `fninit`: control word 0x037F (all exceptions masked, 64-bit precision,
-/// round to nearest), status word 0, every register tagged empty, last
-/// instruction and operand pointers and opcode cleared. The data registers
-/// keep their contents, as on hardware.
-fn fninit(cpu: &mut CpuState, len: usize) -> Result<(), Fault> {
-    check_x87_enabled(cpu)?;
-    cpu.fpu.fcw = 0x037f;
-    cpu.fpu.fsw = 0;
-    cpu.fpu.ftwx = 0;
-    cpu.fpu.last_opcode = 0;
-    cpu.fpu.last_ip = 0;
-    cpu.fpu.last_dp = 0;
-    retire(cpu, len);
     Ok(())
 }
 

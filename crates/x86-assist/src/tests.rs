@@ -1566,10 +1566,9 @@ fn structured_bytes(rng: &mut XorShift) -> Vec<u8> {
             }
             bytes.push(0xcf);
         }
-        4 => match rng.below(4) {
+        4 => match rng.below(3) {
             0 => bytes.push(0xcc),
             1 => bytes.push(0x9b),
-            2 => bytes.extend([0xdb, 0xe3]),
             _ => {
                 // d9 /5 (fldcw), now and then another d9 form.
                 bytes.push(0xd9);
@@ -2516,43 +2515,10 @@ fn lsl_memory_source_faults_and_refusals() {
     assert_eq!(describe(&[0x48, 0x0f, 0x03, 0xc0]), "lsl (register source)");
 }
 
-// ---- fninit / fldcw (the firmware's InitializeFloatingPointUnits) ----
+// ---- fldcw (the firmware's InitializeFloatingPointUnits: finit; fldcw) ----
 
-// fninit; fldcw [rip+0x1234]
-const FNINIT: [u8; 2] = [0xdb, 0xe3];
+// fldcw [rip+0x1234]
 const FLDCW_RIP: [u8; 6] = [0xd9, 0x2d, 0x34, 0x12, 0x00, 0x00];
-
-#[test]
-fn fninit_resets_control_status_tags_and_pointers() {
-    let mut mem = memory_with_gdt();
-    let mut cpu = sse_cpu();
-    cpu.fpu.fcw = 0x0040;
-    cpu.fpu.fpr[3] = [0x11; 16];
-    cpu.rflags |= rflags::RF;
-    let mut expected = cpu.clone();
-    assert_eq!(
-        run(&FNINIT, &mut cpu, &mut mem),
-        completed(InstructionKind::Fninit)
-    );
-    expected.fpu.fcw = 0x037f;
-    expected.fpu.fsw = 0;
-    expected.fpu.ftwx = 0;
-    expected.fpu.last_opcode = 0;
-    expected.fpu.last_ip = 0;
-    expected.fpu.last_dp = 0;
-    expected.rip += 2;
-    expected.rflags &= !rflags::RF;
-    assert_eq!(cpu, expected, "data registers and MXCSR unchanged");
-    // In every mode: the firmware's reset code may run it before long mode.
-    let mut real = cpu.clone();
-    real.mode = CpuMode::Real;
-    real.fpu.fcw = 0;
-    assert_eq!(
-        run(&FNINIT, &mut real, &mut mem),
-        completed(InstructionKind::Fninit)
-    );
-    assert_eq!(real.fpu.fcw, 0x037f);
-}
 
 #[test]
 fn fldcw_loads_the_control_word() {
@@ -2560,6 +2526,7 @@ fn fldcw_loads_the_control_word() {
     let mut cpu = sse_cpu();
     let at = cpu.rip + 6 + 0x1234;
     mem.map(at, &0x027fu16.to_le_bytes());
+    cpu.rflags |= rflags::RF;
     let mut expected = cpu.clone();
     assert_eq!(
         run(&FLDCW_RIP, &mut cpu, &mut mem),
@@ -2567,7 +2534,8 @@ fn fldcw_loads_the_control_word() {
     );
     expected.fpu.fcw = 0x027f;
     expected.rip += 6;
-    assert_eq!(cpu, expected);
+    expected.rflags &= !rflags::RF;
+    assert_eq!(cpu, expected, "only FCW and RIP change");
     // [rbx] with a page fault.
     let mut cpu = sse_cpu();
     cpu.gpr[3] = 0xdead_0000;
@@ -2579,39 +2547,38 @@ fn fldcw_loads_the_control_word() {
 }
 
 #[test]
-fn x87_instructions_raise_nm_with_em_or_ts_and_refuse_other_forms() {
+fn fldcw_raises_nm_with_em_or_ts_and_other_forms_are_refused() {
     let mut mem = memory_with_gdt();
     for cr0 in [CR0_EM, CR0_TS] {
-        for (bytes, kind) in [
-            (&FNINIT[..], InstructionKind::Fninit),
-            (&FLDCW_RIP[..], InstructionKind::Fldcw),
-        ] {
-            let mut cpu = sse_cpu();
-            cpu.cr0 |= cr0;
-            let rip = cpu.rip;
-            assert_eq!(
-                run(bytes, &mut cpu, &mut mem),
-                exception(kind, vector::NM, None, rip)
-            );
-        }
+        let mut cpu = sse_cpu();
+        cpu.cr0 |= cr0;
+        let rip = cpu.rip;
+        assert_eq!(
+            run(&FLDCW_RIP, &mut cpu, &mut mem),
+            exception(InstructionKind::Fldcw, vector::NM, None, rip)
+        );
     }
     let mut cpu = sse_cpu();
-    // fnstcw (d9 /7), fld st(1) (d9 c1), a lone db: not ours.
-    for bytes in [&[0xd9, 0x3b][..], &[0xd9, 0xc1], &[0xdb, 0xe2], &[0xdb]] {
-        assert!(
-            matches!(
-                run(bytes, &mut cpu, &mut mem),
-                Outcome::Unsupported | Outcome::Exception { .. }
-            ),
+    // fnstcw (d9 /7), fld st(1) (d9 c1), fninit (db e3, KVM's own): not ours.
+    for bytes in [&[0xd9, 0x3b][..], &[0xd9, 0xc1], &[0xdb, 0xe3]] {
+        assert_eq!(
+            run(bytes, &mut cpu, &mut mem),
+            Outcome::Unsupported,
             "{bytes:02x?}"
         );
     }
+    // Outside 64-bit mode the memory operand is not decoded.
+    let mut cpu = sse_cpu();
+    cpu.mode = CpuMode::Protected32;
+    assert_eq!(run(&FLDCW_RIP, &mut cpu, &mut mem), Outcome::Unsupported);
     // A lock prefix is #UD.
+    let mut cpu = sse_cpu();
     let rip = cpu.rip;
+    let mut locked = vec![0xf0];
+    locked.extend_from_slice(&FLDCW_RIP);
     assert_eq!(
-        run(&[0xf0, 0xdb, 0xe3], &mut cpu, &mut mem),
-        exception(InstructionKind::Fninit, vector::UD, None, rip)
+        run(&locked, &mut cpu, &mut mem),
+        exception(InstructionKind::Fldcw, vector::UD, None, rip)
     );
-    assert_eq!(describe(&FNINIT), "fninit");
     assert_eq!(describe(&FLDCW_RIP), "fldcw [rip+0x1234]");
 }
