@@ -4,6 +4,7 @@
 //! its shell over COM1. The boot takes minutes on a PVM host (the firmware
 //! is ring-0 code, which KVM emulates there), so ONE boot checks it all:
 //! - the shell prompt;
+//! - `smbiosview -t 4` shows the two processors of `-c 2`;
 //! - `pci` lists bhyve's functions with bhyve's IDs (the firmware does not
 //!   enumerate: it uses the BARs the VMM assigned);
 //! - `map` shows a FAT file system on a GPT EFI system partition of a
@@ -261,6 +262,13 @@ fn bhyve_uefi_firmware_boots_to_its_shell() {
     ] {
         assert!(pci.contains(ids), "pci lacks the {what} ({ids}):\n{pci}");
     }
+
+    // The firmware installs bhyve's SMBIOS table: one processor per vCPU.
+    let smbios = console.command("smbiosview -t 4");
+    let processors = smbios
+        .matches("Structure Type: Processor Information")
+        .count();
+    assert_eq!(processors, 2, "-c 2 but smbiosview -t 4 shows:\n{smbios}");
 
     let map = console.command("map -r");
     for (what, path) in [
