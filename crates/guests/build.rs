@@ -70,6 +70,7 @@ fn main() {
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
     println!("cargo:rerun-if-changed={}", src_dir.display());
     build_linux_init(&src_dir.with_file_name("linux-init"), &out_dir);
+    build_roms(&src_dir.with_file_name("rom"), &out_dir);
     for entry in std::fs::read_dir(&src_dir).unwrap() {
         println!("cargo:rerun-if-changed={}", entry.unwrap().path().display());
     }
@@ -108,6 +109,34 @@ fn main() {
             .args(["-I", "elf32-i386", "-O", "elf64-x86-64"])
             .arg(&elf32)
             .arg(out_dir.join(format!("{guest}.elf"))));
+    }
+}
+
+/// Every `rom/<name>.S` as a flat boot ROM image `OUT_DIR/<name>.rom`,
+/// linked at 0 (the sources add the address they run at themselves).
+fn build_roms(dir: &Path, out_dir: &Path) {
+    println!("cargo:rerun-if-changed={}", dir.display());
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        println!("cargo:rerun-if-changed={}", path.display());
+        let Some(name) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".S"))
+        else {
+            continue;
+        };
+        let obj = out_dir.join(format!("{name}.rom.o"));
+        run(Command::new("gcc")
+            .args(["-m32", "-c"])
+            .arg(&path)
+            .arg("-o")
+            .arg(&obj));
+        run(Command::new("ld")
+            .args(["-m", "elf_i386", "-nostdlib", "-Ttext=0", "-e", "_start"])
+            .args(["--oformat", "binary", "-o"])
+            .arg(out_dir.join(format!("{name}.rom")))
+            .arg(&obj));
     }
 }
 

@@ -6,10 +6,12 @@
 //! self-test (0xAA -> 0x55), port tests (0xAB/0xA9 -> 0), port enable and
 //! disable, input/output port reads, output-buffer writes (0xD2), and pulse
 //! reset (0xFE) which resets the VM like bhyve. Bytes for the keyboard
-//! device are accepted and dropped: there is no keyboard behind this
-//! controller yet, so nothing ever answers and the guest's keyboard driver
-//! times out as on a machine with no keyboard plugged in. Controller replies
-//! raise IRQ 1 when the command byte enables it.
+//! device get the answers of bhyve's `ps2kbd.c` (ACK 0xFA; reset adds the
+//! self-test pass 0xAA, identify the ID 0xAB 0x83, echo 0xEE; the data byte
+//! of set-LEDs, typematic and scan-code-set is ACKed too), so keyboard
+//! drivers find a keyboard instead of waiting out their timeouts; no key
+//! ever arrives, since nothing types on it yet. Controller replies and
+//! keyboard bytes raise IRQ 1 when the command byte enables it.
 
 use rhyve_platform::bus::BusDevice;
 use rhyve_platform::exit::{ExitRequest, ExitRequests};
@@ -50,6 +52,17 @@ const STS_AUX_FULL: u8 = 0x20;
 
 const OUTPORT_KBD_FULL: u8 = 0x10;
 
+// Keyboard device commands (bhyve's PS2KC_*).
+const KBD_RESET: u8 = 0xFF;
+const KBD_DISABLE: u8 = 0xF5;
+const KBD_ENABLE: u8 = 0xF4;
+const KBD_SET_TYPEMATIC: u8 = 0xF3;
+const KBD_IDENTIFY: u8 = 0xF2;
+const KBD_SET_SCANCODE_SET: u8 = 0xF0;
+const KBD_ECHO: u8 = 0xEE;
+const KBD_SET_LEDS: u8 = 0xED;
+const KBD_SELF_TEST_PASSED: u8 = 0xAA;
+
 const RAM_SIZE: usize = 32;
 /// bhyve's keyboard output FIFO depth.
 const KBD_FIFO_SIZE: usize = 15;
@@ -65,8 +78,12 @@ pub struct I8042State {
     pub pending_command: Option<u8>,
     /// Controller reply waiting in the output buffer.
     pub reply: Option<u8>,
-    /// Bytes queued for the keyboard port (0xD2 writes).
+    /// Bytes queued for the keyboard port (keyboard replies, 0xD2 writes).
     pub kbd_fifo: VecDeque<u8>,
+    /// Keyboard command waiting for its data byte (set LEDs, typematic,
+    /// scan-code set).
+    #[serde(default)]
+    pub kbd_command: Option<u8>,
 }
 
 impl Default for I8042State {
@@ -78,6 +95,7 @@ impl Default for I8042State {
             pending_command: None,
             reply: None,
             kbd_fifo: VecDeque::new(),
+            kbd_command: None,
         }
     }
 }
@@ -142,8 +160,7 @@ impl I8042 {
 
     fn write_data(&mut self, v: u8) {
         let Some(cmd) = self.state.pending_command.take() else {
-            // A byte for the keyboard itself: no keyboard is attached.
-            tracing::trace!("i8042: byte {v:#x} for the absent keyboard dropped");
+            self.write_keyboard(v);
             return;
         };
         let s = &mut self.state;
@@ -167,6 +184,43 @@ impl I8042 {
             _ => {}
         }
         self.state.status &= !STS_CMD;
+    }
+
+    /// A byte for the keyboard device, answered as bhyve's ps2kbd does.
+    fn write_keyboard(&mut self, v: u8) {
+        const ACK: u8 = 0xFA;
+        let replies: &[u8] = if let Some(cmd) = self.state.kbd_command.take() {
+            tracing::trace!("i8042: keyboard command {cmd:#x} data {v:#x}");
+            &[ACK]
+        } else {
+            match v {
+                KBD_RESET => {
+                    self.state.kbd_fifo.clear();
+                    &[ACK, KBD_SELF_TEST_PASSED]
+                }
+                KBD_ENABLE => {
+                    self.state.kbd_fifo.clear();
+                    &[ACK]
+                }
+                KBD_SET_LEDS | KBD_SET_TYPEMATIC | KBD_SET_SCANCODE_SET => {
+                    self.state.kbd_command = Some(v);
+                    &[ACK]
+                }
+                KBD_IDENTIFY => &[ACK, 0xAB, 0x83],
+                KBD_ECHO => &[KBD_ECHO],
+                0x00 | KBD_DISABLE => &[ACK],
+                other => {
+                    tracing::debug!("i8042: unhandled keyboard command {other:#x}");
+                    &[]
+                }
+            }
+        };
+        for &b in replies {
+            self.queue_kbd(b);
+        }
+        if !replies.is_empty() && self.state.ram[0] & CB_DISABLE_KBD_PORT == 0 {
+            self.kbd_interrupt();
+        }
     }
 
     fn write_command(&mut self, cmd: u8) {
@@ -295,10 +349,39 @@ mod tests {
     }
 
     #[test]
-    fn keyboard_bytes_go_nowhere_and_outbuf_write_echoes() {
-        let (mut k, _, _) = kbc();
-        k.write(DATA_OFFSET, &[0xFF]); // keyboard reset: no keyboard answers
-        assert_eq!(status(&mut k) & STS_OUTPUT_FULL, 0);
+    fn keyboard_answers_as_bhyves_ps2kbd_and_outbuf_write_echoes() {
+        let (mut k, irq, _) = kbc();
+        let replies = |k: &mut I8042, bytes: &[u8]| -> Vec<u8> {
+            for &b in bytes {
+                k.write(DATA_OFFSET, &[b]);
+            }
+            let mut out = Vec::new();
+            while status(k) & STS_OUTPUT_FULL != 0 {
+                out.push(data(k));
+            }
+            out
+        };
+        // What EDK II's Ps2KeyboardDxe sends: enable, LEDs and their byte.
+        assert_eq!(replies(&mut k, &[0xF4]), [0xFA]);
+        assert_eq!(replies(&mut k, &[0xED]), [0xFA]);
+        assert_eq!(replies(&mut k, &[0x00]), [0xFA], "the LED byte is ACKed");
+        assert_eq!(replies(&mut k, &[0xFF]), [0xFA, 0xAA]);
+        assert_eq!(replies(&mut k, &[0xF2]), [0xFA, 0xAB, 0x83]);
+        assert_eq!(replies(&mut k, &[0xF0, 0x02]), [0xFA, 0xFA]);
+        assert_eq!(replies(&mut k, &[0xEE]), [0xEE]);
+        assert!(
+            replies(&mut k, &[0x42]).is_empty(),
+            "unknown commands get nothing"
+        );
+        assert_eq!(
+            irq.rises(),
+            0,
+            "IRQ 1 only when the command byte enables it"
+        );
+        cmd(&mut k, CMD_SET_COMMAND_BYTE);
+        k.write(DATA_OFFSET, &[CB_ENABLE_KBD_INT]);
+        assert_eq!(replies(&mut k, &[0xF5]), [0xFA]);
+        assert_eq!(irq.rises(), 1);
         cmd(&mut k, CMD_WRITE_KBD_OUTBUF);
         k.write(DATA_OFFSET, &[0xAB]);
         assert_eq!(status(&mut k) & STS_OUTPUT_FULL, STS_OUTPUT_FULL);

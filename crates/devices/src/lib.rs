@@ -5,8 +5,10 @@
 //! take their time from a [`clock::Clock`] so tests can drive them.
 //! [`lpc::create_platform_devices`] builds the whole set from the config tree.
 
+pub mod bootvars;
 pub mod clock;
 pub mod elcr;
+pub mod fwctl;
 pub mod hpet;
 pub mod i8042;
 pub mod lpc;

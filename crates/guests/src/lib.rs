@@ -55,6 +55,13 @@ pub fn guest_path(name: &str) -> PathBuf {
     PathBuf::from(env!("OUT_DIR")).join(format!("{name}.elf"))
 }
 
+/// The flat boot ROM image built from `rom/<name>.S`, for `-l bootrom`.
+pub fn rom_path(name: &str) -> PathBuf {
+    let path = PathBuf::from(env!("OUT_DIR")).join(format!("{name}.rom"));
+    assert!(path.exists(), "no boot ROM named {name:?} (rom/{name}.S)");
+    path
+}
+
 /// The full Linux boot's `/init` (`linux-init/init.c`): a static x86-64
 /// program that mounts /proc, prints `BOOT-OK uptime ...` and powers off,
 /// making its system calls in a way software-virtualization hosts deliver.

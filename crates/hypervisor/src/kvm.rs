@@ -27,6 +27,9 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> HvError {
     move |source| HvError::Kvm { what, source }
 }
 
+/// A boot ROM ends here (the reset vector is its last 16 bytes).
+const ROM_END: u64 = 1 << 32;
+
 /// A KVM virtual machine.
 pub struct KvmVm {
     kvm: Kvm,
@@ -49,9 +52,18 @@ impl KvmVm {
             )));
         }
         let fd = kvm.create_vm().map_err(kvm_err("creating the VM"))?;
-        let ranges: Vec<(GuestAddress, usize)> = spec
-            .memory
-            .ram_regions()
+        let rom_base = ROM_END - spec.rom_size;
+        let mut regions = spec.memory.ram_regions();
+        if spec.rom_size > 0 {
+            if !kvm.check_extension(kvm_ioctls::Cap::ReadonlyMem) {
+                return Err(HvError::Unsupported(
+                    "this KVM cannot map a boot ROM read-only (no KVM_CAP_READONLY_MEM)".into(),
+                ));
+            }
+            regions.push((rom_base, spec.rom_size));
+            regions.sort_unstable();
+        }
+        let ranges: Vec<(GuestAddress, usize)> = regions
             .into_iter()
             .map(|(a, s)| (GuestAddress(a), s as usize))
             .collect();
@@ -77,7 +89,12 @@ impl KvmVm {
                 guest_phys_addr: region.start_addr().raw_value(),
                 memory_size: region.len(),
                 userspace_addr: host as u64,
-                flags: 0,
+                // Guest writes to the ROM exit as MMIO writes, which nothing claims.
+                flags: if spec.rom_size > 0 && region.start_addr().raw_value() == rom_base {
+                    kvm_bindings::KVM_MEM_READONLY
+                } else {
+                    0
+                },
             };
             // SAFETY: the region outlives the VM (both are owned by `self`).
             unsafe { fd.set_user_memory_region(mr) }.map_err(kvm_err("mapping guest memory"))?;
@@ -338,9 +355,21 @@ impl crate::Vcpu for KvmVcpu {
 
     fn run(&mut self) -> Result<VcpuExit<'_>> {
         use kvm_ioctls::VcpuExit as K;
+        let run: *const kvm_bindings::kvm_run = self.fd.get_kvm_run();
+        // SAFETY: read only after a KVM_EXIT_IO, when the union holds `io`;
+        // `run` points into the vCPU's kvm_run mapping, alive as long as `fd`.
+        let io_size = || unsafe { usize::from((*run).__bindgen_anon_1.io.size) };
         match self.fd.run() {
-            Ok(K::IoIn(port, data)) => Ok(VcpuExit::IoIn { port, data }),
-            Ok(K::IoOut(port, data)) => Ok(VcpuExit::IoOut { port, data }),
+            Ok(K::IoIn(port, data)) => Ok(VcpuExit::IoIn {
+                port,
+                size: io_size(),
+                data,
+            }),
+            Ok(K::IoOut(port, data)) => Ok(VcpuExit::IoOut {
+                port,
+                size: io_size(),
+                data,
+            }),
             Ok(K::MmioRead(addr, data)) => Ok(VcpuExit::MmioRead { addr, data }),
             Ok(K::MmioWrite(addr, data)) => Ok(VcpuExit::MmioWrite { addr, data }),
             Ok(K::Shutdown) => Ok(VcpuExit::Shutdown),

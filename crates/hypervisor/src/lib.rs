@@ -51,6 +51,10 @@ pub struct VmSpec {
     /// `x86.emulation_assist` (rhyve): complete in user space the
     /// instructions KVM cannot emulate, instead of ending the run.
     pub emulation_assist: bool,
+    /// Bytes of boot ROM (`-l bootrom`) mapped read-only so that it ends at
+    /// 4 GiB; 0 for none. It is part of [`Vm::memory`] so the VMM can load
+    /// it and read instructions from it, but the guest cannot write it.
+    pub rom_size: u64,
 }
 
 pub use rhyve_platform::entry::EntryRegs;
@@ -58,12 +62,17 @@ pub use rhyve_platform::entry::EntryRegs;
 /// Why `Vcpu::run` returned, in backend-neutral terms.
 #[derive(Debug)]
 pub enum VcpuExit<'a> {
+    /// Port input of `data.len() / size` accesses of `size` bytes each:
+    /// string I/O (`rep insb`) arrives as one exit.
     IoIn {
         port: u16,
+        size: usize,
         data: &'a mut [u8],
     },
+    /// Port output, with accesses laid out as for [`VcpuExit::IoIn`].
     IoOut {
         port: u16,
+        size: usize,
         data: &'a [u8],
     },
     MmioRead {

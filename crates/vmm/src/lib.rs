@@ -6,6 +6,7 @@
 //! reason becomes bhyve's exit status.
 
 pub mod bhyvectl;
+mod bootrom;
 pub mod control;
 mod loader;
 mod machine;
@@ -281,11 +282,8 @@ pub fn refuse_unsupported(tree: &ConfigTree) -> Result<(), VmmError> {
     if tree.is_node("domains") {
         return unsupported("NUMA domains (-n)");
     }
-    if tree.get_raw("lpc.bootrom").is_some() || tree.get_raw("bootrom").is_some() {
-        return unsupported("booting from a boot ROM (-l bootrom)");
-    }
     if tree.get("lpc.fwcfg").ok().flatten().as_deref() == Some("qemu") {
-        return unsupported("QEMU fw_cfg (fwcfg=qemu)");
+        return unsupported("QEMU fw_cfg (fwcfg=qemu; bhyve's fwctl, fwcfg=bhyve, is the default)");
     }
     // bhyve gives each further bus a host bridge of its own in the DSDT;
     // rhyve's firmware tables describe bus 0 only.

@@ -101,7 +101,7 @@ fn load_guest(
     let record = entry.record().map_err(setup("registry"))?;
     let Some(regs) = record.entry else {
         return Err(VmmError::Unsupported(format!(
-            "no guest to start in VM {}: load one with grub-bhyve first, or give a kernel with -o boot.kernel=PATH (boot ROMs and bhyveload are not supported yet)",
+            "no guest to start in VM {}: load one with grub-bhyve first, give a kernel with -o boot.kernel=PATH, or a firmware with -l bootrom,ROM (bhyveload is not supported yet)",
             entry.name()
         )));
     };
@@ -231,7 +231,9 @@ fn most_that_fit(limit: u32, fits: impl Fn(u32) -> bool) -> u32 {
 pub fn build(tree: &ConfigTree) -> Result<Machine, VmmError> {
     rhyve_config::validate(tree)?;
     crate::refuse_unsupported(tree)?;
-    let spec = crate::vm_spec(tree)?;
+    let mut spec = crate::vm_spec(tree)?;
+    let bootrom = crate::bootrom::BootRom::from_tree(tree)?;
+    spec.rom_size = bootrom.as_ref().map_or(0, |b| b.rom_size());
     let named = take_named_vm(tree, &spec)?;
     let vm: Box<dyn Vm> = Box::new(KvmVm::new(spec.clone())?);
     let io = Arc::new(Bus::new());
@@ -251,14 +253,24 @@ pub fn build(tree: &ConfigTree) -> Result<Machine, VmmError> {
         pci.set_reset_register(platform.reset.clone());
     }
     // The guest first: the firmware tables then overwrite anything a
-    // loader's page-granular boot image carried into the BIOS area.
-    let entry = load_guest(tree, vm.as_ref(), &spec, &named)?;
+    // loader's page-granular boot image carried into the BIOS area. A boot
+    // ROM is the guest: the boot vCPU starts at its reset vector, in the
+    // state KVM creates vCPUs in; the others wait for INIT/SIPI.
+    let entry = match bootrom {
+        Some(rom) => {
+            rom.install(vm.memory(), &mmio, &io, spec.cpus)?;
+            None
+        }
+        None => Some(load_guest(tree, vm.as_ref(), &spec, &named)?),
+    };
     write_tables(tree, vm.as_ref(), &spec, &pci, &platform)?;
     let mut vcpus = Vec::with_capacity(spec.cpus as usize);
     for id in 0..spec.cpus {
         vcpus.push(vm.create_vcpu(id)?);
     }
-    vcpus[0].set_entry(&entry)?;
+    if let Some(entry) = entry {
+        vcpus[0].set_entry(&entry)?;
+    }
     Ok(Machine {
         named,
         platform,

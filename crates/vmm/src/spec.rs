@@ -28,6 +28,7 @@ pub fn vm_spec(tree: &ConfigTree) -> Result<VmSpec, VmmError> {
         x2apic: flag(tree, "x86.x2apic", false)?,
         strict_msr: flag(tree, "x86.strictmsr", true)?,
         emulation_assist: flag(tree, "x86.emulation_assist", true)?,
+        rom_size: 0,
     })
 }
 

@@ -224,17 +224,21 @@ fn run_until_stopped(vcpu: &mut dyn Vcpu, shared: &VcpuShared) {
         };
         counters.exits.fetch_add(1, Ordering::Relaxed);
         match exit {
-            VcpuExit::IoIn { port, data } => {
+            VcpuExit::IoIn { port, size, data } => {
                 counters.io.fetch_add(1, Ordering::Relaxed);
-                if !shared.io.read(u64::from(port), data) {
-                    let len = data.len();
-                    unassigned_port(shared, id, "read", port, len);
+                for access in data.chunks_mut(size.max(1)) {
+                    if !shared.io.read(u64::from(port), access) {
+                        let len = access.len();
+                        unassigned_port(shared, id, "read", port, len);
+                    }
                 }
             }
-            VcpuExit::IoOut { port, data } => {
+            VcpuExit::IoOut { port, size, data } => {
                 counters.io.fetch_add(1, Ordering::Relaxed);
-                if !shared.io.write(u64::from(port), data) {
-                    unassigned_port(shared, id, "write", port, data.len());
+                for access in data.chunks(size.max(1)) {
+                    if !shared.io.write(u64::from(port), access) {
+                        unassigned_port(shared, id, "write", port, access.len());
+                    }
                 }
             }
             VcpuExit::MmioRead { addr, data } => {

@@ -137,6 +137,8 @@ pub(crate) enum Op {
         source: RegisterOrMemory,
         size: OperandSize,
     },
+    /// `d9 /5` with a memory operand: load the x87 control word.
+    Fldcw(MemoryOperand),
     /// `0f ae /2` with a memory operand.
     Ldmxcsr(MemoryOperand),
     /// `0f ae /3` with a memory operand.
@@ -248,6 +250,16 @@ pub(crate) fn decode(bytes: &[u8], mode: CpuMode) -> Result<Instruction, DecodeE
             done(Op::Iret(size), at + 1)
         }
         0x9b => done(Op::Fwait, at + 1),
+        0xd9 => {
+            // Memory operands are decoded for 64-bit mode only; mod = 3
+            // forms are register-stack instructions (fld st(i)...).
+            let modrm = byte(bytes, at + 1)?;
+            if !long || modrm >> 6 == 3 || (modrm >> 3) & 7 != 5 {
+                return Err(DecodeError::Unsupported);
+            }
+            let (operand, end) = decode_memory(bytes, at + 1, &prefixes)?;
+            done(Op::Fldcw(operand), end)
+        }
         0x0f => match byte(bytes, at + 1)? {
             0x0b => done(Op::Ud2, at + 2),
             0x01 => {

@@ -149,6 +149,7 @@ pub(crate) fn execute(
         Op::Cmpxchg16b(_) | Op::Cmpxchg16bRegister => InstructionKind::Cmpxchg16b,
         Op::Popcnt { .. } => InstructionKind::Popcnt,
         Op::Lsl { .. } => InstructionKind::Lsl,
+        Op::Fldcw(_) => InstructionKind::Fldcw,
         Op::Ldmxcsr(_) => InstructionKind::Ldmxcsr,
         Op::Stmxcsr(_) => InstructionKind::Stmxcsr,
         Op::Fxsave { .. } => InstructionKind::Fxsave,
@@ -187,6 +188,7 @@ pub(crate) fn execute(
         Op::Cmpxchg16b(operand) => cmpxchg16b(cpu, mem, &operand, insn.len),
         Op::Popcnt { dest, source, size } => popcnt(cpu, mem, dest, source, size, insn.len),
         Op::Lsl { dest, source, size } => lsl(cpu, mem, dest, source, size, insn.len),
+        Op::Fldcw(operand) => fldcw(cpu, mem, &operand, insn.len),
         Op::Ldmxcsr(operand) => ldmxcsr(cpu, mem, &operand, insn.len),
         Op::Stmxcsr(operand) => stmxcsr(cpu, mem, &operand, insn.len),
         Op::Fxsave { operand, wide } => fxsave(cpu, mem, &operand, wide, insn.len),
@@ -382,6 +384,34 @@ fn check_alignment(cpu: &CpuState, linear: u64, size: u64) -> Result<(), Fault> 
 }
 
 /// `ldmxcsr m32`; reserved bits (outside MXCSR_MASK) are #GP(0).
+/// #NM for an x87 instruction when CR0.EM or CR0.TS is set.
+fn check_x87_enabled(cpu: &CpuState) -> Result<(), Fault> {
+    if cpu.cr0 & (CR0_EM | CR0_TS) != 0 {
+        return Err(Fault::nm());
+    }
+    Ok(())
+}
+
+/// `fldcw m16` (64-bit mode); the reserved bits are kept as written.
+fn fldcw(
+    cpu: &mut CpuState,
+    mem: &mut dyn GuestMemoryAccess,
+    operand: &MemoryOperand,
+    len: usize,
+) -> Result<(), Fault> {
+    if cpu.mode != CpuMode::Long64 {
+        return Err(Fault::Unsupported);
+    }
+    check_x87_enabled(cpu)?;
+    let linear = linear_address(cpu, operand, len)?;
+    check_alignment(cpu, linear, 2)?;
+    let mut buf = [0u8; 2];
+    mem.read(linear, &mut buf)?;
+    cpu.fpu.fcw = u16::from_le_bytes(buf);
+    retire(cpu, len);
+    Ok(())
+}
+
 fn ldmxcsr(
     cpu: &mut CpuState,
     mem: &mut dyn GuestMemoryAccess,

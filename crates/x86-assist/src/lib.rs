@@ -26,8 +26,9 @@
 //!   if its CPUID hides CX16 from the guest.
 //! - After [`InstructionKind::Iret`] completes, NMIs are unblocked.
 //! - [`CpuState::fpu`] must hold the vCPU's x87/SSE state (KVM_GET_FPU)
-//!   when the instruction is `ldmxcsr`, `stmxcsr`, `fxsave` or `fxrstor`,
-//!   and be written back (KVM_SET_FPU) after `ldmxcsr`/`fxrstor` complete.
+//!   when the instruction is `fldcw`, `ldmxcsr`, `stmxcsr`, `fxsave` or
+//!   `fxrstor`, and be written back (KVM_SET_FPU) after
+//!   `fldcw`/`ldmxcsr`/`fxrstor` complete.
 //!   The VMM must raise #UD itself if its CPUID hides SSE or FXSR.
 //! - After any [`Outcome::Completed`], an STI/MOV SS interrupt shadow is
 //!   over, and if RFLAGS.TF was set before the instruction (other than
@@ -212,7 +213,7 @@ pub struct CpuState {
     pub gdtr: DescriptorTable,
     pub idtr: DescriptorTable,
     /// x87/SSE state: read by `stmxcsr`/`fxsave`, written by
-    /// `ldmxcsr`/`fxrstor`; the other instructions leave it alone.
+    /// `fldcw`/`ldmxcsr`/`fxrstor`; the other instructions leave it alone.
     pub fpu: FpuState,
 }
 
@@ -284,6 +285,9 @@ pub enum InstructionKind {
     /// `lsl`: Linux reads its CPU number from a GDT segment limit with it
     /// (paranoid entry with FSGSBASE, the vDSO's getcpu).
     Lsl,
+    /// `fldcw m16`: loads [`FpuState::fcw`]; the UEFI firmware's SEC runs
+    /// it right after `finit` (KVM emulates `fninit` itself).
+    Fldcw,
     /// `ldmxcsr m32`: loads [`FpuState::mxcsr`].
     Ldmxcsr,
     /// `stmxcsr m32`: stores [`FpuState::mxcsr`].
@@ -299,7 +303,7 @@ pub enum InstructionKind {
 
 impl InstructionKind {
     /// Every kind, for registering counters.
-    pub const ALL: [InstructionKind; 15] = [
+    pub const ALL: [InstructionKind; 16] = [
         InstructionKind::Int3,
         InstructionKind::Ud2,
         InstructionKind::Fwait,
@@ -310,6 +314,7 @@ impl InstructionKind {
         InstructionKind::Cmpxchg16b,
         InstructionKind::Popcnt,
         InstructionKind::Lsl,
+        InstructionKind::Fldcw,
         InstructionKind::Ldmxcsr,
         InstructionKind::Stmxcsr,
         InstructionKind::Fxsave,
@@ -330,6 +335,7 @@ impl InstructionKind {
             InstructionKind::Cmpxchg16b => "cmpxchg16b",
             InstructionKind::Popcnt => "popcnt",
             InstructionKind::Lsl => "lsl",
+            InstructionKind::Fldcw => "fldcw",
             InstructionKind::Ldmxcsr => "ldmxcsr",
             InstructionKind::Stmxcsr => "stmxcsr",
             InstructionKind::Fxsave => "fxsave",
@@ -513,6 +519,7 @@ pub fn describe(bytes: &[u8]) -> String {
                     ..
                 } => format!("lsl {operand}"),
                 Op::Lsl { .. } => "lsl (register source)".to_string(),
+                Op::Fldcw(operand) => format!("fldcw {operand}"),
                 Op::Ldmxcsr(operand) => format!("ldmxcsr {operand}"),
                 Op::Stmxcsr(operand) => format!("stmxcsr {operand}"),
                 Op::Fxsave { operand, wide } => {

@@ -1566,7 +1566,26 @@ fn structured_bytes(rng: &mut XorShift) -> Vec<u8> {
             }
             bytes.push(0xcf);
         }
-        4 => bytes.push([0xcc, 0x9b][rng.below(2) as usize]),
+        4 => match rng.below(3) {
+            0 => bytes.push(0xcc),
+            1 => bytes.push(0x9b),
+            _ => {
+                // d9 /5 (fldcw), now and then another d9 form.
+                bytes.push(0xd9);
+                bytes.push(if rng.below(4) == 0 {
+                    rng.next() as u8
+                } else {
+                    (rng.below(3) as u8) << 6 | 5 << 3 | rng.below(8) as u8
+                });
+                for _ in 0..rng.below(6) {
+                    bytes.push(if rng.below(2) == 0 {
+                        (rng.below(16) as u8) << 4
+                    } else {
+                        rng.next() as u8
+                    });
+                }
+            }
+        },
         _ => {
             if rng.below(4) != 0 {
                 bytes.push(0xf0);
@@ -2494,4 +2513,72 @@ fn lsl_memory_source_faults_and_refusals() {
         Outcome::Unsupported
     );
     assert_eq!(describe(&[0x48, 0x0f, 0x03, 0xc0]), "lsl (register source)");
+}
+
+// ---- fldcw (the firmware's InitializeFloatingPointUnits: finit; fldcw) ----
+
+// fldcw [rip+0x1234]
+const FLDCW_RIP: [u8; 6] = [0xd9, 0x2d, 0x34, 0x12, 0x00, 0x00];
+
+#[test]
+fn fldcw_loads_the_control_word() {
+    let mut mem = memory_with_gdt();
+    let mut cpu = sse_cpu();
+    let at = cpu.rip + 6 + 0x1234;
+    mem.map(at, &0x027fu16.to_le_bytes());
+    cpu.rflags |= rflags::RF;
+    let mut expected = cpu.clone();
+    assert_eq!(
+        run(&FLDCW_RIP, &mut cpu, &mut mem),
+        completed(InstructionKind::Fldcw)
+    );
+    expected.fpu.fcw = 0x027f;
+    expected.rip += 6;
+    expected.rflags &= !rflags::RF;
+    assert_eq!(cpu, expected, "only FCW and RIP change");
+    // [rbx] with a page fault.
+    let mut cpu = sse_cpu();
+    cpu.gpr[3] = 0xdead_0000;
+    let rip = cpu.rip;
+    assert_eq!(
+        run(&[0xd9, 0x2b], &mut cpu, &mut mem),
+        page_fault(InstructionKind::Fldcw, 0xdead_0000, 0, rip)
+    );
+}
+
+#[test]
+fn fldcw_raises_nm_with_em_or_ts_and_other_forms_are_refused() {
+    let mut mem = memory_with_gdt();
+    for cr0 in [CR0_EM, CR0_TS] {
+        let mut cpu = sse_cpu();
+        cpu.cr0 |= cr0;
+        let rip = cpu.rip;
+        assert_eq!(
+            run(&FLDCW_RIP, &mut cpu, &mut mem),
+            exception(InstructionKind::Fldcw, vector::NM, None, rip)
+        );
+    }
+    let mut cpu = sse_cpu();
+    // fnstcw (d9 /7), fld st(1) (d9 c1), fninit (db e3, KVM's own): not ours.
+    for bytes in [&[0xd9, 0x3b][..], &[0xd9, 0xc1], &[0xdb, 0xe3]] {
+        assert_eq!(
+            run(bytes, &mut cpu, &mut mem),
+            Outcome::Unsupported,
+            "{bytes:02x?}"
+        );
+    }
+    // Outside 64-bit mode the memory operand is not decoded.
+    let mut cpu = sse_cpu();
+    cpu.mode = CpuMode::Protected32;
+    assert_eq!(run(&FLDCW_RIP, &mut cpu, &mut mem), Outcome::Unsupported);
+    // A lock prefix is #UD.
+    let mut cpu = sse_cpu();
+    let rip = cpu.rip;
+    let mut locked = vec![0xf0];
+    locked.extend_from_slice(&FLDCW_RIP);
+    assert_eq!(
+        run(&locked, &mut cpu, &mut mem),
+        exception(InstructionKind::Fldcw, vector::UD, None, rip)
+    );
+    assert_eq!(describe(&FLDCW_RIP), "fldcw [rip+0x1234]");
 }
