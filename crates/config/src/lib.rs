@@ -13,6 +13,7 @@
 mod check;
 mod cli;
 mod cnum;
+pub mod fuzzing;
 mod getopt;
 mod legacy;
 mod memsize;
