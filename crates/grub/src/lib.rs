@@ -19,9 +19,11 @@
 mod console;
 mod devices;
 mod disk;
+mod envblk;
 mod error;
 mod fat;
 mod fs;
+pub mod fuzzing;
 mod interp;
 mod iso9660;
 mod menu;

@@ -425,6 +425,18 @@ pub fn opts(map: &Path, root: &str, extra: &[&str]) -> rhyve_grub::GrubOptions {
 /// An XFS image (mkfs.xfs's minimum, 300 MiB, sparse) built from a
 /// mkfs.xfs prototype: `(path, contents)` files, `(path, target)` symlinks.
 pub fn mkxfs(img: &Path, files: &[(&str, Vec<u8>)], links: &[(&str, &str)], label: &str) {
+    mkxfs_sized(img, files, links, label, 300);
+}
+
+/// [`mkxfs`] of `size_mib` with one allocation group: below 300 MiB
+/// mkfs.xfs wants to be told it is making a test file system.
+pub fn mkxfs_sized(
+    img: &Path,
+    files: &[(&str, Vec<u8>)],
+    links: &[(&str, &str)],
+    label: &str,
+    size_mib: u32,
+) {
     need_tools();
     let src = img.with_extension("src");
     let _ = std::fs::remove_dir_all(&src);
@@ -474,7 +486,8 @@ pub fn mkxfs(img: &Path, files: &[(&str, Vec<u8>)], links: &[(&str, &str)], labe
     let proto_path = src.join("proto");
     write(&proto_path, proto.as_bytes());
     sh(&format!(
-        "rm -f '{i}'; truncate -s 300M '{i}' && mkfs.xfs -q -m uuid={EXT_UUID} -L {label} -p '{p}' '{i}'",
+        "rm -f '{i}'; truncate -s {size_mib}M '{i}' && TEST_DIR=1 TEST_DEV=1 QA_CHECK_FS=1 mkfs.xfs -q {ag} -m uuid={EXT_UUID} -L {label} -p '{p}' '{i}'",
+        ag = if size_mib < 300 { "-d agcount=1" } else { "" },
         i = img.display(),
         p = proto_path.display()
     ));
