@@ -39,7 +39,20 @@ pub trait Filesystem {
     fn uuid(&self) -> Option<String>;
     /// Whether `path` names a directory.
     fn is_dir(&self, path: &str) -> bool;
+    /// Where the regular file `path`'s bytes lie in the region, in file
+    /// order, as (offset, length): the block list `save_env` rewrites in
+    /// place. File systems that cannot say refuse.
+    fn file_extents(&self, path: &str) -> Result<Vec<(u64, u64)>, GrubError> {
+        let _ = path;
+        Err(GrubError::Command(format!(
+            "save_env: cannot write files in place on {}",
+            self.kind()
+        )))
+    }
 }
+
+/// Largest file `save_env` rewrites (GRUB's block is 1 KiB).
+pub const MAX_REWRITE_SIZE: u64 = 1 << 20;
 
 /// Split a path into components: empty and `.` parts dropped, `..` taken
 /// lexically, at most [`MAX_PATH_COMPONENTS`].
@@ -103,6 +116,7 @@ impl ext4_view::Ext4Read for ExtReader {
 /// ext2/3/4 through ext4-view.
 pub struct ExtFs {
     fs: ext4_view::Ext4,
+    region: Region,
     /// Bytes of the device: a file claiming more is refused before any
     /// allocation (a hostile sparse file could otherwise cost 1 GiB).
     device_len: u64,
@@ -125,9 +139,13 @@ fn abs(path: &str) -> Result<String, GrubError> {
 impl ExtFs {
     pub fn open(region: Region) -> Result<ExtFs, GrubError> {
         let device_len = region.len();
-        let fs = ext4_view::Ext4::load(Box::new(ExtReader(region)))
+        let fs = ext4_view::Ext4::load(Box::new(ExtReader(region.clone())))
             .map_err(|e| GrubError::BadFilesystem(format!("ext2: {e}")))?;
-        Ok(ExtFs { fs, device_len })
+        Ok(ExtFs {
+            fs,
+            region,
+            device_len,
+        })
     }
 }
 
@@ -189,6 +207,10 @@ impl Filesystem for ExtFs {
             .and_then(|p| self.fs.metadata(p.as_str()).ok())
             .is_some_and(|m| m.is_dir())
     }
+
+    fn file_extents(&self, path: &str) -> Result<Vec<(u64, u64)>, GrubError> {
+        crate::ext_blocks::ExtLayout::open(self.region.clone())?.file_extents(path)
+    }
 }
 
 // ---------------------------------------------------------------- host
@@ -247,5 +269,12 @@ impl Filesystem for HostFs {
 
     fn is_dir(&self, path: &str) -> bool {
         abs(path).is_ok_and(|p| std::path::Path::new(&p).is_dir())
+    }
+
+    fn file_extents(&self, _path: &str) -> Result<Vec<(u64, u64)>, GrubError> {
+        // GRUB's save_env: "disk device required".
+        Err(GrubError::Command(
+            "save_env: (host) is not a disk; disk device required".to_string(),
+        ))
     }
 }

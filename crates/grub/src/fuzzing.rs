@@ -92,6 +92,7 @@ fn exercise(fs: &dyn Filesystem) {
             } else {
                 let _ = fs.read(&p);
                 let _ = fs.is_dir(&p);
+                let _ = fs.file_extents(&p);
             }
         }
     }
@@ -103,6 +104,7 @@ fn exercise(fs: &dyn Filesystem) {
     ] {
         let _ = fs.read(p);
         let _ = fs.is_dir(p);
+        let _ = fs.file_extents(p);
     }
 }
 

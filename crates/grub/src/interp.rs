@@ -10,6 +10,7 @@
 
 use crate::console::Console;
 use crate::devices::Devices;
+use crate::envblk::EnvBlock;
 use crate::error::GrubError;
 use crate::fs::Filesystem;
 use crate::script::{parse, Part, Stmt, Word};
@@ -104,7 +105,7 @@ const BUILTINS: &[(&str, &str)] = &[
     ("return", "[N]  Return from a function."),
     (
         "save_env",
-        "VAR...  Save variables (read-only disks: ignored).",
+        "[-f FILE] VAR...  Save variables to the environment block file.",
     ),
     (
         "search",
@@ -615,7 +616,7 @@ impl<'a> Interp<'a> {
             "configfile" => self.cmd_source(args, true),
             "load_env" => self.cmd_load_env(args),
             "blscfg" => self.cmd_blscfg(),
-            "save_env" => Ok(0),
+            "save_env" => self.cmd_save_env(args),
             "loadfont" => Ok(1),
             "clear" => {
                 self.say("\x1b[H\x1b[2J")?;
@@ -1062,18 +1063,66 @@ impl<'a> Interp<'a> {
             Ok(d) => d,
             Err(e) => return self.fail(e),
         };
-        let text = String::from_utf8_lossy(&data).into_owned();
-        for line in text.lines() {
-            if line.starts_with('#') {
-                continue;
-            }
-            if let Some((k, v)) = line.split_once('=') {
-                if is_var_name(k) && (wanted.is_empty() || wanted.iter().any(|w| w == k)) {
-                    self.set_var(k, v);
-                }
+        let Some(block) = EnvBlock::open(data) else {
+            return self.fail("invalid environment block");
+        };
+        for (k, v) in block.vars() {
+            if wanted.is_empty() || wanted.contains(&k) {
+                self.set_var(&k, &v);
             }
         }
         Ok(0)
+    }
+
+    /// GRUB's `save_env [-f FILE] VAR...`: each variable set in the block
+    /// (or removed when unset), and the file's blocks rewritten in place
+    /// on its disk. Nothing is written when any step fails.
+    fn cmd_save_env(&mut self, args: &[String]) -> Flow {
+        let mut file = None;
+        let mut names = Vec::new();
+        let mut i = 0;
+        while i < args.len() {
+            match args[i].as_str() {
+                "-f" | "--file" => {
+                    file = args.get(i + 1).cloned();
+                    i += 1;
+                }
+                a => names.push(a.to_string()),
+            }
+            i += 1;
+        }
+        if names.is_empty() {
+            return self.fail("no variable is specified");
+        }
+        let file = file.unwrap_or_else(|| format!("{}/grubenv", self.var("prefix")));
+        let (dev, path) = match self.resolve(&file) {
+            Ok(x) => x,
+            Err(e) => return self.fail(e),
+        };
+        let old = match self.read_file(&file) {
+            Ok(d) => d,
+            Err(e) => return self.fail(e),
+        };
+        let Some(mut block) = EnvBlock::open(old.clone()) else {
+            return self.fail("invalid environment block");
+        };
+        for name in &names {
+            match self.vars.get(name) {
+                Some(value) => {
+                    if !block.set(name, value) {
+                        return self.fail("environment block too small");
+                    }
+                }
+                None => block.delete(name),
+            }
+        }
+        match self
+            .devices
+            .rewrite_in_place(&dev, &path, &old, block.as_bytes())
+        {
+            Ok(()) => Ok(0),
+            Err(e) => self.fail(e),
+        }
     }
 
     /// Fedora/RHEL's `blscfg`: one menu entry per

@@ -21,6 +21,7 @@ mod devices;
 mod disk;
 mod envblk;
 mod error;
+mod ext_blocks;
 mod fat;
 mod fs;
 pub mod fuzzing;
