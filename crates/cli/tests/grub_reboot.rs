@@ -302,3 +302,57 @@ fn grub_reboot_one_shot_entry_on_xfs() {
     assert!(out.status.success(), "second run: {}", text(&out));
     assert!(vm.contains("default-entry"), "{vm}");
 }
+
+/// `linux` of a file that is not a kernel fails at the prompt with GRUB's
+/// message, and the session goes on to boot a real one.
+#[test]
+fn linux_of_a_file_that_is_not_a_kernel_fails_at_the_prompt() {
+    let w = Work::new("notkernel");
+    std::fs::remove_file(w.dir.join("root/boot/grub/grub.cfg")).unwrap();
+    let part = w.dir.join("p1.ext4");
+    sh(&format!(
+        "mke2fs -q -F -t ext4 -d '{}' '{}' 8M",
+        w.dir.join("root").display(),
+        part.display()
+    ));
+    let disk = w.mbr_disk(&part, "83");
+    std::fs::write(
+        w.dir.join("device.map"),
+        format!("(hd0) {}\n", disk.display()),
+    )
+    .unwrap();
+    let mut child = Command::new(bin("grub-bhyve"))
+        .args([
+            "-m",
+            "device.map",
+            "-r",
+            "hd0,msdos1",
+            "-M",
+            "128M",
+            "kernelvm",
+        ])
+        .current_dir(&w.dir)
+        .env("RHYVE_VMM_DIR", w.dir.join("vmm"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"linux /boot/grub/grubenv\rboot\rlinux /boot/vmlinuz good-kernel\rboot\r")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    assert!(all.contains("error: invalid magic number."), "{all}");
+    assert!(
+        all.contains("error: you need to load the kernel first."),
+        "{all}"
+    );
+    let vm = std::fs::read_to_string(w.dir.join("vmm/kernelvm/vm.json")).unwrap();
+    assert!(vm.contains("good-kernel"), "{vm}");
+}

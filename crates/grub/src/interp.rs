@@ -728,6 +728,9 @@ impl<'a> Interp<'a> {
         self.loaded = None;
         match self.read_file(path) {
             Ok(kernel) => {
+                if let Err(e) = crate::kernel::check(path, &kernel) {
+                    return self.fail(e);
+                }
                 self.loaded = Some(Loaded {
                     kernel_path: path.clone(),
                     kernel,

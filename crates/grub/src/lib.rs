@@ -27,6 +27,7 @@ mod fs;
 pub mod fuzzing;
 mod interp;
 mod iso9660;
+mod kernel;
 mod menu;
 mod options;
 mod script;

@@ -96,14 +96,27 @@ pub fn write(path: &Path, data: &[u8]) {
     std::fs::write(path, data).unwrap();
 }
 
+/// `pattern` bytes under a bzImage setup header (boot protocol 2.15,
+/// 64-bit entry), which is all `linux` checks before accepting a kernel.
+pub fn fake_kernel(tag: &str, len: usize) -> Vec<u8> {
+    let mut k = pattern(tag, len.max(0x1000));
+    k[0x1F1] = 4;
+    k[0x1FE..0x200].copy_from_slice(&0xAA55u16.to_le_bytes());
+    k[0x202..0x206].copy_from_slice(b"HdrS");
+    k[0x206..0x208].copy_from_slice(&0x020Fu16.to_le_bytes());
+    k[0x211] |= 1;
+    k[0x236] |= 1;
+    k
+}
+
 pub fn kernel() -> Vec<u8> {
-    pattern("KERNEL-6.1", 70_001)
+    fake_kernel("KERNEL-6.1", 70_001)
 }
 pub fn initrd() -> Vec<u8> {
     pattern("INITRD-6.1", 33_331)
 }
 pub fn old_kernel() -> Vec<u8> {
-    pattern("KERNEL-5.10", 50_002)
+    fake_kernel("KERNEL-5.10", 50_002)
 }
 pub fn old_initrd() -> Vec<u8> {
     pattern("INITRD-5.10", 20_000)
