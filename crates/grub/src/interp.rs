@@ -21,6 +21,10 @@ use std::rc::Rc;
 const MAX_STEPS: u64 = 1_000_000;
 /// Deepest nesting of function calls, `source` and `configfile`.
 const MAX_CALL_DEPTH: usize = 32;
+/// Most bytes word expansion may produce in one session: a loop that
+/// grows a variable (`set a=${a}a`) costs quadratic time in its length,
+/// so the work, not only the statement count, needs a bound.
+const MAX_EXPANDED_BYTES: u64 = 16 << 20;
 /// Largest total of initrds.
 const MAX_INITRD_TOTAL: u64 = 2 << 30;
 
@@ -70,6 +74,8 @@ pub struct Interp<'a> {
     positional: Vec<String>,
     pub loaded: Option<Loaded>,
     steps: u64,
+    /// Bytes word expansion has produced so far.
+    expanded: u64,
     depth: usize,
     status: i32,
     /// A key read ahead while decoding an escape sequence.
@@ -207,6 +213,7 @@ impl<'a> Interp<'a> {
             positional: Vec::new(),
             loaded: None,
             steps: 0,
+            expanded: 0,
             depth: 0,
             status: 0,
             pending_key: None,
@@ -252,7 +259,19 @@ impl<'a> Interp<'a> {
         }
     }
 
-    fn expand(&self, words: &[Word]) -> Vec<String> {
+    /// Expand words into fields, charging the bytes to the session's budget.
+    fn expand(&mut self, words: &[Word]) -> Result<Vec<String>, Ctl> {
+        let out = self.expand_words(words);
+        self.expanded += out.iter().map(|f| f.len() as u64 + 1).sum::<u64>();
+        if self.expanded > MAX_EXPANDED_BYTES {
+            return Err(Ctl::Fatal(GrubError::Command(format!(
+                "the script expanded more than {MAX_EXPANDED_BYTES} bytes of words; giving up"
+            ))));
+        }
+        Ok(out)
+    }
+
+    fn expand_words(&self, words: &[Word]) -> Vec<String> {
         let mut out = Vec::new();
         for w in words {
             let mut fields: Vec<String> = vec![String::new()];
@@ -363,7 +382,7 @@ impl<'a> Interp<'a> {
         self.tick()?;
         match stmt {
             Stmt::Command(words) => {
-                let argv = self.expand(words);
+                let argv = self.expand(words)?;
                 if argv.is_empty() {
                     return Ok(0);
                 }
@@ -386,7 +405,7 @@ impl<'a> Interp<'a> {
                 }
             }
             Stmt::For { var, words, body } => {
-                let items = self.expand(words);
+                let items = self.expand(words)?;
                 let mut st = 0;
                 for it in items {
                     self.set_var(var, &it);
@@ -416,7 +435,7 @@ impl<'a> Interp<'a> {
                 body,
                 source,
             } => {
-                let argv = self.expand(args);
+                let argv = self.expand(args)?;
                 self.add_menu_item(*submenu, &argv, body.clone(), source.clone())
             }
         }

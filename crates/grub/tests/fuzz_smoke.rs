@@ -229,3 +229,35 @@ fn grub_environment_blocks() {
     ];
     smoke("envblk", fuzzing::envblk, &seeds, 1024, 17);
 }
+
+/// Every input a long fuzz run found (`tests/fuzz_regressions/TARGET-*`),
+/// replayed through its target: each once crashed, hung or ran away.
+#[test]
+fn inputs_found_by_fuzzing() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz_regressions");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let data = std::fs::read(&path).unwrap();
+        let target: fn(&[u8]) = match name.split_once('-').map(|(t, _)| t) {
+            Some("disk") => fuzzing::disk,
+            Some("iso9660") => fuzzing::iso9660,
+            Some("ext") => fuzzing::ext,
+            Some("xfs") => fuzzing::xfs,
+            Some("fat") => fuzzing::fat,
+            Some("grub_cfg") => fuzzing::grub_cfg,
+            Some("envblk") => fuzzing::envblk,
+            _ => panic!("{name}: no fuzz target of that name"),
+        };
+        let start = Instant::now();
+        target(&data);
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{name} took {:?}",
+            start.elapsed()
+        );
+        seen += 1;
+    }
+    assert!(seen > 0);
+}
