@@ -136,8 +136,43 @@ fn abs(path: &str) -> Result<String, GrubError> {
     Ok(format!("/{}", components(path)?.join("/")))
 }
 
+/// Refuse a superblock whose block group descriptor table cannot fit on
+/// the device: ext4-view allocates one descriptor per group the superblock
+/// claims before reading any, so a hostile count costs gigabytes.
+fn check_ext_geometry(region: &Region) -> Result<(), GrubError> {
+    let mut sb = [0u8; 1024];
+    region.read_at(1024, &mut sb)?;
+    let u32_at = |o: usize| u64::from(u32::from_le_bytes([sb[o], sb[o + 1], sb[o + 2], sb[o + 3]]));
+    let is_64bit = u32_at(96) & 0x80 != 0;
+    // ext4-view takes the high half of the block count whatever the
+    // features say, so the check does too.
+    let blocks = u32_at(4) | u32_at(0x150) << 32;
+    let first_data_block = u32_at(20);
+    let blocks_per_group = u32_at(32);
+    let desc_size = if is_64bit {
+        u64::from(u16::from_le_bytes([sb[0xFE], sb[0xFF]])).max(32)
+    } else {
+        32
+    };
+    let bad = |why: &str| Err(GrubError::BadFilesystem(format!("ext2: {why}")));
+    if blocks_per_group == 0 {
+        return bad("no blocks per group");
+    }
+    let groups = blocks
+        .saturating_sub(first_data_block)
+        .div_ceil(blocks_per_group);
+    if groups.saturating_mul(desc_size) > region.len() {
+        return bad(&format!(
+            "{groups} block groups do not fit on a {}-byte device",
+            region.len()
+        ));
+    }
+    Ok(())
+}
+
 impl ExtFs {
     pub fn open(region: Region) -> Result<ExtFs, GrubError> {
+        check_ext_geometry(&region)?;
         let device_len = region.len();
         let fs = ext4_view::Ext4::load(Box::new(ExtReader(region.clone())))
             .map_err(|e| GrubError::BadFilesystem(format!("ext2: {e}")))?;

@@ -8,10 +8,49 @@ mod common;
 
 use common::*;
 use rhyve_grub::fuzzing;
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 const RUNS: usize = 400;
+
+/// The largest single allocation any input made: a hostile image must
+/// not get gigabytes out of grub-bhyve (the fuzz runs flag more than
+/// 512 MiB as out of memory; so does this).
+static LARGEST_ALLOCATION: AtomicUsize = AtomicUsize::new(0);
+const ALLOCATION_LIMIT: usize = 512 << 20;
+
+struct Watched;
+
+// SAFETY: every call is passed to the system allocator unchanged.
+unsafe impl GlobalAlloc for Watched {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LARGEST_ALLOCATION.fetch_max(layout.size(), Ordering::Relaxed);
+        // SAFETY: the caller's layout, as GlobalAlloc::alloc requires.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: ptr came from System.alloc with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LARGEST_ALLOCATION.fetch_max(new_size, Ordering::Relaxed);
+        // SAFETY: as for System.realloc, which gets the caller's arguments.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Watched = Watched;
+
+fn assert_no_huge_allocation(what: &str) {
+    let largest = LARGEST_ALLOCATION.load(Ordering::Relaxed);
+    assert!(
+        largest <= ALLOCATION_LIMIT,
+        "{what}: an allocation of {largest} bytes"
+    );
+}
 
 struct Rng(u64);
 impl Rng {
@@ -81,6 +120,7 @@ fn smoke(name: &str, target: fn(&[u8]), seeds: &[Vec<u8>], hot: usize, seed: u64
         };
         target(&data);
     }
+    assert_no_huge_allocation(name);
     assert!(
         start.elapsed() < Duration::from_secs(240),
         "{name}: {RUNS} inputs took {:?}",
@@ -257,6 +297,7 @@ fn inputs_found_by_fuzzing() {
             "{name} took {:?}",
             start.elapsed()
         );
+        assert_no_huge_allocation(&name);
         seen += 1;
     }
     assert!(seen > 0);
