@@ -17,6 +17,7 @@ packages=(
   xfsprogs          # XFS /boot images for grub-bhyve tests
   dmidecode         # decodes the SMBIOS tables we build
   xorriso           # ISO images for grub-bhyve tests
+  grub-common       # grub-editenv judges the grubenv files grub-bhyve writes
   fdisk             # sfdisk for partitioned images
   kmod              # depmod/modinfo for guest modules
   lz4               # extracting the guest kernel's ELF image (Debian's is LZ4)

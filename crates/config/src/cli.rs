@@ -256,6 +256,15 @@ fn parse_config_file(tree: &mut ConfigTree, path: &str) -> Result<(), CliError> 
                 EXIT_ERROR,
             )
         })?;
+    parse_config_text(tree, path, &text)
+}
+
+/// The lines of a `-k` file already read; `path` names it in errors.
+pub(crate) fn parse_config_text(
+    tree: &mut ConfigTree,
+    path: &str,
+    text: &str,
+) -> Result<(), CliError> {
     for (index, raw) in text.split_inclusive('\n').enumerate() {
         if raw.starts_with('#') || raw == "\n" {
             continue;

@@ -15,6 +15,7 @@ mod check;
 mod cli;
 mod cnum;
 pub mod file;
+pub mod fuzzing;
 mod getopt;
 mod legacy;
 mod memsize;

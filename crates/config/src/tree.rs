@@ -51,6 +51,9 @@ fn split(path: &str) -> Result<Vec<&str>, ConfigError> {
     Ok(parts)
 }
 
+/// Longest value `%(var)` expansion may produce.
+pub const MAX_EXPANDED_LEN: usize = 1 << 20;
+
 /// Parse a bhyve boolean (`true/on/yes/1`, `false/off/no/0`, any case).
 pub fn parse_bool(value: &str) -> Option<bool> {
     match value.to_ascii_lowercase().as_str() {
@@ -140,7 +143,8 @@ impl ConfigTree {
         matches!(self.lookup(path), Some(Node::Table(_)))
     }
 
-    /// The value at `path` with `%(var)` references expanded.
+    /// The value at `path` with `%(var)` references expanded (at most
+    /// [`MAX_EXPANDED_LEN`] bytes).
     pub fn get(&self, path: &str) -> Result<Option<String>, ConfigError> {
         match self.get_raw(path) {
             None => Ok(None),
@@ -179,6 +183,14 @@ impl ConfigTree {
                     .get_raw(var)
                     .ok_or_else(|| bad(&format!("\"{var}\" is not set")))?;
                 out.push_str(&self.expand(var, value, depth + 1)?);
+                if out.len() > MAX_EXPANDED_LEN {
+                    // Values naming others several times grow
+                    // exponentially with the nesting (8 names, 12 deep:
+                    // tens of gigabytes).
+                    return Err(bad(&format!(
+                        "the value expands to more than {MAX_EXPANDED_LEN} bytes (too long)"
+                    )));
+                }
                 rest = &r[end + 1..];
             } else {
                 out.push('%');

@@ -117,6 +117,57 @@ impl Devices {
         Ok(fs)
     }
 
+    /// Overwrite the file `path` on `dev`, whose bytes are now `old`, with
+    /// `new` of the same size, in place through the block list its file
+    /// system gives: GRUB's `save_env`. As GRUB checks first, the blocks
+    /// must cover the whole file (no holes), must not overlap, and must
+    /// read back as `old`; only then is the disk opened for writing, and
+    /// only those bytes are written.
+    pub fn rewrite_in_place(
+        &self,
+        dev: &str,
+        path: &str,
+        old: &[u8],
+        new: &[u8],
+    ) -> Result<(), GrubError> {
+        let dev = dev.trim_start_matches('(').trim_end_matches(')');
+        if new.len() != old.len() {
+            return Err(GrubError::Command(format!(
+                "{path}: the new contents would change the file's size"
+            )));
+        }
+        let extents = self.fs(dev)?.file_extents(path)?;
+        let (region, _) = self.region(dev)?;
+        let total: u64 = extents.iter().map(|(_, len)| len).sum();
+        if total != old.len() as u64 {
+            return Err(GrubError::Command("sparse file not allowed".to_string()));
+        }
+        let mut sorted = extents.clone();
+        sorted.sort_unstable();
+        if sorted.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
+            return Err(GrubError::BadFilesystem(format!("{path}: malformed file")));
+        }
+        let mut at = 0usize;
+        for &(offset, len) in &extents {
+            let len = len as usize;
+            if region.read_vec(offset, len)? != old[at..at + len] {
+                return Err(GrubError::BadFilesystem(format!(
+                    "{path}: invalid blocklist"
+                )));
+            }
+            at += len;
+        }
+        // What is mounted was read before the write: mount afresh next time.
+        self.mounts.borrow_mut().clear();
+        let mut at = 0usize;
+        for &(offset, len) in &extents {
+            let len = len as usize;
+            region.write_at(offset, &new[at..at + len])?;
+            at += len;
+        }
+        Ok(())
+    }
+
     /// Facts for `ls (dev)`.
     pub fn info(&self, dev: &str) -> Result<DeviceInfo, GrubError> {
         let dev = dev.trim_start_matches('(').trim_end_matches(')');

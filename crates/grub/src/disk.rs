@@ -64,10 +64,13 @@ pub fn parse_device_map(text: &str, cwd: &Path) -> Result<Vec<DeviceMapEntry>, S
     Ok(out)
 }
 
-/// A read-only byte window onto a host file.
+/// A byte window onto a host file, read through a read-only descriptor.
 #[derive(Clone)]
 pub struct Region {
     file: Arc<File>,
+    /// The host file's path, for [`Region::write_at`]; `None` for files
+    /// not opened by path.
+    path: Option<Arc<Path>>,
     offset: u64,
     len: u64,
 }
@@ -78,6 +81,7 @@ impl Region {
         let len = file.metadata()?.len();
         Ok(Region {
             file: Arc::new(file),
+            path: None,
             offset: 0,
             len,
         })
@@ -87,7 +91,10 @@ impl Region {
     /// or a terminal named by mistake would leave grub-bhyve waiting.
     pub fn open(path: &Path) -> Result<Region, GrubError> {
         let f = rhyve_config::file::open_regular(path)?;
-        Region::whole(f).map_err(|e| GrubError::io(path.display().to_string(), e))
+        let mut region =
+            Region::whole(f).map_err(|e| GrubError::io(path.display().to_string(), e))?;
+        region.path = Some(Arc::from(path));
+        Ok(region)
     }
 
     /// A window inside this one; `None` when it would reach outside.
@@ -98,6 +105,7 @@ impl Region {
         }
         Some(Region {
             file: self.file.clone(),
+            path: self.path.clone(),
             offset: self.offset + offset,
             len,
         })
@@ -126,6 +134,33 @@ impl Region {
         self.file
             .read_exact_at(buf, self.offset + offset)
             .map_err(|e| GrubError::io("disk read", e))
+    }
+
+    /// Write `data` at `offset` of this window, through a descriptor
+    /// opened for writing on the same host file for just this write (the
+    /// disk stays read-only otherwise). Only `save_env` writes.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), GrubError> {
+        let inside = offset
+            .checked_add(data.len() as u64)
+            .is_some_and(|end| end <= self.len);
+        if !inside {
+            return Err(GrubError::Command(format!(
+                "write of {} bytes at {offset} is past the end ({} bytes)",
+                data.len(),
+                self.len
+            )));
+        }
+        let path = self.path.as_ref().ok_or_else(|| {
+            GrubError::Command("this disk cannot be opened for writing".to_string())
+        })?;
+        let what = || path.display().to_string();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| GrubError::io(format!("{} (opening for write)", what()), e))?;
+        f.write_all_at(data, self.offset + offset)
+            .and_then(|()| f.sync_data())
+            .map_err(|e| GrubError::io(what(), e))
     }
 
     /// Read `len` bytes at `offset` into a new buffer.

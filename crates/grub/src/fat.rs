@@ -10,7 +10,9 @@
 use crate::disk::bytes::u32le;
 use crate::disk::Region;
 use crate::error::GrubError;
-use crate::fs::{components, DirEntry, Filesystem, MAX_DIR_ENTRIES, MAX_FILE_SIZE};
+use crate::fs::{
+    components, DirEntry, Filesystem, MAX_DIR_ENTRIES, MAX_FILE_SIZE, MAX_REWRITE_SIZE,
+};
 
 /// Largest FAT we cache (a 32 GiB FAT32 volume with 4 KiB clusters has 32 MiB).
 const MAX_FAT_BYTES: u64 = 64 << 20;
@@ -395,6 +397,39 @@ impl Filesystem for FatFs {
             return Err(bad(format!("{path}: premature end of file")));
         }
         Ok(data)
+    }
+
+    fn file_extents(&self, path: &str) -> Result<Vec<(u64, u64)>, GrubError> {
+        let node = match self.lookup(path)? {
+            Some(n) if !n.is_dir => n,
+            Some(_) => return Err(GrubError::IsDirectory(path.to_string())),
+            None => return Err(GrubError::NotFound(path.to_string())),
+        };
+        if node.size > MAX_REWRITE_SIZE {
+            return Err(GrubError::TooLarge(
+                path.to_string(),
+                node.size,
+                MAX_REWRITE_SIZE,
+            ));
+        }
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut left = node.size;
+        for c in self.chain(node.cluster, node.size)? {
+            if left == 0 {
+                break;
+            }
+            let off = self.data_start + (c as u64 - 2) * self.cluster_bytes;
+            let len = left.min(self.cluster_bytes);
+            match out.last_mut() {
+                Some((o, l)) if *o + *l == off => *l += len,
+                _ => out.push((off, len)),
+            }
+            left -= len;
+        }
+        if left > 0 {
+            return Err(bad(format!("{path}: premature end of file")));
+        }
+        Ok(out)
     }
 
     fn label(&self) -> Option<String> {

@@ -38,7 +38,20 @@ pub trait Filesystem {
     fn uuid(&self) -> Option<String>;
     /// Whether `path` names a directory.
     fn is_dir(&self, path: &str) -> bool;
+    /// Where the regular file `path`'s bytes lie in the region, in file
+    /// order, as (offset, length): the block list `save_env` rewrites in
+    /// place. File systems that cannot say refuse.
+    fn file_extents(&self, path: &str) -> Result<Vec<(u64, u64)>, GrubError> {
+        let _ = path;
+        Err(GrubError::Command(format!(
+            "save_env: cannot write files in place on {}",
+            self.kind()
+        )))
+    }
 }
+
+/// Largest file `save_env` rewrites (GRUB's block is 1 KiB).
+pub const MAX_REWRITE_SIZE: u64 = 1 << 20;
 
 /// Split a path into components: empty and `.` parts dropped, `..` taken
 /// lexically, at most [`MAX_PATH_COMPONENTS`].
@@ -102,6 +115,7 @@ impl ext4_view::Ext4Read for ExtReader {
 /// ext2/3/4 through ext4-view.
 pub struct ExtFs {
     fs: ext4_view::Ext4,
+    region: Region,
     /// Bytes of the device: a file claiming more is refused before any
     /// allocation (a hostile sparse file could otherwise cost 1 GiB).
     device_len: u64,
@@ -121,12 +135,51 @@ fn abs(path: &str) -> Result<String, GrubError> {
     Ok(format!("/{}", components(path)?.join("/")))
 }
 
+/// Refuse a superblock whose block group descriptor table cannot fit on
+/// the device: ext4-view allocates one descriptor per group the superblock
+/// claims before reading any, so a hostile count costs gigabytes.
+fn check_ext_geometry(region: &Region) -> Result<(), GrubError> {
+    let mut sb = [0u8; 1024];
+    region.read_at(1024, &mut sb)?;
+    let u32_at = |o: usize| u64::from(u32::from_le_bytes([sb[o], sb[o + 1], sb[o + 2], sb[o + 3]]));
+    let is_64bit = u32_at(96) & 0x80 != 0;
+    // ext4-view takes the high half of the block count whatever the
+    // features say, so the check does too.
+    let blocks = u32_at(4) | u32_at(0x150) << 32;
+    let first_data_block = u32_at(20);
+    let blocks_per_group = u32_at(32);
+    let desc_size = if is_64bit {
+        u64::from(u16::from_le_bytes([sb[0xFE], sb[0xFF]])).max(32)
+    } else {
+        32
+    };
+    let bad = |why: &str| Err(GrubError::BadFilesystem(format!("ext2: {why}")));
+    if blocks_per_group == 0 {
+        return bad("no blocks per group");
+    }
+    let groups = blocks
+        .saturating_sub(first_data_block)
+        .div_ceil(blocks_per_group);
+    if groups.saturating_mul(desc_size) > region.len() {
+        return bad(&format!(
+            "{groups} block groups do not fit on a {}-byte device",
+            region.len()
+        ));
+    }
+    Ok(())
+}
+
 impl ExtFs {
     pub fn open(region: Region) -> Result<ExtFs, GrubError> {
+        check_ext_geometry(&region)?;
         let device_len = region.len();
-        let fs = ext4_view::Ext4::load(Box::new(ExtReader(region)))
+        let fs = ext4_view::Ext4::load(Box::new(ExtReader(region.clone())))
             .map_err(|e| GrubError::BadFilesystem(format!("ext2: {e}")))?;
-        Ok(ExtFs { fs, device_len })
+        Ok(ExtFs {
+            fs,
+            region,
+            device_len,
+        })
     }
 }
 
@@ -188,6 +241,10 @@ impl Filesystem for ExtFs {
             .and_then(|p| self.fs.metadata(p.as_str()).ok())
             .is_some_and(|m| m.is_dir())
     }
+
+    fn file_extents(&self, path: &str) -> Result<Vec<(u64, u64)>, GrubError> {
+        crate::ext_blocks::ExtLayout::open(self.region.clone())?.file_extents(path)
+    }
 }
 
 // ---------------------------------------------------------------- host
@@ -241,5 +298,12 @@ impl Filesystem for HostFs {
 
     fn is_dir(&self, path: &str) -> bool {
         abs(path).is_ok_and(|p| std::path::Path::new(&p).is_dir())
+    }
+
+    fn file_extents(&self, _path: &str) -> Result<Vec<(u64, u64)>, GrubError> {
+        // GRUB's save_env: "disk device required".
+        Err(GrubError::Command(
+            "save_env: (host) is not a disk; disk device required".to_string(),
+        ))
     }
 }

@@ -10,6 +10,7 @@
 
 use crate::console::Console;
 use crate::devices::Devices;
+use crate::envblk::EnvBlock;
 use crate::error::GrubError;
 use crate::fs::Filesystem;
 use crate::script::{parse, Part, Stmt, Word};
@@ -20,6 +21,10 @@ use std::rc::Rc;
 const MAX_STEPS: u64 = 1_000_000;
 /// Deepest nesting of function calls, `source` and `configfile`.
 const MAX_CALL_DEPTH: usize = 32;
+/// Most bytes word expansion may produce in one session: a loop that
+/// grows a variable (`set a=${a}a`) costs quadratic time in its length,
+/// so the work, not only the statement count, needs a bound.
+const MAX_EXPANDED_BYTES: u64 = 16 << 20;
 /// Largest total of initrds.
 const MAX_INITRD_TOTAL: u64 = 2 << 30;
 
@@ -69,6 +74,8 @@ pub struct Interp<'a> {
     positional: Vec<String>,
     pub loaded: Option<Loaded>,
     steps: u64,
+    /// Bytes word expansion has produced so far.
+    expanded: u64,
     depth: usize,
     status: i32,
     /// A key read ahead while decoding an escape sequence.
@@ -104,7 +111,7 @@ const BUILTINS: &[(&str, &str)] = &[
     ("return", "[N]  Return from a function."),
     (
         "save_env",
-        "VAR...  Save variables (read-only disks: ignored).",
+        "[-f FILE] VAR...  Save variables to the environment block file.",
     ),
     (
         "search",
@@ -206,6 +213,7 @@ impl<'a> Interp<'a> {
             positional: Vec::new(),
             loaded: None,
             steps: 0,
+            expanded: 0,
             depth: 0,
             status: 0,
             pending_key: None,
@@ -251,7 +259,19 @@ impl<'a> Interp<'a> {
         }
     }
 
-    fn expand(&self, words: &[Word]) -> Vec<String> {
+    /// Expand words into fields, charging the bytes to the session's budget.
+    fn expand(&mut self, words: &[Word]) -> Result<Vec<String>, Ctl> {
+        let out = self.expand_words(words);
+        self.expanded += out.iter().map(|f| f.len() as u64 + 1).sum::<u64>();
+        if self.expanded > MAX_EXPANDED_BYTES {
+            return Err(Ctl::Fatal(GrubError::Command(format!(
+                "the script expanded more than {MAX_EXPANDED_BYTES} bytes of words; giving up"
+            ))));
+        }
+        Ok(out)
+    }
+
+    fn expand_words(&self, words: &[Word]) -> Vec<String> {
         let mut out = Vec::new();
         for w in words {
             let mut fields: Vec<String> = vec![String::new()];
@@ -362,7 +382,7 @@ impl<'a> Interp<'a> {
         self.tick()?;
         match stmt {
             Stmt::Command(words) => {
-                let argv = self.expand(words);
+                let argv = self.expand(words)?;
                 if argv.is_empty() {
                     return Ok(0);
                 }
@@ -385,7 +405,7 @@ impl<'a> Interp<'a> {
                 }
             }
             Stmt::For { var, words, body } => {
-                let items = self.expand(words);
+                let items = self.expand(words)?;
                 let mut st = 0;
                 for it in items {
                     self.set_var(var, &it);
@@ -415,7 +435,7 @@ impl<'a> Interp<'a> {
                 body,
                 source,
             } => {
-                let argv = self.expand(args);
+                let argv = self.expand(args)?;
                 self.add_menu_item(*submenu, &argv, body.clone(), source.clone())
             }
         }
@@ -615,7 +635,7 @@ impl<'a> Interp<'a> {
             "configfile" => self.cmd_source(args, true),
             "load_env" => self.cmd_load_env(args),
             "blscfg" => self.cmd_blscfg(),
-            "save_env" => Ok(0),
+            "save_env" => self.cmd_save_env(args),
             "loadfont" => Ok(1),
             "clear" => {
                 self.say("\x1b[H\x1b[2J")?;
@@ -727,6 +747,9 @@ impl<'a> Interp<'a> {
         self.loaded = None;
         match self.read_file(path) {
             Ok(kernel) => {
+                if let Err(e) = crate::kernel::check(path, &kernel) {
+                    return self.fail(e);
+                }
                 self.loaded = Some(Loaded {
                     kernel_path: path.clone(),
                     kernel,
@@ -1062,18 +1085,66 @@ impl<'a> Interp<'a> {
             Ok(d) => d,
             Err(e) => return self.fail(e),
         };
-        let text = String::from_utf8_lossy(&data).into_owned();
-        for line in text.lines() {
-            if line.starts_with('#') {
-                continue;
-            }
-            if let Some((k, v)) = line.split_once('=') {
-                if is_var_name(k) && (wanted.is_empty() || wanted.iter().any(|w| w == k)) {
-                    self.set_var(k, v);
-                }
+        let Some(block) = EnvBlock::open(data) else {
+            return self.fail("invalid environment block");
+        };
+        for (k, v) in block.vars() {
+            if wanted.is_empty() || wanted.contains(&k) {
+                self.set_var(&k, &v);
             }
         }
         Ok(0)
+    }
+
+    /// GRUB's `save_env [-f FILE] VAR...`: each variable set in the block
+    /// (or removed when unset), and the file's blocks rewritten in place
+    /// on its disk. Nothing is written when any step fails.
+    fn cmd_save_env(&mut self, args: &[String]) -> Flow {
+        let mut file = None;
+        let mut names = Vec::new();
+        let mut i = 0;
+        while i < args.len() {
+            match args[i].as_str() {
+                "-f" | "--file" => {
+                    file = args.get(i + 1).cloned();
+                    i += 1;
+                }
+                a => names.push(a.to_string()),
+            }
+            i += 1;
+        }
+        if names.is_empty() {
+            return self.fail("no variable is specified");
+        }
+        let file = file.unwrap_or_else(|| format!("{}/grubenv", self.var("prefix")));
+        let (dev, path) = match self.resolve(&file) {
+            Ok(x) => x,
+            Err(e) => return self.fail(e),
+        };
+        let old = match self.read_file(&file) {
+            Ok(d) => d,
+            Err(e) => return self.fail(e),
+        };
+        let Some(mut block) = EnvBlock::open(old.clone()) else {
+            return self.fail("invalid environment block");
+        };
+        for name in &names {
+            match self.vars.get(name) {
+                Some(value) => {
+                    if !block.set(name, value) {
+                        return self.fail("environment block too small");
+                    }
+                }
+                None => block.delete(name),
+            }
+        }
+        match self
+            .devices
+            .rewrite_in_place(&dev, &path, &old, block.as_bytes())
+        {
+            Ok(()) => Ok(0),
+            Err(e) => self.fail(e),
+        }
     }
 
     /// Fedora/RHEL's `blscfg`: one menu entry per

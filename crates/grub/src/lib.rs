@@ -19,11 +19,15 @@
 mod console;
 mod devices;
 mod disk;
+mod envblk;
 mod error;
+mod ext_blocks;
 mod fat;
 mod fs;
+pub mod fuzzing;
 mod interp;
 mod iso9660;
+mod kernel;
 mod menu;
 mod options;
 mod script;

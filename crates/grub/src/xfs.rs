@@ -11,7 +11,9 @@
 
 use crate::disk::Region;
 use crate::error::GrubError;
-use crate::fs::{components, DirEntry, Filesystem, MAX_DIR_ENTRIES, MAX_FILE_SIZE};
+use crate::fs::{
+    components, DirEntry, Filesystem, MAX_DIR_ENTRIES, MAX_FILE_SIZE, MAX_REWRITE_SIZE,
+};
 
 /// Directory data lives below this byte offset (XFS_DIR2_LEAF_OFFSET).
 const DIR_LEAF_OFFSET: u64 = 32 << 30;
@@ -571,6 +573,44 @@ impl Filesystem for XfsFs {
             return Err(GrubError::IsDirectory(path.to_string()));
         }
         self.read_inode_data(&node, path)
+    }
+
+    fn file_extents(&self, path: &str) -> Result<Vec<(u64, u64)>, GrubError> {
+        let (_, node) = self.lookup(path)?;
+        if node.is_dir() {
+            return Err(GrubError::IsDirectory(path.to_string()));
+        }
+        if node.size > MAX_REWRITE_SIZE {
+            return Err(GrubError::TooLarge(
+                path.to_string(),
+                node.size,
+                MAX_REWRITE_SIZE,
+            ));
+        }
+        let Fork::Extents(extents) = &node.fork else {
+            return Err(GrubError::Command(format!(
+                "save_env: `{path}' is stored inside its inode; cannot write it in place"
+            )));
+        };
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut pos = 0;
+        while pos < node.size {
+            let block = pos / self.block_size;
+            let e = extents
+                .iter()
+                .find(|e| !e.unwritten && block >= e.file_block && block - e.file_block < e.count)
+                .ok_or_else(|| GrubError::Command("sparse file not allowed".to_string()))?;
+            let off = self
+                .fsblock_offset(e.disk_block.saturating_add(block - e.file_block))
+                .ok_or_else(|| bad("extent out of range"))?;
+            let len = (node.size - pos).min(self.block_size);
+            match out.last_mut() {
+                Some((o, l)) if *o + *l == off => *l += len,
+                _ => out.push((off, len)),
+            }
+            pos += len;
+        }
+        Ok(out)
     }
 
     fn label(&self) -> Option<String> {

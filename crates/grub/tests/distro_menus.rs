@@ -37,7 +37,7 @@ fn ubuntu_server_iso_menu() {
             ("casper/initrd", &initrd()),
             ("casper/hwe-vmlinuz", &old_kernel()),
             ("casper/hwe-initrd", &old_initrd()),
-            ("boot/memtest86+x64.bin", b"memtest"),
+            ("boot/memtest86+x64.bin", &fake_kernel("memtest", 0)),
         ],
     );
     let map = device_map(&dir, &[("cd0", &img)]);
@@ -63,7 +63,7 @@ fn ubuntu_server_iso_menu() {
     // linux16 works as linux; an entry that fails returns to the menu.
     let mut con = ScriptedConsole::new(b"\x1b[B\x1b[B\r");
     let sel = run(&opts(&map, "cd0", &[]), &mut con).unwrap();
-    assert_eq!(sel.kernel, b"memtest");
+    assert_eq!(sel.kernel, fake_kernel("memtest", 0));
     assert_eq!(sel.initrd, b"");
 }
 
@@ -129,7 +129,7 @@ search --label media --set dev
 search.fs_uuid 3f1c2b7a-9d4e-4c1a-8b2e-5a6f7c8d9e01 byuuid
 menuentry "Entry $chosen" --id=first --class x 'arg one' {
   linux /k "$1" ${kopts} both=$both files=$files num=$num neg=$neg n=$n found=$found dev=$dev u=$byuuid 'a b'
-  initrd /k /k
+  initrd /i /i
 }
 set default=first
 set timeout=0
@@ -138,7 +138,8 @@ set timeout=0
         &dir,
         &[
             ("boot/grub/grub.cfg", cfg.as_bytes()),
-            ("k", b"12345"),
+            ("k", &fake_kernel("k", 0)),
+            ("i", b"12345"),
             ("etc/x", b""),
         ],
     );

@@ -291,7 +291,7 @@ fn configs_that_recurse_loop_or_break() {
     for (name, text) in cfgs {
         write(&tree.join("boot/grub").join(name), text.as_bytes());
     }
-    write(&tree.join("k"), b"kernel");
+    write(&tree.join("k"), &fake_kernel("kernel", 0));
     let ext = dir.join("t.ext4");
     mkext4(&ext, &tree, 4, "t");
     let map = device_map(&dir, &[("hd0", &ext)]);
@@ -303,7 +303,7 @@ fn configs_that_recurse_loop_or_break() {
         match *name {
             "recurse.cfg" | "self.cfg" | "vars.cfg" => {
                 let sel = r.unwrap_or_else(|e| panic!("{name}: {e}\n{out}"));
-                assert_eq!(sel.kernel, b"kernel", "{name}");
+                assert_eq!(sel.kernel, fake_kernel("kernel", 0), "{name}");
                 assert!(
                     out.contains("nested deeper than") || *name == "vars.cfg",
                     "{name}: {out}"
@@ -326,7 +326,7 @@ fn guest_configs_cannot_reach_host_files() {
         &tree.join("boot/grub/grub.cfg"),
         b"menuentry steal { linux /k\n initrd (host)/etc/hostname\n }\nset timeout=0\n",
     );
-    write(&tree.join("k"), b"kernel");
+    write(&tree.join("k"), &fake_kernel("kernel", 0));
     let ext = dir.join("t.ext4");
     mkext4(&ext, &tree, 4, "t");
     let map = device_map(&dir, &[("hd0", &ext)]);
@@ -347,6 +347,6 @@ fn guest_configs_cannot_reach_host_files() {
     let o = opts(&map, "host", &["-d", &tree_dir, "-g", "host.cfg"]);
     let mut con = ScriptedConsole::new(b"");
     let sel = run(&o, &mut con).unwrap_or_else(|e| panic!("{e}: {}", con.output_text()));
-    assert_eq!(sel.kernel, b"kernel");
+    assert_eq!(sel.kernel, fake_kernel("kernel", 0));
     assert!(sel.initrd == padded(&std::fs::read(tree.join("boot/grub/grub.cfg")).unwrap()));
 }

@@ -149,8 +149,8 @@ fn menu_timeout_counts_down_on_a_pty() {
     let dir = scratch("pty-timeout");
     let tree = dir.join("t");
     write(&tree.join("boot/grub/grub.cfg"), b"set timeout=1\nset default=1\nmenuentry 'a' { linux /k0 }\nmenuentry \"b\" { linux /k1 x=$default }\n");
-    write(&tree.join("k0"), b"zero");
-    write(&tree.join("k1"), b"one");
+    write(&tree.join("k0"), &fake_kernel("zero", 0));
+    write(&tree.join("k1"), &fake_kernel("one", 0));
     let ext = dir.join("t.ext4");
     mkext4(&ext, &tree, 4, "t");
     let map = device_map(&dir, &[("hd0", &ext)]);
@@ -164,7 +164,7 @@ fn menu_timeout_counts_down_on_a_pty() {
     pty.expect("executed automatically in 1s");
     let sel = grub.join().unwrap().expect("boot selection");
     assert!(started.elapsed() >= Duration::from_millis(900));
-    assert_eq!(sel.kernel, b"one");
+    assert_eq!(sel.kernel, fake_kernel("one", 0));
     assert_eq!(sel.menu_title.as_deref(), Some("b"));
     assert_eq!(sel.cmdline, "console=ttyS0 BOOT_IMAGE=/k1 x=1");
 }

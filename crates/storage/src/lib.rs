@@ -13,6 +13,7 @@
 
 pub mod ahci;
 mod atapi;
+pub mod fuzzing;
 mod identify;
 
 pub use ahci::{

@@ -96,14 +96,27 @@ pub fn write(path: &Path, data: &[u8]) {
     std::fs::write(path, data).unwrap();
 }
 
+/// `pattern` bytes under a bzImage setup header (boot protocol 2.15,
+/// 64-bit entry), which is all `linux` checks before accepting a kernel.
+pub fn fake_kernel(tag: &str, len: usize) -> Vec<u8> {
+    let mut k = pattern(tag, len.max(0x1000));
+    k[0x1F1] = 4;
+    k[0x1FE..0x200].copy_from_slice(&0xAA55u16.to_le_bytes());
+    k[0x202..0x206].copy_from_slice(b"HdrS");
+    k[0x206..0x208].copy_from_slice(&0x020Fu16.to_le_bytes());
+    k[0x211] |= 1;
+    k[0x236] |= 1;
+    k
+}
+
 pub fn kernel() -> Vec<u8> {
-    pattern("KERNEL-6.1", 70_001)
+    fake_kernel("KERNEL-6.1", 70_001)
 }
 pub fn initrd() -> Vec<u8> {
     pattern("INITRD-6.1", 33_331)
 }
 pub fn old_kernel() -> Vec<u8> {
-    pattern("KERNEL-5.10", 50_002)
+    fake_kernel("KERNEL-5.10", 50_002)
 }
 pub fn old_initrd() -> Vec<u8> {
     pattern("INITRD-5.10", 20_000)
@@ -425,6 +438,18 @@ pub fn opts(map: &Path, root: &str, extra: &[&str]) -> rhyve_grub::GrubOptions {
 /// An XFS image (mkfs.xfs's minimum, 300 MiB, sparse) built from a
 /// mkfs.xfs prototype: `(path, contents)` files, `(path, target)` symlinks.
 pub fn mkxfs(img: &Path, files: &[(&str, Vec<u8>)], links: &[(&str, &str)], label: &str) {
+    mkxfs_sized(img, files, links, label, 300);
+}
+
+/// [`mkxfs`] of `size_mib` with one allocation group: below 300 MiB
+/// mkfs.xfs wants to be told it is making a test file system.
+pub fn mkxfs_sized(
+    img: &Path,
+    files: &[(&str, Vec<u8>)],
+    links: &[(&str, &str)],
+    label: &str,
+    size_mib: u32,
+) {
     need_tools();
     let src = img.with_extension("src");
     let _ = std::fs::remove_dir_all(&src);
@@ -474,7 +499,8 @@ pub fn mkxfs(img: &Path, files: &[(&str, Vec<u8>)], links: &[(&str, &str)], labe
     let proto_path = src.join("proto");
     write(&proto_path, proto.as_bytes());
     sh(&format!(
-        "rm -f '{i}'; truncate -s 300M '{i}' && mkfs.xfs -q -m uuid={EXT_UUID} -L {label} -p '{p}' '{i}'",
+        "rm -f '{i}'; truncate -s {size_mib}M '{i}' && TEST_DIR=1 TEST_DEV=1 QA_CHECK_FS=1 mkfs.xfs -q {ag} -m uuid={EXT_UUID} -L {label} -p '{p}' '{i}'",
+        ag = if size_mib < 300 { "-d agcount=1" } else { "" },
         i = img.display(),
         p = proto_path.display()
     ));
