@@ -6,6 +6,7 @@
 //! `regs N`, `nmi N`), answered by zero or more `name<TAB>value` lines and a
 //! last line `ok` or `error <message>`.
 
+use rhyve_sandbox::ThreadRole;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -52,15 +53,13 @@ impl ControlServer {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
         let server = Arc::new(self);
-        std::thread::Builder::new()
-            .name("control".into())
-            .spawn(move || {
-                for stream in listener.incoming().flatten() {
-                    if let Err(e) = server.serve(stream) {
-                        tracing::debug!("control connection: {e}");
-                    }
+        rhyve_sandbox::spawn(ThreadRole::Control, "control", move || {
+            for stream in listener.incoming().flatten() {
+                if let Err(e) = server.serve(stream) {
+                    tracing::debug!("control connection: {e}");
                 }
-            })?;
+            }
+        })?;
         Ok(())
     }
 

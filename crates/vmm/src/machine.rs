@@ -196,6 +196,9 @@ pub fn build(tree: &ConfigTree) -> Result<Machine, VmmError> {
     crate::refuse_unsupported(tree)?;
     let spec = crate::vm_spec(tree)?;
     let named = take_named_vm(tree, &spec)?;
+    // Threads started from here on (device workers, timers, serial) are
+    // created confined.
+    crate::confine::start(tree, Registry::from_env().root())?;
     let vm: Box<dyn Vm> = Box::new(KvmVm::new(spec.clone())?);
     let io = Arc::new(Bus::new());
     let mmio = Arc::new(Bus::new());
