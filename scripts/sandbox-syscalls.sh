@@ -2,10 +2,11 @@
 # Lists the system calls each thread role of a running `bhyve` makes, from
 # `strace -ff` of a few guest runs, to build and check the sandbox's
 # allow-lists (crates/sandbox/src/roles.rs). A thread's role is read from the
-# name std gives it (prctl PR_SET_NAME); the main thread is the supervisor.
-# Only calls made after set-up count for the main thread: from the first
-# sandbox `seccomp` call on, or, with the sandbox off, from the first vCPU
-# thread's creation.
+# name std gives it (prctl PR_SET_NAME); the main thread (renamed to its
+# process title, "bhyve: NAME") is the supervisor, whose calls count from
+# its first thread creation on (the runs use -o security.sandbox=false, so
+# that is the first device thread: an over-estimate of what the supervisor
+# does after set-up, to be read with the code).
 # Usage: scripts/sandbox-syscalls.sh [TARGET_DIR]   (default: ./target)
 set -eu
 target=${1:-target}

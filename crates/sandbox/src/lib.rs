@@ -17,6 +17,11 @@
 //! ends the process with bhyve's error status 4. Trapping rather than
 //! RET_KILL_PROCESS keeps the report inside `bhyve`, where a user running it
 //! by hand sees it, without needing a parent to read the kernel's audit log.
+//! One limit: a forbidden call made while SIGSYS is blocked is killed by the
+//! kernel with SIGSYS and no line. glibc blocks every signal around the
+//! clone of pthread_create and the tgkill of pthread_kill, so the roles that
+//! create threads (spawner) or kick vCPUs (supervisor, control, vcpu) are
+//! allowed those calls.
 //!
 //! Without [`start`] (the sandbox off, or code that is not a VM such as unit
 //! tests) [`spawn`] is a plain named thread.

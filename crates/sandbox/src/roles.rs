@@ -122,40 +122,26 @@ const SUPERVISOR: &[Sysno] = &[
     Sysno::read,
     Sysno::lseek,
     Sysno::fcntl,
-    Sysno::flock,
     Sysno::newfstatat,
     Sysno::statx,
-    Sysno::fstat,
-    Sysno::fsync,
     Sysno::rename,
-    Sysno::renameat,
     Sysno::unlink,
     Sysno::unlinkat,
     Sysno::rmdir,
-    Sysno::mkdir,
-    Sysno::mkdirat,
     Sysno::getdents64,
 ];
 
 const VCPU: &[Sysno] = &[
-    // KVM_RUN, register access, irqfd/ioeventfd set-up when a driver starts
-    // a virtio device, terminal and tap ioctls of device emulation.
+    // KVM_RUN and register access; irqfd and ioeventfd set-up when a driver
+    // starts a virtio device, and the tap offload ioctls then.
     Sysno::ioctl,
     Sysno::read,
     // A virtio device's stop eventfd, made at DRIVER_OK.
     Sysno::eventfd2,
-    Sysno::fcntl,
     // `-p`: the thread pins itself.
     Sysno::sched_setaffinity,
     // Kicking another vCPU (INIT/SIPI, NMI requests).
     Sysno::tgkill,
-    // Device registers that write straight to a backend (tap, block file
-    // in synchronous mode, console).
-    Sysno::pread64,
-    Sysno::pwrite64,
-    Sysno::writev,
-    Sysno::readv,
-    Sysno::getrandom,
 ];
 
 const DEVICE_IO: &[Sysno] = &[
@@ -182,12 +168,16 @@ const DEVICE_IO: &[Sysno] = &[
     Sysno::fdatasync,
     // Discards: hole punching, BLKDISCARD on devices.
     Sysno::fallocate,
+    // BLKDISCARD; interrupts (KVM_IRQ_LINE, KVM_SIGNAL_MSI) when no irqfd.
     Sysno::ioctl,
     // virtio-rnd.
     Sysno::getrandom,
 ];
 
-const TIMER: &[Sysno] = &[];
+const TIMER: &[Sysno] = &[
+    // Raising the timer's interrupt (KVM_IRQ_LINE, KVM_SIGNAL_MSI).
+    Sysno::ioctl,
+];
 
 const SERIAL_IO: &[Sysno] = &[
     Sysno::read,
@@ -199,6 +189,7 @@ const SERIAL_IO: &[Sysno] = &[
     Sysno::accept,
     Sysno::setsockopt,
     Sysno::shutdown,
+    // Raising the UART's interrupt (KVM_IRQ_LINE); terminal modes.
     Sysno::ioctl,
 ];
 
