@@ -6,7 +6,7 @@
 #   scripts/install.sh --uninstall [--prefix DIR]
 #
 # Installs, with DIR the prefix:
-#   DIR/bin/{bhyve,bhyvectl,grub-bhyve,rhyve-vhost-user}
+#   DIR/bin/{bhyve,bhyvectl,grub-bhyve,rhyve-vhost-user,rhyve-jailer}
 #   DIR/share/rhyve/vmrun.sh                 (bhyve's example script)
 #   DIR/lib/systemd/system/rhyve-vm@.service (systemd reads /usr/local/lib/
 #                                             systemd/system; run
@@ -36,7 +36,7 @@ case "$prefix" in
   *) echo "install.sh: --prefix must be an absolute path: \"$prefix\"" >&2; exit 1 ;;
 esac
 manifest="$prefix/share/rhyve/install-manifest"
-binaries=(bhyve bhyvectl grub-bhyve rhyve-vhost-user)
+binaries=(bhyve bhyvectl grub-bhyve rhyve-vhost-user rhyve-jailer)
 
 if [ "$uninstall" -eq 1 ]; then
   if [ ! -f "$manifest" ]; then

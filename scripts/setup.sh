@@ -23,6 +23,7 @@ packages=(
   lz4               # extracting the guest kernel's ELF image (Debian's is LZ4)
   zstd
   xz-utils
+  systemd           # systemd-analyze verify checks the rhyve-vm@ unit
 )
 
 missing=()

@@ -32,6 +32,7 @@
 //! can raise its interrupt. Threads block in poll(2) on the data fd and an
 //! eventfd, so dropping the backend stops them promptly.
 
+use rhyve_sandbox::ThreadRole;
 use std::collections::VecDeque;
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
@@ -570,9 +571,10 @@ impl SerialBackend {
         f: impl FnOnce(Arc<Shared>) + Send + 'static,
     ) -> Result<(), SerialError> {
         let shared = self.shared.clone();
-        let handle = std::thread::Builder::new()
-            .name(format!("serial-{what}"))
-            .spawn(move || f(shared))
+        let handle =
+            rhyve_sandbox::spawn(ThreadRole::SerialIo, format!("serial-{what}"), move || {
+                f(shared)
+            })
             .map_err(io_err(&self.shared.label))?;
         self.threads.push(handle);
         Ok(())

@@ -86,7 +86,7 @@ pub enum BootError {
     #[error("invalid uuid \"{0}\"")]
     BadUuid(String),
     #[error("cannot read the host name: {0}")]
-    Hostname(rhyve_config::file::FileError),
+    Hostname(std::io::Error),
 }
 
 /// Copy `bytes` to guest physical `addr`, naming `what` in the error.

@@ -131,11 +131,16 @@ fn derived_uuid(vm_name: &str, hostname: &str) -> [u8; 16] {
     digest
 }
 
+/// gethostname(2) rather than /proc/sys/kernel/hostname: the same name,
+/// and it works in a jail without /proc (rhyve-jailer).
 fn host_name() -> Result<String, BootError> {
-    // HOST_NAME_MAX is 64; the limit only guards against a strange /proc.
-    rhyve_config::file::read_limited_string(std::path::Path::new("/proc/sys/kernel/hostname"), 4096)
-        .map(|s| s.trim_end().to_string())
-        .map_err(BootError::Hostname)
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
+        return Err(BootError::Hostname(std::io::Error::last_os_error()));
+    }
+    let len = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    Ok(String::from_utf8_lossy(&buf[..len]).into_owned())
 }
 
 /// The entry point and structure table as they sit at [`SMBIOS_BASE`].

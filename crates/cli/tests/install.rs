@@ -43,7 +43,13 @@ fn install_and_uninstall_on_a_scratch_prefix() {
         .unwrap();
     assert!(out.status.success(), "install.sh: {out:?}");
 
-    for bin in ["bhyve", "bhyvectl", "grub-bhyve", "rhyve-vhost-user"] {
+    for bin in [
+        "bhyve",
+        "bhyvectl",
+        "grub-bhyve",
+        "rhyve-vhost-user",
+        "rhyve-jailer",
+    ] {
         let path = prefix.join("bin").join(bin);
         let mode = std::fs::metadata(&path)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()))

@@ -9,6 +9,7 @@
 //! touching a dead device.
 
 use crate::clock::Clock;
+use rhyve_sandbox::ThreadRole;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -70,9 +71,9 @@ impl TimerThread {
     ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let (dev, cv, stop_flag) = (device.clone(), waker.0.clone(), stop.clone());
-        let handle = std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || run(dev, cv, stop_flag, clock))?;
+        let handle = rhyve_sandbox::spawn(ThreadRole::Timer, name, move || {
+            run(dev, cv, stop_flag, clock)
+        })?;
         let stopper = {
             let stop = stop.clone();
             move || {

@@ -29,6 +29,7 @@
 //! rather than left issued (bhyve would spin on it), and the error path
 //! stops the command loop even when the FIS receive area is disabled.
 
+use rhyve_sandbox::ThreadRole;
 use std::io;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, Weak};
@@ -661,10 +662,10 @@ impl Ahci {
         ahci.reset();
         let ahci = Arc::new(Mutex::new(ahci));
         let weak = Arc::downgrade(&ahci);
-        std::thread::Builder::new()
-            .name("ahci-io".into())
-            .spawn(move || io_thread(queue, weak, mem))
-            .map_err(AhciError::Thread)?;
+        rhyve_sandbox::spawn(ThreadRole::DeviceIo, "ahci-io", move || {
+            io_thread(queue, weak, mem)
+        })
+        .map_err(AhciError::Thread)?;
         Ok(ahci)
     }
 

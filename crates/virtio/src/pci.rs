@@ -24,6 +24,7 @@
 //! reset bumps a generation number instead of joining the worker, so a
 //! vCPU never waits for I/O.
 
+use rhyve_sandbox::ThreadRole;
 use std::io;
 use std::os::fd::BorrowedFd;
 use std::os::unix::io::{AsRawFd, RawFd};
@@ -788,9 +789,7 @@ impl VirtioPci {
             stop,
             generation,
         };
-        std::thread::Builder::new()
-            .name("virtio-worker".into())
-            .spawn(move || worker.run())?;
+        rhyve_sandbox::spawn(ThreadRole::DeviceIo, "virtio-worker", move || worker.run())?;
         Ok(())
     }
 

@@ -9,6 +9,7 @@
 //! (`--destroy` does not come this way: see the registry's `destroy` marker,
 //! which also reaches a bhyve that is still starting.)
 
+use rhyve_sandbox::ThreadRole;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::mpsc;
@@ -61,15 +62,13 @@ impl ControlServer {
     pub fn spawn(self, named: &VmHandle) -> std::io::Result<()> {
         let listener: UnixListener = named.bind_control()?;
         let server = Arc::new(self);
-        std::thread::Builder::new()
-            .name("control".into())
-            .spawn(move || {
-                for stream in listener.incoming().flatten() {
-                    if let Err(e) = server.serve(stream) {
-                        tracing::debug!("control connection: {e}");
-                    }
+        rhyve_sandbox::spawn(ThreadRole::Control, "control", move || {
+            for stream in listener.incoming().flatten() {
+                if let Err(e) = server.serve(stream) {
+                    tracing::debug!("control connection: {e}");
                 }
-            })?;
+            }
+        })?;
         Ok(())
     }
 

@@ -7,6 +7,7 @@
 
 pub mod bhyvectl;
 mod bootrom;
+mod confine;
 pub mod control;
 mod loader;
 mod machine;
@@ -15,6 +16,7 @@ mod signals;
 mod spec;
 mod vcpu;
 
+use rhyve_sandbox::ThreadRole;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -118,6 +120,15 @@ pub fn run(tree: &ConfigTree) -> i32 {
     if let Err(e) = control.spawn(&named) {
         tracing::warn!("no control socket for bhyvectl: {e}");
     }
+    // The signal handlers go in before the main thread gives up rt_sigaction
+    // for anything but SIGTERM's last act.
+    signals::install();
+    if let Err(e) = rhyve_sandbox::confine_supervisor() {
+        eprintln!("bhyve: sandbox: {e}");
+        return rhyve_config::EXIT_ERROR;
+    }
+    #[cfg(debug_assertions)]
+    confine::test_open(tree);
     let (pm_query, pm_press) = (platform.pm.clone(), platform.pm.clone());
     let hooks = Supervision {
         acpi_enabled: Box::new(move || pm_query.lock().map(|p| p.acpi_enabled()).unwrap_or(false)),
@@ -177,7 +188,6 @@ pub fn supervise(
     exits: Arc<ExitRequests>,
     hooks: Supervision,
 ) -> ExitRequest {
-    signals::install();
     let (wake_tx, wake_rx) = mpsc::channel::<()>();
     exits.set_waker(Box::new(move || {
         let _ = wake_tx.send(());
@@ -186,10 +196,7 @@ pub fn supervise(
     for vcpu in vcpus {
         let shared = shared.clone();
         let name = format!("vcpu {}", vcpu.id());
-        match std::thread::Builder::new()
-            .name(name)
-            .spawn(move || vcpu::run_vcpu(vcpu, shared))
-        {
+        match rhyve_sandbox::spawn(ThreadRole::Vcpu, name, move || vcpu::run_vcpu(vcpu, shared)) {
             Ok(t) => threads.push(t),
             Err(e) => {
                 exits.request(ExitRequest::Error(format!(

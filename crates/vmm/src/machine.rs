@@ -235,6 +235,9 @@ pub fn build(tree: &ConfigTree) -> Result<Machine, VmmError> {
     let bootrom = crate::bootrom::BootRom::from_tree(tree)?;
     spec.rom_size = bootrom.as_ref().map_or(0, |b| b.rom_size());
     let named = take_named_vm(tree, &spec)?;
+    // Threads started from here on (device workers, timers, serial) are
+    // created confined.
+    crate::confine::start(tree, Registry::from_env().root())?;
     let vm: Box<dyn Vm> = Box::new(KvmVm::new(spec.clone())?);
     let io = Arc::new(Bus::new());
     let mmio = Arc::new(Bus::new());
