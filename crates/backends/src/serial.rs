@@ -16,7 +16,9 @@
 //!   high descriptor number, not at `/dev/pts/N`: when the process dies, even
 //!   by SIGKILL, the link dangles instead of leading to whichever terminal
 //!   the host hands out as `/dev/pts/N` next. The next owner of the pair
-//!   replaces such a stale link; a clean exit removes link and lock file.
+//!   replaces such a stale link; a clean exit removes link and lock file,
+//!   and so does a small process forked for the pair once this one is gone
+//!   however it ended, even when the sandbox keeps it from touching /dev.
 //! * `tcp=ip:port` / `tcp=[ipv6]:port`: listen; one client at a time, a second
 //!   one is told "Socket already connected" and dropped; output with no client
 //!   is dropped, as bhyve does.
@@ -415,6 +417,90 @@ impl Drop for NullModemPair {
     }
 }
 
+/// Fork a small process that removes the pair's link and lock file once
+/// this one is gone, however it ends (SIGKILL too), and although the
+/// sandbox no longer lets this process remove files in /dev. It waits for
+/// end-of-file on a pipe whose write end only this process holds, then takes
+/// the pair's lock, so that it never touches a newer owner's pair, and
+/// removes the link if it still points where ours did, then the lock file.
+/// Forked while the VM is being built, before any confinement, so it is
+/// free to do that; it keeps no descriptor but its pipe.
+fn spawn_null_modem_janitor(lock_path: &Path, link: &Path, target: &str) -> io::Result<()> {
+    let lock_c = CString::new(lock_path.as_os_str().as_bytes())?;
+    let link_c = CString::new(link.as_os_str().as_bytes())?;
+    let target = target.as_bytes().to_vec();
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two descriptors it creates.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let (read_end, write_end) = (fds[0], fds[1]);
+    // SAFETY: the child only makes async-signal-safe system calls on memory
+    // prepared before the fork, then _exits.
+    match unsafe { libc::fork() } {
+        -1 => {
+            let e = io::Error::last_os_error();
+            // SAFETY: closing the pipe we made.
+            unsafe {
+                libc::close(read_end);
+                libc::close(write_end);
+            }
+            Err(e)
+        }
+        // SAFETY: see above.
+        0 => unsafe { null_modem_janitor(read_end, &lock_c, &link_c, &target) },
+        _ => {
+            // The write end stays open, unused, for the rest of this
+            // process's life: its closing is the signal.
+            // SAFETY: closing the child's end in the parent.
+            unsafe { libc::close(read_end) };
+            Ok(())
+        }
+    }
+}
+
+/// The janitor's whole life (see [`spawn_null_modem_janitor`]).
+///
+/// # Safety
+/// Only in the child of fork(2): async-signal-safe calls only.
+unsafe fn null_modem_janitor(pipe: RawFd, lock: &CString, link: &CString, target: &[u8]) -> ! {
+    libc::setsid();
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+        let mut ignore: libc::sigaction = std::mem::zeroed();
+        ignore.sa_sigaction = libc::SIG_IGN;
+        libc::sigaction(sig, &ignore, std::ptr::null_mut());
+    }
+    // Every descriptor but the pipe's read end: the VM's, the other pipes'
+    // write ends, the lock's (whose flock must end with its owner).
+    if pipe > 0 {
+        libc::syscall(libc::SYS_close_range, 0u32, (pipe - 1) as u32, 0u32);
+    }
+    libc::syscall(libc::SYS_close_range, (pipe + 1) as u32, u32::MAX, 0u32);
+    let mut byte = 0u8;
+    loop {
+        let n = libc::read(pipe, (&mut byte as *mut u8).cast(), 1);
+        if n < 0 && *libc::__errno_location() == libc::EINTR {
+            continue;
+        }
+        if n <= 0 {
+            break;
+        }
+    }
+    let fd = libc::open(
+        lock.as_ptr(),
+        libc::O_RDWR | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+    );
+    if fd >= 0 && libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) == 0 {
+        let mut buf = [0u8; 128];
+        let n = libc::readlink(link.as_ptr(), buf.as_mut_ptr().cast(), buf.len());
+        if n >= 0 && buf[..n as usize] == *target {
+            libc::unlink(link.as_ptr());
+        }
+        libc::unlink(lock.as_ptr());
+    }
+    libc::_exit(0)
+}
+
 fn remove_at_exit(path: &Path) {
     if let Ok(c) = CString::new(path.as_os_str().as_bytes()) {
         lock(&OWNED_PATHS).push(c);
@@ -679,6 +765,9 @@ impl SerialBackend {
             source: io::Error::new(e.kind(), format!("symlink {}: {e}", peer.display())),
         })?;
         pair.set_link(peer);
+        if let Err(e) = spawn_null_modem_janitor(lock_path, peer, &target) {
+            tracing::warn!("{label}: no clean-up process for {}: {e}", peer.display());
+        }
         tracing::info!(
             "{}: null modem, attach to {} (-> {target} = {slave_path})",
             ours.display(),

@@ -142,6 +142,9 @@ const VCPU: &[Sysno] = &[
     Sysno::sched_setaffinity,
     // Kicking another vCPU (INIT/SIPI, NMI requests).
     Sysno::tgkill,
+    // `-l bootrom,ROM,VARS`: the firmware's flash writes go to the VARS file
+    // as they happen, from the vCPU that made them.
+    Sysno::pwrite64,
 ];
 
 const DEVICE_IO: &[Sysno] = &[
@@ -172,6 +175,9 @@ const DEVICE_IO: &[Sysno] = &[
     Sysno::ioctl,
     // virtio-rnd.
     Sysno::getrandom,
+    // virtio-console: a port's socket takes its host-side client.
+    Sysno::accept4,
+    Sysno::accept,
 ];
 
 const TIMER: &[Sysno] = &[
