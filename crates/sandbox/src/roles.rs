@@ -175,9 +175,12 @@ const DEVICE_IO: &[Sysno] = &[
     Sysno::ioctl,
     // virtio-rnd.
     Sysno::getrandom,
-    // virtio-console: a port's socket takes its host-side client.
+    // virtio-console: a port's socket takes its host-side client, and
+    // talks with it (std's UnixStream reads with recv, writes with send).
     Sysno::accept4,
     Sysno::accept,
+    Sysno::recvfrom,
+    Sysno::sendto,
 ];
 
 const TIMER: &[Sysno] = &[
