@@ -324,6 +324,9 @@ fn is_null_modem_link(target: &Path) -> bool {
 /// pid into it. A pair locked by a live process is refused, naming it.
 fn lock_null_modem(label: &str, path: &Path) -> Result<File, SerialError> {
     let err = io_err(label);
+    // A dead owner's clean-up process holds the lock for a moment while it
+    // removes the link (a VM restarted at once by vmrun.sh meets it).
+    let patience = std::time::Instant::now() + std::time::Duration::from_secs(3);
     loop {
         // O_NOFOLLOW and the type check: the lock is only ever a regular
         // file of its own, never something a link points us at.
@@ -353,9 +356,14 @@ fn lock_null_modem(label: &str, path: &Path) -> Result<File, SerialError> {
             }
             let mut owner = String::new();
             let _ = (&file).take(32).read_to_string(&mut owner);
-            let owner = match owner.trim().parse::<u32>() {
-                Ok(pid) => format!("process {pid}"),
-                Err(_) => "another process".to_string(),
+            let pid = owner.trim().parse::<u32>().ok();
+            if !pid.is_some_and(process_alive) && std::time::Instant::now() < patience {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                continue;
+            }
+            let owner = match pid {
+                Some(pid) => format!("process {pid}"),
+                None => "another process".to_string(),
             };
             return Err(SerialError::Invalid {
                 path: label.to_string(),
@@ -377,6 +385,16 @@ fn lock_null_modem(label: &str, path: &Path) -> Result<File, SerialError> {
             return Ok(file);
         }
     }
+}
+
+/// Whether process `pid` exists (signal 0 reaches it, or would but for
+/// permissions).
+fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: signal 0 only checks the process exists.
+    unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() == libc::EPERM }
 }
 
 /// A null-modem pair this process owns: its locked lock file and, once
