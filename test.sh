@@ -13,7 +13,7 @@ echo "test.sh: host: $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo
 echo "test.sh: plan (README.md \"What runs where\", the same on every host kind): the full"
 echo "  Linux boot with its driver checks (scripts/full-boot.sh 1) on one core, the cargo tests"
 echo "  at nice 19 beside it, the UEFI firmware's boot to its shell (uefi_firmware) among them;"
-echo "  with the build done about 20 min on AMD PVM hosts (expected), 9 on Intel PVM hosts"
+echo "  with the build done about 20 min on AMD PVM hosts (expected), 6 on Intel PVM hosts"
 export RHYVE_GUEST_KERNEL="${RHYVE_GUEST_KERNEL:-$(scripts/fetch-guest-kernel.sh)}"
 
 # Debian's stock kernel booted to user space (scripts/full-boot.sh: /init
