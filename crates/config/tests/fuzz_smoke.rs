@@ -2,24 +2,12 @@
 //! real with `cargo +nightly fuzz run config_file`): random bytes and
 //! mutations of bhyve_config(5) files must pass without a panic or a hang.
 
+use rhyve_testutil::XorShift;
 use std::time::{Duration, Instant};
 
 use rhyve_config::fuzzing;
 
 const RUNS: usize = 2000;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
 
 const SEEDS: &[&str] = &[
     "# a VM\nname=vm0\ncpus=2\nsockets=1\ncores=2\nmemory.size=512M\n\
@@ -53,20 +41,20 @@ const TOKENS: &[&str] = &[
     "vcpu.0.cpuset=",
 ];
 
-fn mutate(r: &mut Rng, seed: &str) -> Vec<u8> {
+fn mutate(r: &mut XorShift, seed: &str) -> Vec<u8> {
     let mut d = seed.as_bytes().to_vec();
-    for _ in 0..1 + r.below(6) {
-        let at = r.below(d.len() + 1);
-        match r.below(3) {
+    for _ in 0..1 + r.index(6) {
+        let at = r.index(d.len() + 1);
+        match r.index(3) {
             0 => {
-                let t = TOKENS[r.below(TOKENS.len())].as_bytes();
+                let t = TOKENS[r.index(TOKENS.len())].as_bytes();
                 d.splice(at..at, t.iter().copied());
             }
             1 if at < d.len() => {
-                let end = (at + r.below(8)).min(d.len());
+                let end = (at + r.index(8)).min(d.len());
                 d.drain(at..end);
             }
-            _ if at < d.len() => d[at] = r.next() as u8,
+            _ if at < d.len() => d[at] = r.next_u64() as u8,
             _ => {}
         }
     }
@@ -75,14 +63,14 @@ fn mutate(r: &mut Rng, seed: &str) -> Vec<u8> {
 
 #[test]
 fn config_files() {
-    let mut r = Rng(21);
+    let mut r = XorShift(21);
     let start = Instant::now();
     for i in 0..RUNS {
         let data = if i % 2 == 0 {
-            let len = r.below(512);
-            (0..len).map(|_| r.next() as u8).collect()
+            let len = r.index(512);
+            (0..len).map(|_| r.next_u64() as u8).collect()
         } else {
-            let seed = SEEDS[r.below(SEEDS.len())];
+            let seed = SEEDS[r.index(SEEDS.len())];
             mutate(&mut r, seed)
         };
         fuzzing::config_file(&data);

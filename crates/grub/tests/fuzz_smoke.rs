@@ -8,6 +8,7 @@ mod common;
 
 use common::*;
 use rhyve_grub::fuzzing;
+use rhyve_testutil::XorShift;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -52,42 +53,29 @@ fn assert_no_huge_allocation(what: &str) {
     );
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
 /// Values that trip size and offset arithmetic.
 const INTERESTING: [u32; 8] = [0, 1, 0x7F, 0xFF, 0xFFFF, 0x8000_0000, 0xFFFF_FFFF, 0x1000];
 
 /// `seed` with a few bytes flipped and a few little- and big-endian words
 /// set to boundary values, mostly in the first `hot` bytes (the headers).
-fn mutate(r: &mut Rng, seed: &[u8], hot: usize) -> Vec<u8> {
+fn mutate(r: &mut XorShift, seed: &[u8], hot: usize) -> Vec<u8> {
     let mut d = seed.to_vec();
     if d.is_empty() {
         return d;
     }
-    for _ in 0..1 + r.below(8) {
-        let span = if r.below(4) == 0 {
+    for _ in 0..1 + r.index(8) {
+        let span = if r.index(4) == 0 {
             d.len()
         } else {
             hot.min(d.len())
         };
-        let at = r.below(span);
-        match r.below(3) {
-            0 => d[at] ^= 1 << r.below(8),
-            1 => d[at] = r.next() as u8,
+        let at = r.index(span);
+        match r.index(3) {
+            0 => d[at] ^= 1 << r.index(8),
+            1 => d[at] = r.next_u64() as u8,
             _ => {
-                let v = INTERESTING[r.below(INTERESTING.len())];
-                let bytes = if r.below(2) == 0 {
+                let v = INTERESTING[r.index(INTERESTING.len())];
+                let bytes = if r.index(2) == 0 {
                     v.to_le_bytes()
                 } else {
                     v.to_be_bytes()
@@ -97,21 +85,21 @@ fn mutate(r: &mut Rng, seed: &[u8], hot: usize) -> Vec<u8> {
             }
         }
     }
-    if r.below(8) == 0 {
-        d.truncate(r.below(d.len()));
+    if r.index(8) == 0 {
+        d.truncate(r.index(d.len()));
     }
     d
 }
 
 fn smoke(name: &str, target: fn(&[u8]), seeds: &[Vec<u8>], hot: usize, seed: u64) {
-    let mut r = Rng(seed);
+    let mut r = XorShift(seed);
     let start = Instant::now();
     for i in 0..RUNS {
         let data = if i % 2 == 0 || seeds.is_empty() {
-            let len = r.below(8192);
-            (0..len).map(|_| r.next() as u8).collect()
+            let len = r.index(8192);
+            (0..len).map(|_| r.next_u64() as u8).collect()
         } else {
-            let s = &seeds[r.below(seeds.len())];
+            let s = &seeds[r.index(seeds.len())];
             if i % 10 == 1 {
                 s.clone()
             } else {

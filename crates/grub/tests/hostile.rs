@@ -5,17 +5,8 @@ mod common;
 
 use common::*;
 use rhyve_grub::{partitions, probe, run, GrubError, Region, ScriptedConsole};
+use rhyve_testutil::XorShift;
 use std::path::Path;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 /// Poke at everything a session could touch on an image.
 fn exercise(path: &Path) {
@@ -161,10 +152,10 @@ fn iso_with_huge_sizes_and_directory_loops() {
 fn random_disks_and_partition_tables() {
     let dir = scratch("random-disks");
     let path = dir.join("r.img");
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
     for round in 0..60 {
-        let len = 4096 + (rng.next() % (256 * 1024)) as usize;
-        let mut d: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+        let len = 4096 + (rng.next_u64() % (256 * 1024)) as usize;
+        let mut d: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
         d[510] = 0x55;
         d[511] = 0xAA;
         if round % 3 == 0 {
@@ -240,7 +231,7 @@ fn corrupted_filesystems() {
         xfs.display()
     ));
     let victim = dir.join("victim.img");
-    let mut rng = Rng(12345);
+    let mut rng = XorShift(12345);
     for (img, span) in [
         (&ext, 96 * 1024usize),
         (&fat12, 16 * 1024),
@@ -251,9 +242,9 @@ fn corrupted_filesystems() {
         let orig = std::fs::read(img).unwrap();
         for _ in 0..25 {
             let mut d = orig.clone();
-            for _ in 0..(1 + rng.next() % 64) {
-                let at = (rng.next() as usize) % span.min(d.len());
-                d[at] = rng.next() as u8;
+            for _ in 0..(1 + rng.next_u64() % 64) {
+                let at = (rng.next_u64() as usize) % span.min(d.len());
+                d[at] = rng.next_u64() as u8;
             }
             std::fs::write(&victim, &d).unwrap();
             exercise(&victim);

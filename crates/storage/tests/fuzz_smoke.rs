@@ -3,25 +3,13 @@
 //! driver could write (ATA and ATAPI commands, NCQ, TRIM, odd PRD tables)
 //! with a few bytes spoiled, must pass without a panic or a hang.
 
+use rhyve_testutil::XorShift;
 use std::time::{Duration, Instant};
 
 use rhyve_storage::ahci::ata;
 use rhyve_storage::fuzzing::{self, MEM_SIZE};
 
 const RUNS: usize = 300;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 const COMMANDS: &[u8] = &[
     ata::READ_DMA48,
@@ -57,7 +45,7 @@ const PACKETS: &[u8] = &[
 /// An input whose layout matches `rhyve_storage::fuzzing::ahci`: command
 /// headers for both ports, one table per slot after them, PRDs into the
 /// data area, then a few spoiled bytes.
-fn well_formed(r: &mut Rng) -> Vec<u8> {
+fn well_formed(r: &mut XorShift) -> Vec<u8> {
     let mut mem = vec![0u8; MEM_SIZE];
     let mut ci = [0u32; 2];
     for (p, bits) in ci.iter_mut().enumerate() {
@@ -81,7 +69,7 @@ fn well_formed(r: &mut Rng) -> Vec<u8> {
             fis[0] = ata::FIS_REG_H2D;
             fis[1] = 0x80;
             fis[2] = cmd;
-            fis[3] = r.next() as u8; // features (SET FEATURES subcommand, NCQ count low)
+            fis[3] = r.next_u64() as u8; // features (SET FEATURES subcommand, NCQ count low)
             fis[4..7].copy_from_slice(&(r.below(600) as u32).to_le_bytes()[..3]);
             fis[7] = 0x40;
             fis[12] = 1 + r.below(8) as u8; // sector count
@@ -107,7 +95,7 @@ fn well_formed(r: &mut Rng) -> Vec<u8> {
     }
     for _ in 0..r.below(6) {
         let at = r.below(0xA000) as usize;
-        mem[at] ^= r.next() as u8;
+        mem[at] ^= r.next_u64() as u8;
     }
     let mut data = Vec::new();
     data.extend_from_slice(&ci[0].to_le_bytes());
@@ -119,12 +107,12 @@ fn well_formed(r: &mut Rng) -> Vec<u8> {
 
 #[test]
 fn ahci_command_lists() {
-    let mut r = Rng(31);
+    let mut r = XorShift(31);
     let start = Instant::now();
     for i in 0..RUNS {
         let data = if i % 3 == 0 {
             let len = r.below(4096) as usize;
-            (0..len).map(|_| r.next() as u8).collect()
+            (0..len).map(|_| r.next_u64() as u8).collect()
         } else {
             well_formed(&mut r)
         };

@@ -3,70 +3,61 @@
 //! each, half random bytes and half mutations of well-formed rings, must
 //! pass without a panic or a hang.
 
+use rhyve_testutil::XorShift;
 use std::time::{Duration, Instant};
 
 use rhyve_virtio::fuzzing;
 
 const RUNS: usize = 600;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 /// A queue of `size` (encoded in byte 0) whose descriptors form short
 /// chains over the data area, with an avail ring listing them: the image
 /// `fuzzing::layout` maps at guest address 0 (the byte after byte 0 is
 /// guest address 0).
-fn well_formed(r: &mut Rng) -> Vec<u8> {
-    let size_log = (r.next() % 9) as u8;
+fn well_formed(r: &mut XorShift) -> Vec<u8> {
+    let size_log = (r.next_u64() % 9) as u8;
     let size = 1usize << size_log;
     let mut img = vec![0u8; 0x4000];
     for i in 0..size {
         let d = 16 * i;
-        let addr = 0x3000 + r.next() % 0x800;
-        let len = (r.next() % 0x200) as u32;
-        let flags = (r.next() % 4) as u16; // NEXT and WRITE bits
+        let addr = 0x3000 + r.next_u64() % 0x800;
+        let len = (r.next_u64() % 0x200) as u32;
+        let flags = (r.next_u64() % 4) as u16; // NEXT and WRITE bits
         let next = ((i + 1) % size) as u16;
         img[d..d + 8].copy_from_slice(&addr.to_le_bytes());
         img[d + 8..d + 12].copy_from_slice(&len.to_le_bytes());
         img[d + 12..d + 14].copy_from_slice(&flags.to_le_bytes());
         img[d + 14..d + 16].copy_from_slice(&next.to_le_bytes());
     }
-    let count = (r.next() % (size as u64 + 1)) as u16;
+    let count = (r.next_u64() % (size as u64 + 1)) as u16;
     img[0x1002..0x1004].copy_from_slice(&count.to_le_bytes());
     for i in 0..size {
-        let head = (r.next() % size as u64) as u16;
+        let head = (r.next_u64() % size as u64) as u16;
         img[0x1004 + 2 * i..0x1006 + 2 * i].copy_from_slice(&head.to_le_bytes());
     }
     // A plausible virtio-blk header at every buffer start.
     for at in (0x3000..0x3800).step_by(0x40) {
-        let kind = [0u32, 1, 4, 8, 11, 13, 99][(r.next() % 7) as usize];
+        let kind = [0u32, 1, 4, 8, 11, 13, 99][(r.next_u64() % 7) as usize];
         img[at..at + 4].copy_from_slice(&kind.to_le_bytes());
-        img[at + 8..at + 16].copy_from_slice(&(r.next() % 4096).to_le_bytes());
+        img[at + 8..at + 16].copy_from_slice(&(r.next_u64() % 4096).to_le_bytes());
     }
     // A few random byte flips.
-    for _ in 0..(r.next() % 8) {
-        let at = (r.next() as usize) % img.len();
-        img[at] ^= r.next() as u8;
+    for _ in 0..(r.next_u64() % 8) {
+        let at = (r.next_u64() as usize) % img.len();
+        img[at] ^= r.next_u64() as u8;
     }
-    let mut data = vec![size_log | ((r.next() as u8) & 0xC0)];
+    let mut data = vec![size_log | ((r.next_u64() as u8) & 0xC0)];
     data.extend(img);
     data
 }
 
 fn smoke(name: &str, target: fn(&[u8]), seed: u64) {
-    let mut r = Rng(seed);
+    let mut r = XorShift(seed);
     let start = Instant::now();
     for i in 0..RUNS {
         let data = if i % 2 == 0 {
-            let len = (r.next() % 4096) as usize;
-            (0..len).map(|_| r.next() as u8).collect()
+            let len = (r.next_u64() % 4096) as usize;
+            (0..len).map(|_| r.next_u64() as u8).collect()
         } else {
             well_formed(&mut r)
         };
