@@ -383,13 +383,31 @@ fn check_alignment(cpu: &CpuState, linear: u64, size: u64) -> Result<(), Fault> 
     Ok(())
 }
 
-/// `ldmxcsr m32`; reserved bits (outside MXCSR_MASK) are #GP(0).
 /// #NM for an x87 instruction when CR0.EM or CR0.TS is set.
 fn check_x87_enabled(cpu: &CpuState) -> Result<(), Fault> {
     if cpu.cr0 & (CR0_EM | CR0_TS) != 0 {
         return Err(Fault::nm());
     }
     Ok(())
+}
+
+/// The linear address of the `size`-byte memory operand of an x87 or SSE
+/// control-register load or store, in 64-bit mode only, after `enabled`'s
+/// #NM/#UD check, the address checks and the alignment check.
+fn control_operand(
+    cpu: &CpuState,
+    operand: &MemoryOperand,
+    len: usize,
+    size: u64,
+    enabled: fn(&CpuState) -> Result<(), Fault>,
+) -> Result<u64, Fault> {
+    if cpu.mode != CpuMode::Long64 {
+        return Err(Fault::Unsupported);
+    }
+    enabled(cpu)?;
+    let linear = linear_address(cpu, operand, len)?;
+    check_alignment(cpu, linear, size)?;
+    Ok(linear)
 }
 
 /// `fldcw m16` (64-bit mode); the reserved bits are kept as written.
@@ -399,12 +417,7 @@ fn fldcw(
     operand: &MemoryOperand,
     len: usize,
 ) -> Result<(), Fault> {
-    if cpu.mode != CpuMode::Long64 {
-        return Err(Fault::Unsupported);
-    }
-    check_x87_enabled(cpu)?;
-    let linear = linear_address(cpu, operand, len)?;
-    check_alignment(cpu, linear, 2)?;
+    let linear = control_operand(cpu, operand, len, 2, check_x87_enabled)?;
     let mut buf = [0u8; 2];
     mem.read(linear, &mut buf)?;
     cpu.fpu.fcw = u16::from_le_bytes(buf);
@@ -412,18 +425,14 @@ fn fldcw(
     Ok(())
 }
 
+/// `ldmxcsr m32`; reserved bits (outside MXCSR_MASK) are #GP(0).
 fn ldmxcsr(
     cpu: &mut CpuState,
     mem: &mut dyn GuestMemoryAccess,
     operand: &MemoryOperand,
     len: usize,
 ) -> Result<(), Fault> {
-    if cpu.mode != CpuMode::Long64 {
-        return Err(Fault::Unsupported);
-    }
-    check_sse_enabled(cpu)?;
-    let linear = linear_address(cpu, operand, len)?;
-    check_alignment(cpu, linear, 4)?;
+    let linear = control_operand(cpu, operand, len, 4, check_sse_enabled)?;
     let mut buf = [0u8; 4];
     mem.read(linear, &mut buf)?;
     let mxcsr = u32::from_le_bytes(buf);
@@ -442,12 +451,7 @@ fn stmxcsr(
     operand: &MemoryOperand,
     len: usize,
 ) -> Result<(), Fault> {
-    if cpu.mode != CpuMode::Long64 {
-        return Err(Fault::Unsupported);
-    }
-    check_sse_enabled(cpu)?;
-    let linear = linear_address(cpu, operand, len)?;
-    check_alignment(cpu, linear, 4)?;
+    let linear = control_operand(cpu, operand, len, 4, check_sse_enabled)?;
     mem.write(linear, &cpu.fpu.mxcsr.to_le_bytes())?;
     retire(cpu, len);
     Ok(())
