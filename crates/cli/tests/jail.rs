@@ -4,12 +4,11 @@
 //! vmm, its devfs showing vmm, the tap and the disk, bhyve run inside),
 //! translated. Needs root, as the jailer does.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rhyve_guests::{guest_path, require_kvm, vm_name};
+use rhyve_guests::{guest_path, require_kvm, vm_name, wait_for_line, BASE_MACHINE};
 
 /// nobody:nogroup on Debian.
 const JAIL_UID: u32 = 65534;
@@ -84,31 +83,12 @@ fn a_guest_boots_as_an_unprivileged_user_inside_the_jail() {
     let mut child = jailed(
         &guest_path("powerbutton"),
         &disk.0,
-        &[
-            "-s",
-            "0,hostbridge",
-            "-s",
-            "31,lpc",
-            "-l",
-            "com1,stdio",
-            "-s",
-            &slot,
-            &name,
-        ],
+        &[BASE_MACHINE, &["-s", &slot, &name]].concat(),
     )
     .stdout(Stdio::piped())
     .spawn()
     .expect("start rhyve-jailer");
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut line = String::new();
-    while line.trim_end() != "ready" {
-        line.clear();
-        if stdout.read_line(&mut line).unwrap_or(0) == 0 || Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the jailed guest never said ready: {:?}", child.wait());
-        }
-    }
+    let _stdout = wait_for_line(&mut child, "ready", Duration::from_secs(60));
     let pid = child.id();
     // A failed check below must not leave the VM running.
     struct KillOnDrop(u32);

@@ -5,12 +5,11 @@
 //! `security.test_open` are honoured only by debug builds, which the tests
 //! run.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rhyve_guests::{guest_args, require_kvm, run_guest, test_registry, vm_name};
+use rhyve_guests::{guest_args, require_kvm, run_guest, test_registry, vm_name, wait_for_line};
 
 const BHYVE: &str = env!("CARGO_BIN_EXE_bhyve");
 
@@ -66,16 +65,7 @@ fn while_running(extra: &[&str], tag: &str, look: impl FnOnce(u32)) -> i32 {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start bhyve");
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut line = String::new();
-    while line.trim_end() != "ready" {
-        line.clear();
-        if stdout.read_line(&mut line).unwrap_or(0) == 0 || Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the guest never said ready: {:?}", child.wait());
-        }
-    }
+    let _stdout = wait_for_line(&mut child, "ready", Duration::from_secs(60));
     // Let the guest reach its idle loop.
     std::thread::sleep(Duration::from_millis(500));
     look(child.id());

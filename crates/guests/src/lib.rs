@@ -105,6 +105,28 @@ pub fn run_guest(bhyve: &Path, guest: &str, cmdline: &str, extra: &[&str], tag: 
     )
 }
 
+/// Wait until `child` (started with a piped stdout) prints the line `want`,
+/// for at most `within`; the child is killed and the test fails otherwise.
+/// Its stdout is left for the caller to go on reading.
+pub fn wait_for_line(
+    child: &mut Child,
+    want: &str,
+    within: Duration,
+) -> std::io::BufReader<std::process::ChildStdout> {
+    use std::io::BufRead;
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("a piped stdout"));
+    let deadline = Instant::now() + within;
+    let mut line = String::new();
+    while line.trim_end() != want {
+        line.clear();
+        if stdout.read_line(&mut line).unwrap_or(0) == 0 || Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the guest never said {want:?}: {:?}", child.wait());
+        }
+    }
+    stdout
+}
+
 /// Panics unless /dev/kvm exists: tests that boot guests never skip.
 pub fn require_kvm() {
     assert!(
