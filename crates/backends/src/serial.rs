@@ -149,9 +149,9 @@ impl SerialTarget {
 }
 
 // ---------------------------------------------------------------------------
-// Process-wide cleanup: terminal modes, null-modem symlinks and their lock
-// files. Kept in statics so exit(3) (atexit) and fatal-signal handlers can
-// undo them.
+// Process-wide cleanup: terminal modes, kept in statics so exit(3)
+// (atexit) and fatal-signal handlers can undo them. Null-modem links and
+// lock files are the pair's clean-up process's (spawn_null_modem_janitor).
 
 struct SavedTerminal {
     fd: RawFd,
@@ -159,26 +159,17 @@ struct SavedTerminal {
 }
 
 static SAVED_TERMINALS: Mutex<Vec<SavedTerminal>> = Mutex::new(Vec::new());
-/// Null-modem links and lock files to remove when the process ends.
-static OWNED_PATHS: Mutex<Vec<CString>> = Mutex::new(Vec::new());
 static STDIO_TAKEN: AtomicBool = AtomicBool::new(false);
 static CLEANUP_INSTALLED: OnceLock<()> = OnceLock::new();
 
-/// Put the terminal back the way rhyve found it and remove null-modem
-/// symlinks and lock files. Safe to call more than once and from a signal
-/// handler (it only uses try_lock, tcsetattr(3) and unlink(2)). The VMM
-/// calls this on exit.
+/// Put the terminal back the way rhyve found it. Safe to call more than
+/// once and from a signal handler (it only uses try_lock and tcsetattr(3)).
+/// The VMM calls this on exit.
 pub fn restore_terminal() {
     if let Ok(saved) = SAVED_TERMINALS.try_lock() {
         for t in saved.iter() {
             // SAFETY: plain syscall on an fd and a termios we saved ourselves.
             unsafe { libc::tcsetattr(t.fd, libc::TCSANOW, &t.termios) };
-        }
-    }
-    if let Ok(paths) = OWNED_PATHS.try_lock() {
-        for l in paths.iter() {
-            // SAFETY: unlink of a NUL-terminated path we own.
-            unsafe { libc::unlink(l.as_ptr()) };
         }
     }
 }
@@ -398,7 +389,8 @@ fn process_alive(pid: u32) -> bool {
 }
 
 /// A null-modem pair this process owns: its locked lock file and, once
-/// made, its peer link; both are removed on drop and when the process exits.
+/// made, its peer link; both are removed on drop, and by the pair's
+/// clean-up process once this process is gone, however it ends.
 struct NullModemPair {
     lock_path: PathBuf,
     link: Option<PathBuf>,
@@ -407,8 +399,6 @@ struct NullModemPair {
 
 impl NullModemPair {
     fn new(lock_path: &Path, lock_file: File) -> Self {
-        install_cleanup_hooks();
-        remove_at_exit(lock_path);
         NullModemPair {
             lock_path: lock_path.to_path_buf(),
             link: None,
@@ -417,7 +407,6 @@ impl NullModemPair {
     }
 
     fn set_link(&mut self, link: &Path) {
-        remove_at_exit(link);
         self.link = Some(link.to_path_buf());
     }
 }
@@ -425,12 +414,8 @@ impl NullModemPair {
 impl Drop for NullModemPair {
     /// The link first, then the lock file while its lock is still held.
     fn drop(&mut self) {
-        let mut owned = lock(&OWNED_PATHS);
         for p in self.link.iter().chain([&self.lock_path]) {
             let _ = std::fs::remove_file(p);
-            if let Ok(c) = CString::new(p.as_os_str().as_bytes()) {
-                owned.retain(|l| *l != c);
-            }
         }
     }
 }
@@ -517,12 +502,6 @@ unsafe fn null_modem_janitor(pipe: RawFd, lock: &CString, link: &CString, target
         libc::unlink(lock.as_ptr());
     }
     libc::_exit(0)
-}
-
-fn remove_at_exit(path: &Path) {
-    if let Ok(c) = CString::new(path.as_os_str().as_bytes()) {
-        lock(&OWNED_PATHS).push(c);
-    }
 }
 
 // ---------------------------------------------------------------------------
