@@ -9,8 +9,9 @@
 //! device get the answers of bhyve's `ps2kbd.c` (ACK 0xFA; reset adds the
 //! self-test pass 0xAA, identify the ID 0xAB 0x83, echo 0xEE; the data byte
 //! of set-LEDs, typematic and scan-code-set is ACKed too), so keyboard
-//! drivers find a keyboard instead of waiting out their timeouts; no key
-//! ever arrives, since nothing types on it yet. Controller replies and
+//! drivers find a keyboard instead of waiting out their timeouts. Keys
+//! arrive from fbuf's VNC server through [`I8042::key_event`] (no PS/2
+//! mouse is attached yet). Controller replies and
 //! keyboard bytes raise IRQ 1 when the command byte enables it.
 
 use rhyve_platform::bus::BusDevice;
@@ -44,6 +45,8 @@ const CB_ENABLE_KBD_INT: u8 = 0x01;
 const CB_SYS_FLAG: u8 = 0x04;
 const CB_DISABLE_KBD_PORT: u8 = 0x10;
 const CB_DISABLE_AUX_PORT: u8 = 0x20;
+/// Keyboard bytes reach the guest translated to scan code set 1.
+const CB_TRANSLATE: u8 = 0x40;
 
 const STS_OUTPUT_FULL: u8 = 0x01;
 const STS_SYS_FLAG: u8 = 0x04;
@@ -123,6 +126,25 @@ impl I8042 {
 
     pub fn state(&self) -> &I8042State {
         &self.state
+    }
+
+    /// A key from a remote console (VNC) goes down or up: its scan codes
+    /// are queued whole or, when the buffer has no room for all of them,
+    /// not at all (a half sequence would leave the guest's decoder astray).
+    pub fn key_event(&mut self, key: crate::ps2_keys::Key, down: bool) {
+        if self.state.ram[0] & CB_DISABLE_KBD_PORT != 0 {
+            return;
+        }
+        let translated = self.state.ram[0] & CB_TRANSLATE != 0;
+        let bytes = crate::ps2_keys::sequence(key, down, translated);
+        if self.state.kbd_fifo.len() + bytes.len() > KBD_FIFO_SIZE {
+            tracing::debug!("i8042: keyboard buffer full, key dropped");
+            return;
+        }
+        for b in bytes {
+            self.queue_kbd(b);
+        }
+        self.kbd_interrupt();
     }
 
     fn kbd_interrupt(&self) {
@@ -387,6 +409,36 @@ mod tests {
         assert_eq!(status(&mut k) & STS_OUTPUT_FULL, STS_OUTPUT_FULL);
         assert_eq!(data(&mut k), 0xAB);
         assert_eq!(status(&mut k) & STS_OUTPUT_FULL, 0);
+    }
+
+    #[test]
+    fn remote_keys_arrive_in_the_scan_code_set_the_command_byte_asks_for() {
+        use crate::ps2_keys::key_for_keysym;
+        let (mut k, irq, _) = kbc();
+        let enter = key_for_keysym(0xFF0D).unwrap();
+        cmd(&mut k, CMD_SET_COMMAND_BYTE);
+        k.write(DATA_OFFSET, &[CB_ENABLE_KBD_INT | CB_TRANSLATE]);
+        k.key_event(enter, true);
+        k.key_event(enter, false);
+        assert_eq!(irq.rises(), 2);
+        assert_eq!((data(&mut k), data(&mut k)), (0x1C, 0x9C));
+        assert_eq!(status(&mut k) & STS_OUTPUT_FULL, 0);
+        cmd(&mut k, CMD_SET_COMMAND_BYTE);
+        k.write(DATA_OFFSET, &[CB_ENABLE_KBD_INT]);
+        k.key_event(enter, false);
+        assert_eq!((data(&mut k), data(&mut k)), (0xF0, 0x5A));
+        // A full buffer takes no half sequence.
+        for _ in 0..20 {
+            k.key_event(enter, false);
+        }
+        assert_eq!(k.state().kbd_fifo.len(), 14);
+        cmd(&mut k, CMD_DISABLE_KBD_PORT);
+        k.state.kbd_fifo.clear();
+        k.key_event(enter, true);
+        assert!(
+            k.state().kbd_fifo.is_empty(),
+            "a disabled port takes no keys"
+        );
     }
 
     #[test]

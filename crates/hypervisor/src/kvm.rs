@@ -30,6 +30,60 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> HvError {
 /// A boot ROM ends here (the reset vector is its last 16 bytes).
 const ROM_END: u64 = 1 << 32;
 
+/// A device's memory shown to the guest through a KVM memory slot of its own.
+struct KvmMemoryWindow {
+    vm: Arc<VmFd>,
+    slot: u32,
+    /// Held so the host pages outlive the slot that points at them.
+    pages: Arc<vm_memory::MmapRegion>,
+    base: Option<u64>,
+}
+
+impl KvmMemoryWindow {
+    fn set_region(&self, base: u64, size: u64) -> std::io::Result<()> {
+        let region = kvm_userspace_memory_region {
+            slot: self.slot,
+            guest_phys_addr: base,
+            memory_size: size,
+            userspace_addr: self.pages.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the pages are owned by `self.pages`, which lives as long
+        // as the slot: the slot is emptied (size 0) before it is dropped.
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+}
+
+impl rhyve_platform::window::MemoryWindow for KvmMemoryWindow {
+    fn place(&mut self, base: Option<u64>) -> std::io::Result<()> {
+        if base == self.base {
+            return Ok(());
+        }
+        // KVM moves a slot only by deleting it and creating it again.
+        if let Some(old) = self.base.take() {
+            self.set_region(old, 0)?;
+        }
+        if let Some(new) = base {
+            self.set_region(new, self.pages.size() as u64)?;
+            self.base = Some(new);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for KvmMemoryWindow {
+    fn drop(&mut self) {
+        if let Some(old) = self.base.take() {
+            if let Err(e) = self.set_region(old, 0) {
+                // The guest may still reach the pages: never free them.
+                tracing::warn!(slot = self.slot, error = %e, "cannot unmap a device memory window");
+                std::mem::forget(self.pages.clone());
+            }
+        }
+    }
+}
+
 /// A KVM virtual machine.
 pub struct KvmVm {
     kvm: Kvm,
@@ -37,6 +91,8 @@ pub struct KvmVm {
     notifiers: Arc<KvmNotifiers>,
     memory: GuestMemoryMmap,
     spec: VmSpec,
+    /// The next free KVM memory slot (those below hold guest memory).
+    next_slot: std::sync::atomic::AtomicU32,
 }
 
 impl KvmVm {
@@ -131,6 +187,7 @@ impl KvmVm {
                 msi_routes: Default::default(),
             }),
             fd,
+            next_slot: std::sync::atomic::AtomicU32::new(memory.num_regions() as u32),
             memory,
             spec,
         })
@@ -140,6 +197,21 @@ impl KvmVm {
 impl crate::Vm for KvmVm {
     fn memory(&self) -> &GuestMemoryMmap {
         &self.memory
+    }
+
+    fn memory_window(
+        &self,
+        pages: Arc<vm_memory::MmapRegion>,
+    ) -> Result<Box<dyn rhyve_platform::window::MemoryWindow>> {
+        let slot = self
+            .next_slot
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Box::new(KvmMemoryWindow {
+            vm: self.fd.clone(),
+            slot,
+            pages,
+            base: None,
+        }))
     }
 
     fn interrupts(&self) -> Arc<dyn InterruptController> {

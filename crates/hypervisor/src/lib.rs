@@ -130,6 +130,13 @@ pub trait Vm: Send + Sync {
     /// ioeventfds and MSI irqfds for device threads.
     fn notifiers(&self) -> Arc<dyn rhyve_platform::notify::GuestNotifiers>;
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;
+    /// A window through which `pages` (a device's memory, such as a
+    /// framebuffer) can be shown to the guest; unmapped until placed, and
+    /// unmapped again when dropped.
+    fn memory_window(
+        &self,
+        pages: Arc<vm_memory::MmapRegion>,
+    ) -> Result<Box<dyn rhyve_platform::window::MemoryWindow>>;
 }
 
 /// A virtual CPU, driven by exactly one thread.

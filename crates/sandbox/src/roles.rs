@@ -20,18 +20,21 @@ pub enum ThreadRole {
     SerialIo,
     /// Serves bhyvectl on the control socket.
     Control,
+    /// fbuf's VNC server: one client at a time, keys to the i8042.
+    Display,
     /// Starts every other thread (see the crate comment).
     Spawner,
 }
 
 impl ThreadRole {
-    pub const ALL: [ThreadRole; 7] = [
+    pub const ALL: [ThreadRole; 8] = [
         ThreadRole::Supervisor,
         ThreadRole::Vcpu,
         ThreadRole::DeviceIo,
         ThreadRole::Timer,
         ThreadRole::SerialIo,
         ThreadRole::Control,
+        ThreadRole::Display,
         ThreadRole::Spawner,
     ];
 
@@ -44,6 +47,7 @@ impl ThreadRole {
             ThreadRole::Timer => "timer",
             ThreadRole::SerialIo => "serial-io",
             ThreadRole::Control => "control",
+            ThreadRole::Display => "display",
             ThreadRole::Spawner => "spawner",
         }
     }
@@ -61,6 +65,7 @@ impl ThreadRole {
             ThreadRole::Timer => TIMER,
             ThreadRole::SerialIo => SERIAL_IO,
             ThreadRole::Control => CONTROL,
+            ThreadRole::Display => DISPLAY,
             ThreadRole::Spawner => {
                 // Its children's filters stack on its own, so it must allow
                 // what any of them does, plus starting threads.
@@ -213,6 +218,21 @@ const CONTROL: &[Sysno] = &[
     Sysno::mincore,
     // Kicking a vCPU to serve --get-* and --inject-nmi.
     Sysno::tgkill,
+];
+
+const DISPLAY: &[Sysno] = &[
+    Sysno::accept4,
+    Sysno::accept,
+    Sysno::read,
+    Sysno::recvfrom,
+    Sysno::sendto,
+    Sysno::getpeername,
+    // Read timeouts and TCP_NODELAY.
+    Sysno::setsockopt,
+    // The VNC Authentication challenge.
+    Sysno::getrandom,
+    // Raising IRQ 1 for a key (KVM_IRQ_LINE).
+    Sysno::ioctl,
 ];
 
 /// Starting a thread (std and glibc), and what the new thread does before

@@ -9,6 +9,7 @@ pub mod bhyvectl;
 mod bootrom;
 mod confine;
 pub mod control;
+mod display;
 mod loader;
 mod machine;
 mod proctitle;

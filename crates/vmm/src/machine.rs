@@ -43,6 +43,7 @@ fn build_pci(
     spec: &VmSpec,
     io: &Arc<Bus>,
     mmio: &Arc<Bus>,
+    console: &mut Option<crate::display::Console>,
 ) -> Result<Arc<PciRoot>, VmmError> {
     let config =
         PciRootConfig::from_tree(tree, io.clone(), mmio.clone(), spec.memory, vm.interrupts())
@@ -63,6 +64,10 @@ fn build_pci(
                 Some(vm.notifiers()),
             )
             .map_err(|e| VmmError::Unsupported(format!("pci slot {bdf}: {e}")))?
+        } else if f.model == "fbuf" {
+            let (function, fbuf_console) = crate::display::create_fbuf(tree, &f.node, vm)?;
+            *console = Some(fbuf_console);
+            function
         } else if f.model == "ahci" {
             rhyve_storage::Ahci::from_config(tree, &f.node, vm.memory().clone())
                 .map_err(|e| VmmError::Unsupported(format!("pci slot {bdf}: {e}")))?
@@ -242,7 +247,8 @@ pub fn build(tree: &ConfigTree) -> Result<Machine, VmmError> {
     let io = Arc::new(Bus::new());
     let mmio = Arc::new(Bus::new());
     let exits = Arc::new(ExitRequests::new());
-    let pci = build_pci(tree, vm.as_ref(), &spec, &io, &mmio)?;
+    let mut console = None;
+    let pci = build_pci(tree, vm.as_ref(), &spec, &io, &mmio, &mut console)?;
     let platform = create_platform_devices(
         tree,
         &io,
@@ -254,6 +260,11 @@ pub fn build(tree: &ConfigTree) -> Result<Machine, VmmError> {
     .map_err(|e| VmmError::Setup(e.to_string()))?;
     if !platform.reset_on_bus {
         pci.set_reset_register(platform.reset.clone());
+    }
+    // fbuf's VNC server types into the i8042; with `wait` no vCPU exists
+    // until a client connects.
+    if let Some(console) = console {
+        console.start(platform.i8042.clone())?;
     }
     // The guest first: the firmware tables then overwrite anything a
     // loader's page-granular boot image carried into the BIOS area. A boot
