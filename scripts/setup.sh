@@ -37,3 +37,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# PyPI: vncdotool, the VNC client that judges fbuf's server (uefi_vnc test).
+if ! command -v vncdo >/dev/null 2>&1; then
+  echo "setup: installing vncdotool (PyPI)"
+  python3 -m pip install -q vncdotool 2>/dev/null \
+    || python3 -m pip install -q --break-system-packages vncdotool
+fi

@@ -220,3 +220,28 @@ fn the_rtc_timer_thread_raises_interrupts_while_confined() {
     run.assert_code(1);
     run.assert_line("rtc periodic irqs 16");
 }
+
+/// fbuf's VNC server runs confined in a role of its own.
+#[test]
+fn a_forbidden_call_in_the_vnc_server_ends_the_vm() {
+    let run = run_guest(
+        Path::new(BHYVE),
+        "virtioblk",
+        "",
+        &[
+            "-o",
+            "security.test_violation=display",
+            "-s",
+            "29,fbuf,tcp=127.0.0.1:0",
+        ],
+        "sbx-v-display",
+    );
+    run.assert_code(4);
+    let want =
+        "bhyve: sandbox: thread \"rfb\" (display) made a forbidden system call: personality (135)";
+    assert!(
+        run.stderr.lines().any(|l| l == want),
+        "no line {want:?}: {}",
+        run.describe()
+    );
+}

@@ -9,6 +9,7 @@
 /// Encodings the server knows (RFC 6143 §7.7 and §7.8).
 pub const ENCODING_RAW: i32 = 0;
 pub const ENCODING_ZLIB: i32 = 6;
+pub const ENCODING_ZRLE: i32 = 16;
 pub const ENCODING_DESKTOP_SIZE: i32 = -223;
 pub const ENCODING_QEMU_EXTENDED_KEY: i32 = -258;
 
@@ -76,7 +77,8 @@ impl PixelFormat {
     /// True if pixels in this format are the server's bytes reordered:
     /// 32 bpp true colour, 8 bits per channel on byte boundaries.
     pub fn is_byte_reordering(&self) -> bool {
-        let byte_channel = |max: u16, shift: u8| max == 255 && shift.is_multiple_of(8) && shift <= 24;
+        let byte_channel =
+            |max: u16, shift: u8| max == 255 && shift.is_multiple_of(8) && shift <= 24;
         self.bits_per_pixel == 32
             && self.true_colour
             && byte_channel(self.red_max, self.red_shift)
@@ -85,10 +87,21 @@ impl PixelFormat {
     }
 }
 
+/// How rectangles of pixels are sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PixelEncoding {
+    #[default]
+    Raw,
+    Zlib,
+    Zrle,
+}
+
 /// What the server learnt from a `SetEncodings` message.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Encodings {
-    pub zlib: bool,
+    /// The first of the encodings the server has that the client listed
+    /// (clients list them in order of preference); Raw otherwise.
+    pub pixels: PixelEncoding,
     pub desktop_size: bool,
     pub qemu_extended_key: bool,
 }
@@ -176,14 +189,25 @@ pub fn parse(buf: &[u8]) -> Result<Parsed, ProtocolError> {
                 return Ok(p);
             }
             let mut e = Encodings::default();
+            let mut chosen = None;
             for at in (4..total).step_by(4) {
-                match u32_at(buf, at) as i32 {
-                    ENCODING_ZLIB => e.zlib = true,
-                    ENCODING_DESKTOP_SIZE => e.desktop_size = true,
-                    ENCODING_QEMU_EXTENDED_KEY => e.qemu_extended_key = true,
-                    _ => {}
-                }
+                let pixels = match u32_at(buf, at) as i32 {
+                    ENCODING_RAW => Some(PixelEncoding::Raw),
+                    ENCODING_ZLIB => Some(PixelEncoding::Zlib),
+                    ENCODING_ZRLE => Some(PixelEncoding::Zrle),
+                    ENCODING_DESKTOP_SIZE => {
+                        e.desktop_size = true;
+                        None
+                    }
+                    ENCODING_QEMU_EXTENDED_KEY => {
+                        e.qemu_extended_key = true;
+                        None
+                    }
+                    _ => None,
+                };
+                chosen = chosen.or(pixels);
             }
+            e.pixels = chosen.unwrap_or_default();
             (ClientMessage::SetEncodings(e), total)
         }
         3 => {
@@ -282,7 +306,7 @@ mod tests {
             ))
         );
         let mut enc = vec![2, 0, 0, 3];
-        for e in [ENCODING_RAW, ENCODING_ZLIB, ENCODING_DESKTOP_SIZE] {
+        for e in [ENCODING_ZLIB, ENCODING_RAW, ENCODING_DESKTOP_SIZE] {
             enc.extend(e.to_be_bytes());
         }
         assert_eq!(parse(&enc[..15]), Ok(Parsed::Incomplete(16)));
@@ -290,7 +314,7 @@ mod tests {
             parse(&enc),
             Ok(Parsed::Message(
                 ClientMessage::SetEncodings(Encodings {
-                    zlib: true,
+                    pixels: PixelEncoding::Zlib,
                     desktop_size: true,
                     qemu_extended_key: false
                 }),
