@@ -10,8 +10,9 @@
 //! self-test pass 0xAA, identify the ID 0xAB 0x83, echo 0xEE; the data byte
 //! of set-LEDs, typematic and scan-code-set is ACKed too), so keyboard
 //! drivers find a keyboard instead of waiting out their timeouts. Keys
-//! arrive from fbuf's VNC server through [`I8042::key_event`] (no PS/2
-//! mouse is attached yet). Controller replies and
+//! arrive from fbuf's VNC server through [`I8042::key_event`]; the PS/2
+//! mouse on the auxiliary port (`ps2_mouse`, IRQ 12) gets its pointer
+//! events through [`I8042::pointer_event`]. Controller replies and
 //! keyboard bytes raise IRQ 1 when the command byte enables it.
 
 use rhyve_platform::bus::BusDevice;
@@ -23,6 +24,8 @@ use std::sync::Arc;
 
 /// ISA IRQ of the keyboard port.
 pub const KBD_IRQ: u32 = 1;
+/// ISA IRQ of the auxiliary (mouse) port.
+pub const AUX_IRQ: u32 = 12;
 
 const CMD_GET_COMMAND_BYTE: u8 = 0x20;
 const CMD_SET_COMMAND_BYTE: u8 = 0x60;
@@ -42,6 +45,7 @@ const CMD_WRITE_TO_AUX: u8 = 0xD4;
 const CMD_PULSE_RESET: u8 = 0xFE;
 
 const CB_ENABLE_KBD_INT: u8 = 0x01;
+const CB_ENABLE_AUX_INT: u8 = 0x02;
 const CB_SYS_FLAG: u8 = 0x04;
 const CB_DISABLE_KBD_PORT: u8 = 0x10;
 const CB_DISABLE_AUX_PORT: u8 = 0x20;
@@ -87,6 +91,9 @@ pub struct I8042State {
     /// scan-code set).
     #[serde(default)]
     pub kbd_command: Option<u8>,
+    /// The PS/2 mouse on the auxiliary port, with its output bytes.
+    #[serde(default)]
+    pub mouse: crate::ps2_mouse::Ps2MouseState,
 }
 
 impl Default for I8042State {
@@ -99,6 +106,7 @@ impl Default for I8042State {
             reply: None,
             kbd_fifo: VecDeque::new(),
             kbd_command: None,
+            mouse: Default::default(),
         }
     }
 }
@@ -106,6 +114,7 @@ impl Default for I8042State {
 pub struct I8042 {
     state: I8042State,
     kbd_irq: Arc<dyn InterruptLine>,
+    aux_irq: Arc<dyn InterruptLine>,
     exits: Arc<ExitRequests>,
 }
 
@@ -116,10 +125,15 @@ impl std::fmt::Debug for I8042 {
 }
 
 impl I8042 {
-    pub fn new(kbd_irq: Arc<dyn InterruptLine>, exits: Arc<ExitRequests>) -> Self {
+    pub fn new(
+        kbd_irq: Arc<dyn InterruptLine>,
+        aux_irq: Arc<dyn InterruptLine>,
+        exits: Arc<ExitRequests>,
+    ) -> Self {
         Self {
             state: I8042State::default(),
             kbd_irq,
+            aux_irq,
             exits,
         }
     }
@@ -147,6 +161,37 @@ impl I8042 {
         self.kbd_interrupt();
     }
 
+    /// A pointer event from a remote console (VNC): button mask and
+    /// absolute position, sent on as PS/2 mouse movement.
+    pub fn pointer_event(&mut self, vnc_buttons: u8, x: u16, y: u16) {
+        if self.state.mouse.pointer(vnc_buttons, x, y) && self.state.status & STS_OUTPUT_FULL == 0 {
+            self.refresh_output();
+        }
+    }
+
+    /// Show the next queued byte's source in the status register and raise
+    /// its port's interrupt: the keyboard's bytes first, then the mouse's
+    /// (whose port must be enabled).
+    fn refresh_output(&mut self) {
+        let s = &mut self.state;
+        if !s.kbd_fifo.is_empty() {
+            s.status |= STS_OUTPUT_FULL;
+            s.status &= !STS_AUX_FULL;
+            if s.ram[0] & CB_DISABLE_KBD_PORT == 0 {
+                self.kbd_interrupt();
+            }
+        } else if s.mouse.has_data() && s.ram[0] & CB_DISABLE_AUX_PORT == 0 {
+            s.status |= STS_OUTPUT_FULL | STS_AUX_FULL;
+            s.outport &= !OUTPORT_KBD_FULL;
+            if s.ram[0] & CB_ENABLE_AUX_INT != 0 {
+                self.aux_irq.pulse();
+            }
+        } else {
+            s.status &= !(STS_OUTPUT_FULL | STS_AUX_FULL);
+            s.outport &= !OUTPORT_KBD_FULL;
+        }
+    }
+
     fn kbd_interrupt(&self) {
         if self.state.ram[0] & CB_ENABLE_KBD_INT != 0 {
             self.kbd_irq.pulse();
@@ -166,16 +211,20 @@ impl I8042 {
     fn read_data(&mut self) -> u8 {
         let s = &mut self.state;
         s.pending_command = None;
+        let aux_ready = s.ram[0] & CB_DISABLE_AUX_PORT == 0;
+        // A mouse byte already latched (AUX_FULL) goes before keys queued
+        // after it.
+        let aux_latched = s.status & STS_AUX_FULL != 0;
         let v = match s.reply.take() {
             Some(r) => r,
-            None => s.kbd_fifo.pop_front().unwrap_or_default(),
+            None if aux_latched && s.mouse.has_data() => s.mouse.pop().unwrap_or_default(),
+            None => match s.kbd_fifo.pop_front() {
+                Some(b) => b,
+                None if aux_ready => s.mouse.pop().unwrap_or_default(),
+                None => 0,
+            },
         };
-        if s.kbd_fifo.is_empty() {
-            s.status &= !(STS_OUTPUT_FULL | STS_AUX_FULL);
-            s.outport &= !OUTPORT_KBD_FULL;
-        } else if s.ram[0] & CB_DISABLE_KBD_PORT == 0 {
-            self.kbd_interrupt();
-        }
+        self.refresh_output();
         self.state.status &= !STS_CMD;
         v
     }
@@ -200,8 +249,14 @@ impl I8042 {
                 self.queue_kbd(v);
                 self.kbd_interrupt();
             }
-            // No mouse: its bytes go nowhere.
-            CMD_WRITE_TO_AUX | CMD_WRITE_AUX_OUTBUF => {}
+            CMD_WRITE_TO_AUX => {
+                s.mouse.command(v);
+                self.refresh_output();
+            }
+            CMD_WRITE_AUX_OUTBUF => {
+                s.mouse.queue_byte(v);
+                self.refresh_output();
+            }
             0x61..=0x7F => s.ram[usize::from(cmd - 0x60)] = v,
             _ => {}
         }
@@ -272,7 +327,12 @@ impl I8042 {
                 s.ram[0] |= CB_DISABLE_AUX_PORT;
                 s.status &= !STS_AUX_FULL;
             }
-            CMD_ENABLE_AUX_PORT => s.ram[0] &= !CB_DISABLE_AUX_PORT,
+            CMD_ENABLE_AUX_PORT => {
+                s.ram[0] &= !CB_DISABLE_AUX_PORT;
+                if s.reply.is_none() {
+                    self.refresh_output();
+                }
+            }
             CMD_PULSE_RESET => self.exits.request(ExitRequest::Reset),
             0x21..=0x3F => s.reply = Some(s.ram[usize::from(cmd - 0x20)]),
             other => tracing::debug!("i8042: unknown controller command {other:#x}"),
@@ -327,7 +387,8 @@ mod tests {
     fn kbc() -> (I8042, Arc<RecordingLine>, Arc<ExitRequests>) {
         let irq = Arc::new(RecordingLine::default());
         let exits = Arc::new(ExitRequests::new());
-        (I8042::new(irq.clone(), exits.clone()), irq, exits)
+        let aux = Arc::new(RecordingLine::default());
+        (I8042::new(irq.clone(), aux, exits.clone()), irq, exits)
     }
 
     fn cmd(k: &mut I8042, c: u8) {
@@ -439,6 +500,55 @@ mod tests {
             k.state().kbd_fifo.is_empty(),
             "a disabled port takes no keys"
         );
+    }
+
+    #[test]
+    fn the_mouse_answers_through_the_aux_port_and_reports_pointer_moves() {
+        let kbd_irq = Arc::new(RecordingLine::default());
+        let aux_irq = Arc::new(RecordingLine::default());
+        let mut k = I8042::new(
+            kbd_irq.clone(),
+            aux_irq.clone(),
+            Arc::new(ExitRequests::new()),
+        );
+        cmd(&mut k, CMD_SET_COMMAND_BYTE);
+        k.write(
+            DATA_OFFSET,
+            &[CB_ENABLE_KBD_INT | CB_ENABLE_AUX_INT | CB_TRANSLATE],
+        );
+        let to_mouse = |k: &mut I8042, v: u8| {
+            cmd(k, CMD_WRITE_TO_AUX);
+            k.write(DATA_OFFSET, &[v]);
+        };
+        let read_aux = |k: &mut I8042| -> Vec<u8> {
+            let mut out = Vec::new();
+            while status(k) & STS_OUTPUT_FULL != 0 {
+                assert_eq!(status(k) & STS_AUX_FULL, STS_AUX_FULL);
+                out.push(data(k));
+            }
+            out
+        };
+        to_mouse(&mut k, 0xFF);
+        assert_eq!(read_aux(&mut k), [0xFA, 0xAA, 0x00]);
+        assert!(aux_irq.rises() >= 1, "IRQ 12 for the mouse's bytes");
+        to_mouse(&mut k, 0xF4);
+        assert_eq!(read_aux(&mut k), [0xFA]);
+        k.pointer_event(0, 10, 10);
+        k.pointer_event(1, 13, 8);
+        assert_eq!(read_aux(&mut k), [0x09, 3, 2]);
+        // A key pressed while a packet is latched waits for it.
+        k.pointer_event(0, 14, 8);
+        k.key_event(crate::ps2_keys::key_for_keysym(0xFF0D).unwrap(), true);
+        assert_eq!(data(&mut k), 0x08);
+        assert_eq!(status(&mut k) & STS_AUX_FULL, 0, "then the key");
+        assert_eq!(data(&mut k), 0x1C);
+        assert_eq!(read_aux(&mut k), [1, 0]);
+        // A disabled aux port holds the mouse's bytes back.
+        cmd(&mut k, CMD_DISABLE_AUX_PORT);
+        k.pointer_event(0, 20, 8);
+        assert_eq!(status(&mut k) & STS_OUTPUT_FULL, 0);
+        cmd(&mut k, CMD_ENABLE_AUX_PORT);
+        assert_eq!(read_aux(&mut k), [0x08, 6, 0]);
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod pctestdev;
 pub mod pm;
 pub mod post;
 pub mod ps2_keys;
+pub mod ps2_mouse;
 pub mod rtc;
 pub mod shared_irq;
 pub mod timer;

@@ -16,7 +16,7 @@
 use crate::clock::{Clock, MonotonicClock};
 use crate::elcr::Elcr;
 use crate::hpet::{hpet_capabilities_low, Hpet};
-use crate::i8042::{COMMAND_OFFSET, I8042, KBD_IRQ};
+use crate::i8042::{AUX_IRQ, COMMAND_OFFSET, I8042, KBD_IRQ};
 use crate::nmi_status::NmiStatus;
 use crate::pctestdev::{
     DebugExit, IoMem, IrqLines, ScratchPort, DEBUG_EXIT_LEN, IRQ_PORT_BASE, SCRATCH_LEN,
@@ -319,7 +319,11 @@ pub fn create_platform_devices(
         );
     }
 
-    let i8042 = Arc::new(Mutex::new(I8042::new(irqs.line(KBD_IRQ), exits.clone())));
+    let i8042 = Arc::new(Mutex::new(I8042::new(
+        irqs.line(KBD_IRQ),
+        irqs.line(AUX_IRQ),
+        exits.clone(),
+    )));
     place(io, "i8042 data", i8042.clone(), I8042_DATA_PORT.into(), 1)?;
     place(
         io,

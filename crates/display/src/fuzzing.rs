@@ -109,6 +109,7 @@ pub fn client_session(data: &[u8]) {
     rhyve_pci::PciFunction::bar_write(&mut fbuf, 0, 6, &(SMALL.1 as u16).to_le_bytes());
     let keyboard = Arc::new(Mutex::new(I8042::new(
         Arc::new(NoLine),
+        Arc::new(NoLine),
         Arc::new(ExitRequests::new()),
     )));
     let client = FuzzClient {

@@ -8,8 +8,7 @@
 //! One thread serves everything: it reads the client with a short timeout
 //! and, between reads, sends an update when one was asked for, at most
 //! about 30 times a second, or at once after the client typed. Keys go to
-//! the i8042's keyboard; no pointer device is attached yet, so pointer
-//! events are read and dropped.
+//! the i8042's keyboard and the pointer to its PS/2 mouse.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -42,7 +41,7 @@ const POLL: Duration = Duration::from_millis(16);
 /// A client must finish the handshake within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Where keys typed in the VNC client go.
+/// Where keys and pointer moves from the VNC client go.
 pub type Keyboard = Arc<Mutex<I8042>>;
 
 /// Bind the server's socket and start its thread; with `wait`, return
@@ -381,9 +380,11 @@ impl<'a, C: Connection> Session<'a, C> {
                 key_for_xt(xt).or_else(|| key_for_keysym(keysym)),
                 keysym,
             ),
-            ClientMessage::Pointer { .. } => {
-                tracing::trace!("fbuf: pointer event dropped: no pointing device");
-            }
+            ClientMessage::Pointer { buttons, x, y } => self
+                .keyboard
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pointer_event(buttons, x, y),
             ClientMessage::CutText { .. } => {}
         }
     }
@@ -736,6 +737,7 @@ mod tests {
         let (_fbuf, screen) = patterned_screen();
         let keyboard: Keyboard = Arc::new(Mutex::new(I8042::new(
             Arc::new(NoLine),
+            Arc::new(NoLine),
             Arc::new(rhyve_platform::exit::ExitRequests::new()),
         )));
         let mut input: Vec<u8> = b"RFB 003.008\n".to_vec();
@@ -824,6 +826,7 @@ mod tests {
         let (fbuf, screen) = patterned_screen();
         let fbuf = Mutex::new(fbuf);
         let keyboard: Keyboard = Arc::new(Mutex::new(I8042::new(
+            Arc::new(NoLine),
             Arc::new(NoLine),
             Arc::new(rhyve_platform::exit::ExitRequests::new()),
         )));
