@@ -869,6 +869,46 @@ mod tests {
     }
 
     #[test]
+    fn a_mode_change_reaches_the_client_as_desktop_size_then_a_full_update() {
+        let (fbuf, screen) = patterned_screen();
+        let fbuf = Mutex::new(fbuf);
+        let keyboard: Keyboard = Arc::new(Mutex::new(I8042::new(
+            Arc::new(NoLine),
+            Arc::new(NoLine),
+            Arc::new(rhyve_platform::exit::ExitRequests::new()),
+        )));
+        let mut input: Vec<u8> = b"RFB 003.008\n".to_vec();
+        input.extend([SECURITY_NONE, 1]);
+        input.extend([2, 0, 0, 1]);
+        input.extend(ENCODING_DESKTOP_SIZE.to_be_bytes());
+        input.extend([3, 0, 0, 0, 0, 0, 2, 0x80, 1, 0xE0]);
+        // What BhyveRfbDxe's SetMode writes for 800x600.
+        let set_mode = Box::new(|| {
+            let mut f = fbuf.lock().unwrap();
+            rhyve_pci::PciFunction::bar_write(&mut *f, 0, 4, &800u16.to_le_bytes());
+            rhyve_pci::PciFunction::bar_write(&mut *f, 0, 6, &600u16.to_le_bytes());
+        }) as GuestStep;
+        let mut client = ScriptedClient {
+            input: input.into(),
+            output: Vec::new(),
+            later: VecDeque::from([(set_mode, vec![3, 1, 0, 0, 0, 0, 2, 0x80, 1, 0xE0])]),
+        };
+        serve(&mut client, &screen, &keyboard, None).unwrap();
+        let out = &client.output;
+        let full = 12 + 2 + 4 + 24 + SERVER_NAME.len() + 4 + 12 + 640 * 480 * 4;
+        let rest = &out[full..];
+        assert_eq!(
+            &rest[..4],
+            &[0, 0, 0, 2],
+            "DesktopSize and the whole screen"
+        );
+        assert_eq!(&rest[4..12], &[0, 0, 0, 0, 3, 0x20, 2, 0x58], "800x600");
+        assert_eq!(&rest[12..16], &ENCODING_DESKTOP_SIZE.to_be_bytes());
+        assert_eq!(&rest[16..28], &[0, 0, 0, 0, 3, 0x20, 2, 0x58, 0, 0, 0, 0]);
+        assert_eq!(rest.len(), 28 + 800 * 600 * 4);
+    }
+
+    #[test]
     fn every_encoding_carries_the_screen_in_the_clients_format() {
         for encoding in [ENCODING_RAW, ENCODING_ZLIB, ENCODING_ZRLE] {
             let pixels = full_update(encoding);
