@@ -1,9 +1,10 @@
 //! bhyve's VNC server (`rfb.c`): one client at a time, RFB 3.3, 3.7 and
 //! 3.8, security None or VNC Authentication (`password=`), Raw and Zlib
-//! rectangles as bhyve, and ZRLE (solid and raw tiles), which most viewers
-//! prefer and bhyve lacks, DesktopSize when the guest changes mode, QEMU's extended
-//! key event, and incremental updates that carry only the 32×32 tiles that
-//! changed (the whole screen when a quarter or more did, as bhyve does).
+//! rectangles as bhyve, and ZRLE (solid and raw tiles), which most
+//! viewers prefer and bhyve lacks; DesktopSize when the guest changes
+//! mode, QEMU's extended key event, and incremental updates that carry
+//! only the 32×32 tiles that changed (the whole screen when a quarter or
+//! more did, as bhyve does).
 //!
 //! One thread serves everything: it reads the client with a short timeout
 //! and, between reads, sends an update when one was asked for, at most
