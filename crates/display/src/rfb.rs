@@ -922,6 +922,38 @@ mod tests {
     }
 
     #[test]
+    fn the_server_listens_on_ipv4_and_ipv6_and_serves_one_client_at_a_time() {
+        for listen in ["127.0.0.1:0", "[::1]:0"] {
+            let (_fbuf, screen) = patterned_screen();
+            let keyboard: Keyboard = Arc::new(Mutex::new(I8042::new(
+                Arc::new(NoLine),
+                Arc::new(NoLine),
+                Arc::new(rhyve_platform::exit::ExitRequests::new()),
+            )));
+            let mut tree = rhyve_config::ConfigTree::new();
+            tree.set("pci.0.29.0.rfb", listen).unwrap();
+            let options = FbufOptions::from_tree(&tree, "pci.0.29.0").unwrap();
+            let addr = start(&options, screen, keyboard).unwrap();
+            let mut first = TcpStream::connect(addr).unwrap();
+            let mut version = [0u8; 12];
+            first.read_exact(&mut version).unwrap();
+            assert_eq!(&version, SERVER_VERSION, "{listen}");
+            // The second waits until the first leaves.
+            let mut second = TcpStream::connect(addr).unwrap();
+            second
+                .set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            assert!(second.read_exact(&mut version).is_err(), "{listen}");
+            drop(first);
+            second
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            second.read_exact(&mut version).unwrap();
+            assert_eq!(&version, SERVER_VERSION);
+        }
+    }
+
+    #[test]
     fn vnc_auth_matches_the_known_answer() {
         // d3des's key schedule as every VNC viewer uses it: a zero
         // challenge and password "password" (bit-reversed key).
