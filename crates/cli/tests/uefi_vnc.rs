@@ -70,6 +70,8 @@ fn strip_ansi(raw: &[u8]) -> String {
 fn vncdo(port: u16, password: &str, args: &[&str]) -> Output {
     Command::new("vncdo")
         .args(["-s", &format!("127.0.0.1::{port}"), "-p", password])
+        // A hung exchange fails the test instead of stalling the suite.
+        .args(["-t", "300"])
         .args(args)
         .env("PYTHONWARNINGS", "ignore")
         .output()
@@ -125,7 +127,7 @@ fn capture(port: u16, path: &Path) -> ((u32, u32), usize) {
 fn zrle_capture_differs_from(port: u16, raw: &Path, zrle: &Path) -> usize {
     let script = "import sys\nfrom vncdotool import api, client, rfb\n\
                   client.VNCDoToolClient.encoding = rfb.Encoding.ZRLE\n\
-                  c = api.connect(sys.argv[1], password=sys.argv[2])\n\
+                  c = api.connect(sys.argv[1], password=sys.argv[2], timeout=300)\n\
                   c.captureScreen(sys.argv[3])\nc.disconnect()\napi.shutdown()\n\
                   from PIL import Image, ImageChops\n\
                   a = Image.open(sys.argv[3]).convert('RGB')\n\
