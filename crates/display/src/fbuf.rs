@@ -50,7 +50,7 @@ const DEFAULT_PORT: u16 = 5900;
 /// `vga=`: which legacy VGA resources the device claims.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VgaMode {
-    /// `io` (default): bhyve registers the VGA I/O ports for guests that
+    /// `io` (default): the VGA I/O ports ([`crate::vga`]), for guests that
     /// probe them through BIOS calls.
     Io,
     /// `off`: no legacy VGA at all.

@@ -11,6 +11,7 @@ pub mod fbuf;
 pub mod fuzzing;
 pub mod proto;
 pub mod rfb;
+pub mod vga;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DisplayError {

@@ -5,8 +5,10 @@ use std::sync::{Arc, Mutex};
 
 use rhyve_config::ConfigTree;
 use rhyve_devices::i8042::I8042;
-use rhyve_display::fbuf::{Fbuf, FbufOptions, Screen, FRAMEBUFFER_SIZE};
+use rhyve_display::fbuf::{Fbuf, FbufOptions, Screen, VgaMode, FRAMEBUFFER_SIZE};
+use rhyve_display::vga::{VgaPorts, VGA_PORT_BASE, VGA_PORT_COUNT};
 use rhyve_hypervisor::Vm;
+use rhyve_platform::bus::Bus;
 use vm_memory::MmapRegion;
 
 use crate::VmmError;
@@ -25,13 +27,22 @@ fn fbuf_err(e: rhyve_display::DisplayError) -> VmmError {
 }
 
 /// The fbuf function at `node`, its frame buffer pages ready to be shown
-/// at its BAR.
+/// at its BAR; with `vga=io` (the default) the VGA ports on `io`.
 pub fn create_fbuf(
     tree: &ConfigTree,
     node: &str,
     vm: &dyn Vm,
+    io: &Bus,
 ) -> Result<(rhyve_pci::SharedFunction, Console), VmmError> {
     let options = FbufOptions::from_tree(tree, node).map_err(fbuf_err)?;
+    if options.vga == VgaMode::Io {
+        io.insert(
+            Arc::new(Mutex::new(VgaPorts::new())),
+            VGA_PORT_BASE.into(),
+            VGA_PORT_COUNT.into(),
+        )
+        .map_err(|e| VmmError::Setup(format!("fbuf: VGA ports: {e}")))?;
+    }
     let pages = Arc::new(
         MmapRegion::new(FRAMEBUFFER_SIZE)
             .map_err(|e| VmmError::Setup(format!("fbuf: frame buffer memory: {e}")))?,

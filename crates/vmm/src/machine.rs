@@ -65,7 +65,7 @@ fn build_pci(
             )
             .map_err(|e| VmmError::Unsupported(format!("pci slot {bdf}: {e}")))?
         } else if f.model == "fbuf" {
-            let (function, fbuf_console) = crate::display::create_fbuf(tree, &f.node, vm)?;
+            let (function, fbuf_console) = crate::display::create_fbuf(tree, &f.node, vm, io)?;
             *console = Some(fbuf_console);
             function
         } else if f.model == "ahci" {
