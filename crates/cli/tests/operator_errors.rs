@@ -134,3 +134,45 @@ fn a_device_on_another_pci_bus_is_refused_naming_the_slot() {
     ));
     assert_refused(&run, &["pci slot 1:3:0", "PCI bus 1 is not supported"]);
 }
+
+/// fbuf's options: bhyve's resolution limits and address syntax, and a
+/// VNC port already taken, each one line and exit 4.
+#[test]
+fn bad_fbuf_options_and_a_taken_vnc_port_are_named() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    for (fbuf, parts) in [
+        (
+            "29,fbuf,w=100".to_string(),
+            vec!["fbuf: minimum resolution is 640x480"],
+        ),
+        (
+            "29,fbuf,w=4000,h=3000".to_string(),
+            vec!["fbuf: max resolution is 3840x2160"],
+        ),
+        (
+            "29,fbuf,tcp=[::1".to_string(),
+            vec!["fbuf: Invalid IPv6 address"],
+        ),
+        (
+            "29,fbuf,vga=maybe".to_string(),
+            vec!["fbuf: Invalid vga setting"],
+        ),
+        (
+            format!("29,fbuf,tcp=127.0.0.1:{port}"),
+            vec![
+                "cannot listen for VNC clients",
+                &format!("127.0.0.1:{port}"),
+            ],
+        ),
+    ] {
+        let run = bhyve(&guest_args(
+            "exitcodes",
+            "poweroff",
+            &["-s", &fbuf],
+            "fbuf-options",
+        ));
+        let parts: Vec<&str> = parts.iter().map(|s| &**s).collect();
+        assert_refused(&run, &parts);
+    }
+}
