@@ -16,6 +16,7 @@ pub mod nmi_status;
 pub mod pctestdev;
 pub mod pm;
 pub mod post;
+pub mod qemu_fwcfg;
 pub mod rtc;
 pub mod shared_irq;
 pub mod timer;

@@ -175,6 +175,7 @@ fn write_tables(
         acpi.lpc = pci.lpc_bdf().map(|b| (b.slot, b.func));
         acpi.i8042 = true;
         acpi.pci_windows = Some(PciWindows::for_layout(&spec.memory));
+        acpi.qemu_fwcfg = crate::fwcfg::wanted(tree)?;
         rhyve_boot::write_acpi_tables(vm.memory(), &acpi).map_err(setup("ACPI tables"))?;
     }
     if tree
@@ -228,7 +229,10 @@ fn most_that_fit(limit: u32, fits: impl Fn(u32) -> bool) -> u32 {
 }
 
 /// Build the whole machine the tree describes.
-pub fn build(tree: &ConfigTree) -> Result<Machine, VmmError> {
+pub fn build(
+    tree: &ConfigTree,
+    fw_cfg_files: &[rhyve_config::FwCfgFile],
+) -> Result<Machine, VmmError> {
     rhyve_config::validate(tree)?;
     crate::refuse_unsupported(tree)?;
     let mut spec = crate::vm_spec(tree)?;
@@ -259,6 +263,11 @@ pub fn build(tree: &ConfigTree) -> Result<Machine, VmmError> {
     // loader's page-granular boot image carried into the BIOS area. A boot
     // ROM is the guest: the boot vCPU starts at its reset vector, in the
     // state KVM creates vCPUs in; the others wait for INIT/SIPI.
+    // bhyve offers QEMU's fw_cfg with or without a boot ROM; fwctl, on
+    // the same ports, only to a boot ROM.
+    if crate::fwcfg::wanted(tree)? {
+        crate::fwcfg::install(tree, fw_cfg_files, spec.cpus, &spec.memory, &io)?;
+    }
     let entry = match bootrom {
         Some(rom) => {
             rom.install(vm.memory(), &mmio, &io, spec.cpus)?;
