@@ -55,13 +55,18 @@ fn firmware_interfaces_from_the_reset_vector() {
 #[test]
 fn qemu_fw_cfg_from_the_reset_vector() {
     require_kvm();
+    // A host file, read before the sandbox closes the file system.
+    let greeting = std::env::temp_dir().join(format!("rhyve-fwcfg-{}", std::process::id()));
+    std::fs::write(&greeting, "hello from the host").unwrap();
     let mut args: Vec<String> = vec!["-c".into(), "2".into()];
     args.extend(BASE_MACHINE.iter().map(|s| s.to_string()));
     args.extend([
         "-l".into(),
         format!("bootrom,{},fwcfg=qemu", rom_path("fwcfgtest").display()),
         "-f".into(),
-        "name=opt/rhyve/greeting,string=hello from the host".into(),
+        format!("name=opt/rhyve/greeting,file={}", greeting.display()),
+        "-f".into(),
+        "opt/rhyve/answer,string=42".into(),
         vm_name("fwcfgtest"),
     ]);
     let run = run_bhyve(
@@ -75,10 +80,12 @@ fn qemu_fw_cfg_from_the_reset_vector() {
         "id 1",
         "file etc/e820",
         "file opt/bhyve/hw.ncpu",
+        "file opt/rhyve/answer",
         "file opt/rhyve/greeting",
         "data hello from the host",
     ] {
         run.assert_line(line);
     }
     run.assert_code(1);
+    std::fs::remove_file(&greeting).unwrap();
 }

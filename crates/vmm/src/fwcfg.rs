@@ -34,16 +34,8 @@ pub fn wanted(tree: &ConfigTree) -> Result<bool, VmmError> {
     Ok(fwcfg.as_deref() == Some("qemu"))
 }
 
-/// Build fw_cfg's items for a VM with `cpus` vCPUs and `memory`, and put
-/// it on `io`.
-pub fn install(
-    tree: &ConfigTree,
-    user_files: &[FwCfgFile],
-    cpus: u32,
-    memory: &MemoryLayout,
-    io: &Bus,
-) -> Result<(), VmmError> {
-    let fwcfg = build(tree, user_files, cpus, memory)?;
+/// Put `fwcfg` on `io`.
+pub fn install(fwcfg: QemuFwCfg, io: &Bus) -> Result<(), VmmError> {
     io.insert(
         Arc::new(Mutex::new(fwcfg)),
         u64::from(FWCFG_SELECTOR_PORT),
@@ -52,7 +44,9 @@ pub fn install(
     .map_err(|e| VmmError::Setup(format!("fw_cfg: {e}")))
 }
 
-fn build(
+/// fw_cfg's items for a VM with `cpus` vCPUs and `memory`; the `-f` files
+/// are read here, before the VMM confines itself.
+pub fn build(
     tree: &ConfigTree,
     user_files: &[FwCfgFile],
     cpus: u32,

@@ -238,6 +238,15 @@ pub fn build(
     let mut spec = crate::vm_spec(tree)?;
     let bootrom = crate::bootrom::BootRom::from_tree(tree)?;
     spec.rom_size = bootrom.as_ref().map_or(0, |b| b.rom_size());
+    let fwcfg = match crate::fwcfg::wanted(tree)? {
+        true => Some(crate::fwcfg::build(
+            tree,
+            fw_cfg_files,
+            spec.cpus,
+            &spec.memory,
+        )?),
+        false => None,
+    };
     let named = take_named_vm(tree, &spec)?;
     // Threads started from here on (device workers, timers, serial) are
     // created confined.
@@ -265,8 +274,8 @@ pub fn build(
     // state KVM creates vCPUs in; the others wait for INIT/SIPI.
     // bhyve offers QEMU's fw_cfg with or without a boot ROM; fwctl, on
     // the same ports, only to a boot ROM.
-    if crate::fwcfg::wanted(tree)? {
-        crate::fwcfg::install(tree, fw_cfg_files, spec.cpus, &spec.memory, &io)?;
+    if let Some(fwcfg) = fwcfg {
+        crate::fwcfg::install(fwcfg, &io)?;
     }
     let entry = match bootrom {
         Some(rom) => {
