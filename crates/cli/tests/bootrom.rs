@@ -4,7 +4,8 @@
 //! read-only, the variable store's CFI answers and writes reaching the
 //! file, and unclaimed MMIO below 4 GiB reading all-ones. A second ROM
 //! (crates/guests/rom/fwcfgtest.S) reads QEMU's fw_cfg as firmware does
-//! with `fwcfg=qemu`: signature, ID, directory and an operator's `-f` file.
+//! with `fwcfg=qemu`: signature, ID, directory (bhyve's files, the ACPI
+//! tables and their loader among them) and an operator's `-f` file.
 
 use std::path::Path;
 use std::time::Duration;
@@ -78,7 +79,10 @@ fn qemu_fw_cfg_from_the_reset_vector() {
     for line in [
         "fwcfg QEMU",
         "id 1",
+        "file etc/acpi/DSDT",
+        "file etc/acpi/RSDP",
         "file etc/e820",
+        "file etc/table-loader",
         "file opt/bhyve/hw.ncpu",
         "file opt/rhyve/answer",
         "file opt/rhyve/greeting",

@@ -1,13 +1,10 @@
 //! `lpc.fwcfg=qemu` (`-l bootrom,CODE,fwcfg=qemu`): QEMU's fw_cfg on ports
 //! 0x510/0x511 in place of bhyve's fwctl, holding the files bhyve
 //! publishes there: the operator's `-f` files first (bhyve adds them when
-//! fw_cfg starts), then `opt/bhyve/hw.ncpu`, `bootorder` and `etc/e820`.
-//!
-//! bhyve also publishes its ACPI tables through fw_cfg with QEMU's table
-//! loader (`etc/acpi/*`, `etc/table-loader`); rhyve does not yet. The
-//! firmware this serves, bhyve's BhyveX64, installs its own tables and
-//! reads only `opt/bhyve/hw.ncpu` from fw_cfg; an OS finds rhyve's tables
-//! at 0xF2400 as with fwctl.
+//! fw_cfg starts), then `opt/bhyve/hw.ncpu`, `bootorder` and `etc/e820`,
+//! and, once the ACPI tables are built, the tables with QEMU's table
+//! loader ([`crate::fwcfg_acpi`]). bhyve's UEFI firmware of Debian's edk2
+//! 2022.11 reads only `opt/bhyve/hw.ncpu` and installs its own tables.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};

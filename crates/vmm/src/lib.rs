@@ -10,6 +10,7 @@ mod bootrom;
 mod confine;
 pub mod control;
 mod fwcfg;
+mod fwcfg_acpi;
 mod loader;
 mod machine;
 mod proctitle;

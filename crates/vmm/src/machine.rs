@@ -148,6 +148,7 @@ fn write_tables(
     spec: &VmSpec,
     pci: &PciRoot,
     platform: &PlatformDevices,
+    fwcfg: Option<&mut rhyve_devices::qemu_fwcfg::QemuFwCfg>,
 ) -> Result<(), VmmError> {
     let routes: Vec<rhyve_boot::PciIntxRoute> = pci
         .intx_routes()
@@ -175,8 +176,17 @@ fn write_tables(
         acpi.lpc = pci.lpc_bdf().map(|b| (b.slot, b.func));
         acpi.i8042 = true;
         acpi.pci_windows = Some(PciWindows::for_layout(&spec.memory));
-        acpi.qemu_fwcfg = crate::fwcfg::wanted(tree)?;
+        acpi.qemu_fwcfg = fwcfg.is_some();
         rhyve_boot::write_acpi_tables(vm.memory(), &acpi).map_err(setup("ACPI tables"))?;
+        // bhyve publishes the same tables through fw_cfg, with its loader.
+        if let Some(fwcfg) = fwcfg {
+            let tables = rhyve_boot::build_acpi_tables(&acpi).map_err(setup("ACPI tables"))?;
+            for (name, data) in crate::fwcfg_acpi::files(&tables) {
+                fwcfg
+                    .add_file(&name, data)
+                    .map_err(|e| VmmError::Setup(e.to_string()))?;
+            }
+        }
     }
     if tree
         .bool_or("x86.mptable", true)
@@ -238,7 +248,7 @@ pub fn build(
     let mut spec = crate::vm_spec(tree)?;
     let bootrom = crate::bootrom::BootRom::from_tree(tree)?;
     spec.rom_size = bootrom.as_ref().map_or(0, |b| b.rom_size());
-    let fwcfg = match crate::fwcfg::wanted(tree)? {
+    let mut fwcfg = match crate::fwcfg::wanted(tree)? {
         true => Some(crate::fwcfg::build(
             tree,
             fw_cfg_files,
@@ -272,11 +282,6 @@ pub fn build(
     // loader's page-granular boot image carried into the BIOS area. A boot
     // ROM is the guest: the boot vCPU starts at its reset vector, in the
     // state KVM creates vCPUs in; the others wait for INIT/SIPI.
-    // bhyve offers QEMU's fw_cfg with or without a boot ROM; fwctl, on
-    // the same ports, only to a boot ROM.
-    if let Some(fwcfg) = fwcfg {
-        crate::fwcfg::install(fwcfg, &io)?;
-    }
     let entry = match bootrom {
         Some(rom) => {
             rom.install(vm.memory(), &mmio, &io, spec.cpus)?;
@@ -284,7 +289,12 @@ pub fn build(
         }
         None => Some(load_guest(tree, vm.as_ref(), &spec, &named)?),
     };
-    write_tables(tree, vm.as_ref(), &spec, &pci, &platform)?;
+    write_tables(tree, vm.as_ref(), &spec, &pci, &platform, fwcfg.as_mut())?;
+    // bhyve offers QEMU's fw_cfg with or without a boot ROM; fwctl, on
+    // the same ports, only to a boot ROM.
+    if let Some(fwcfg) = fwcfg {
+        crate::fwcfg::install(fwcfg, &io)?;
+    }
     let mut vcpus = Vec::with_capacity(spec.cpus as usize);
     for id in 0..spec.cpus {
         vcpus.push(vm.create_vcpu(id)?);
