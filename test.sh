@@ -12,8 +12,10 @@ host_kind=$(scripts/host-kind.sh)
 echo "test.sh: host: $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo), $host_kind"
 echo "test.sh: plan (README.md \"What runs where\", the same on every host kind): the full"
 echo "  Linux boot with its driver checks (scripts/full-boot.sh 1) on one core, the cargo tests"
-echo "  at nice 19 beside it, the UEFI firmware's boot to its shell (uefi_firmware) among them;"
-echo "  with the build done about 20 min on AMD PVM hosts (expected), 6 on Intel PVM hosts"
+echo "  at nice 19 beside it, the UEFI firmware's two runs (uefi_firmware: shell, then GRUB to"
+echo "  Linux) among them;"
+echo "  with the build done about 35-40 min on AMD PVM hosts, ~15 on Intel PVM hosts (expected:"
+echo "  the firmware test's two runs are the longest part)"
 export RHYVE_GUEST_KERNEL="${RHYVE_GUEST_KERNEL:-$(scripts/fetch-guest-kernel.sh)}"
 
 # Debian's stock kernel booted to user space (scripts/full-boot.sh: /init

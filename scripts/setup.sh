@@ -18,6 +18,7 @@ packages=(
   dmidecode         # decodes the SMBIOS tables we build
   xorriso           # ISO images for grub-bhyve tests
   grub-common       # grub-editenv judges the grubenv files grub-bhyve writes
+  grub-efi-amd64-bin # Debian's GRUB EFI image the UEFI firmware boots (uefi_firmware test)
   fdisk             # sfdisk for partitioned images
   kmod              # depmod/modinfo for guest modules
   lz4               # extracting the guest kernel's ELF image (Debian's is LZ4)

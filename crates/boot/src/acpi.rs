@@ -92,6 +92,8 @@ pub struct AcpiPlatform {
     pub i8042: bool,
     /// Bus 0 windows; `None` uses [`PciWindows::for_layout`].
     pub pci_windows: Option<PciWindows>,
+    /// QEMU's fw_cfg ports are there (`lpc.fwcfg=qemu`): `\_SB.FWCF`.
+    pub qemu_fwcfg: bool,
 }
 
 impl AcpiPlatform {
@@ -106,6 +108,7 @@ impl AcpiPlatform {
             lpc: None,
             i8042: false,
             pci_windows: None,
+            qemu_fwcfg: false,
         }
     }
 

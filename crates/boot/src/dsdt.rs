@@ -8,6 +8,8 @@
 //!                      PIRV, LNKA-LNKH, SIO (PNP0C02), COMn, RTC, KBD/MOU,
 //!                      PIC, TIMR
 //! \_SB.PC00.HPET       PNP0103
+//! \_SB.FWCF            QEMU0002, with `lpc.fwcfg=qemu` (bhyve's ACPI device
+//!                      for fw_cfg, which Linux's qemu_fw_cfg driver binds)
 //! ```
 //! Without an LPC bridge the legacy devices sit directly below PC00 and
 //! the PIC-mode routing table is empty (bhyve has no links then either).
@@ -21,9 +23,9 @@ use acpi_tables::aml::{
 use acpi_tables::sdt::Sdt;
 use acpi_tables::Aml;
 use rhyve_platform::layout::{
-    ELCR_PORT, GPE0_LEN, GPE0_PORT, HPET_BASE, HPET_SIZE, I8042_COMMAND_PORT, I8042_DATA_PORT,
-    NMI_STATUS_PORT, PCI_ECAM_BASE, PCI_ECAM_SIZE, PM1A_CNT_PORT, PM1A_EVT_PORT, PM_TIMER_PORT,
-    RESET_PORT, RTC_IRQ, RTC_PORT, SMI_CMD_PORT,
+    ELCR_PORT, FWCFG_SELECTOR_PORT, GPE0_LEN, GPE0_PORT, HPET_BASE, HPET_SIZE, I8042_COMMAND_PORT,
+    I8042_DATA_PORT, NMI_STATUS_PORT, PCI_ECAM_BASE, PCI_ECAM_SIZE, PM1A_CNT_PORT, PM1A_EVT_PORT,
+    PM_TIMER_PORT, RESET_PORT, RTC_IRQ, RTC_PORT, SMI_CMD_PORT,
 };
 
 use crate::acpi::{AcpiPlatform, OEM_ID};
@@ -375,6 +377,23 @@ fn host_bridge(p: &AcpiPlatform) -> Raw {
     raw(&Device::new("PC00".into(), refs(&children)))
 }
 
+/// What `\_SB` holds: the host bridge, and fw_cfg's device when present.
+fn system_bus(p: &AcpiPlatform) -> Vec<Raw> {
+    let mut devices = vec![host_bridge(p)];
+    if p.qemu_fwcfg {
+        let children = [
+            name("_HID", &"QEMU0002"),
+            name("_STA", &0x0Fu8),
+            name(
+                "_CRS",
+                &ResourceTemplate::new(refs(&[io(FWCFG_SELECTOR_PORT, 2)])),
+            ),
+        ];
+        devices.push(raw(&Device::new("FWCF".into(), refs(&children))));
+    }
+    devices
+}
+
 /// The whole DSDT table (header included).
 pub fn build_dsdt(p: &AcpiPlatform) -> Vec<u8> {
     let s5 = raw(&Package::new(vec![&5u8, &ZERO]));
@@ -387,7 +406,7 @@ pub fn build_dsdt(p: &AcpiPlatform) -> Vec<u8> {
             false,
             vec![&raw(&Store::new(&Path::new("PICM"), &Arg(0)))],
         )),
-        raw(&Scope::new("\\_SB_".into(), vec![&host_bridge(p)])),
+        raw(&Scope::new("\\_SB_".into(), refs(&system_bus(p)))),
     ];
     let mut t = Sdt::new(*b"DSDT", 36, 2, OEM_ID, *b"BVDSDT  ", 1);
     t.write_bytes(28, b"BASL");

@@ -13,6 +13,7 @@ fn platform() -> AcpiPlatform {
     p.com_ports = vec![(0x3F8, 4, 1), (0x2F8, 3, 2)];
     p.lpc = Some((31, 0));
     p.i8042 = true;
+    p.qemu_fwcfg = true;
     p.pci_intx = vec![
         PciIntxRoute {
             bus: 0,
@@ -144,9 +145,10 @@ fn run_for(name: &str, p: &AcpiPlatform) {
     let dsl = std::fs::read_to_string(dir.join("DSDT.dsl")).unwrap();
     for needle in [
         "PNP0A03", "PNP0501", "PNP0B00", "PNP0100", "PNP0000", "PNP0103", "PNP0C02", "PNP0C0F",
-        "_PRT", "_S5_",
+        "_PRT", "_S5_", "QEMU0002",
     ] {
         if (needle == "PNP0C0F" && p.lpc.is_none())
+            || (needle == "QEMU0002" && !p.qemu_fwcfg)
             || (needle == "PNP0501" && p.com_ports.is_empty())
         {
             continue;
@@ -168,6 +170,7 @@ fn iasl_accepts_tables_without_lpc_or_devices() {
     let mut p = platform();
     p.lpc = None;
     p.i8042 = false;
+    p.qemu_fwcfg = false;
     p.com_ports.clear();
     p.pci_intx.clear();
     p.cpus = 1;

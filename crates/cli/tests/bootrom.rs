@@ -2,7 +2,10 @@
 //! which starts at the reset vector like firmware and checks what bhyve's
 //! UEFI firmware relies on: fwctl read with string port I/O, the ROM being
 //! read-only, the variable store's CFI answers and writes reaching the
-//! file, and unclaimed MMIO below 4 GiB reading all-ones.
+//! file, and unclaimed MMIO below 4 GiB reading all-ones. A second ROM
+//! (crates/guests/rom/fwcfgtest.S) reads QEMU's fw_cfg as firmware does
+//! with `fwcfg=qemu`: signature, ID, directory (bhyve's files, the ACPI
+//! tables and their loader among them) and an operator's `-f` file.
 
 use std::path::Path;
 use std::time::Duration;
@@ -48,4 +51,45 @@ fn firmware_interfaces_from_the_reset_vector() {
         .iter()
         .enumerate()
         .all(|(i, &b)| i == 0x10 || b == b'V'));
+}
+
+#[test]
+fn qemu_fw_cfg_from_the_reset_vector() {
+    require_kvm();
+    // A host file, read before the sandbox closes the file system.
+    let greeting = std::env::temp_dir().join(format!("rhyve-fwcfg-{}", std::process::id()));
+    std::fs::write(&greeting, "hello from the host").unwrap();
+    let mut args: Vec<String> = vec!["-c".into(), "2".into()];
+    args.extend(BASE_MACHINE.iter().map(|s| s.to_string()));
+    args.extend([
+        "-l".into(),
+        format!("bootrom,{},fwcfg=qemu", rom_path("fwcfgtest").display()),
+        "-f".into(),
+        format!("name=opt/rhyve/greeting,file={}", greeting.display()),
+        "-f".into(),
+        "opt/rhyve/answer,string=42".into(),
+        vm_name("fwcfgtest"),
+    ]);
+    let run = run_bhyve(
+        Path::new(env!("CARGO_BIN_EXE_bhyve")),
+        &args,
+        Duration::from_secs(60),
+    );
+    run.assert_no_failure();
+    for line in [
+        "fwcfg QEMU",
+        "id 1",
+        "file etc/acpi/DSDT",
+        "file etc/acpi/RSDP",
+        "file etc/e820",
+        "file etc/table-loader",
+        "file opt/bhyve/hw.ncpu",
+        "file opt/rhyve/answer",
+        "file opt/rhyve/greeting",
+        "data hello from the host",
+    ] {
+        run.assert_line(line);
+    }
+    run.assert_code(1);
+    std::fs::remove_file(&greeting).unwrap();
 }

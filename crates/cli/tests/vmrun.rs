@@ -66,3 +66,59 @@ fn vmrun_reboots_once_then_destroys_the_vm_on_power_off() {
     );
     let _ = std::fs::remove_dir_all(&work);
 }
+
+/// `-E` (UEFI mode) hands bhyve the firmware, the framebuffer and the
+/// tablet as bhyve's script does, skips the loader, and refuses a missing
+/// firmware with bhyve's message. A stand-in `bhyve` records its arguments
+/// (what it would boot is the firmware suite test's business).
+#[test]
+fn vmrun_uefi_mode_boots_the_firmware() {
+    let work = std::env::temp_dir().join(format!("rhyve-vmrun-efi-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../share/examples/bhyve/vmrun.sh");
+    let stub = work.join("bhyve-stub");
+    std::fs::write(&stub, "#!/bin/sh\necho \"$@\" > bhyve-args\nexit 1\n").unwrap();
+    std::fs::set_permissions(&stub, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let firmware = work.join("BHYVE_UEFI_CODE.fd");
+    std::fs::write(&firmware, [0u8; 4096]).unwrap();
+    std::fs::write(work.join("release.iso"), [0u8; 2048]).unwrap();
+    let vmrun = |args: &[&str]| {
+        Command::new("sh")
+            .arg(&script)
+            .args(args)
+            .current_dir(&work)
+            .env("BHYVE", "./bhyve-stub")
+            .env("BHYVECTL", "true")
+            .env("GRUB_BHYVE", "false")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run vmrun.sh")
+    };
+    let fw = firmware.display().to_string();
+    let out = vmrun(&[
+        "-E", "-f", &fw, "-T", "-v", "-P", "5901", "-c", "1", "-m", "128M", "-d", "disk.img",
+        "vmefi",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let args = std::fs::read_to_string(work.join("bhyve-args")).unwrap();
+    for part in [
+        "-s 29,fbuf,tcp=127.0.0.1:5901,w=1024,h=768,wait",
+        &format!("-l bootrom,{fw}"),
+        "-s 30,xhci,tablet",
+        "-o pci.enable_bars=true",
+        // disk.img was just created empty: the installer CD is attached.
+        "-s 31:0,ahci-cd,./release.iso",
+        "vmefi",
+    ] {
+        assert!(args.contains(part), "bhyve got {args:?}, not {part:?}");
+    }
+    let out = vmrun(&["-E", "-f", "/nonexistent/BHYVE_UEFI.fd", "vmefi"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "Error: EFI Firmware /nonexistent/BHYVE_UEFI.fd doesn't exist. Try: scripts/build-uefi-firmware.sh\n"
+    );
+    std::fs::remove_dir_all(&work).unwrap();
+}

@@ -18,6 +18,7 @@ pub mod pm;
 pub mod post;
 pub mod ps2_keys;
 pub mod ps2_mouse;
+pub mod qemu_fwcfg;
 pub mod rtc;
 pub mod shared_irq;
 pub mod timer;

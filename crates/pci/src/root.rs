@@ -69,6 +69,7 @@ pub struct PciRootConfig {
 
 impl PciRootConfig {
     /// The configuration bhyve derives from the tree: a boot ROM when
+    /// `bootrom` (bhyve's `bootrom_boot()`) or its older spelling
     /// `lpc.bootrom` is set, `pci.enable_bars` defaulting to "no boot ROM",
     /// and the IOAPIC of [`rhyve_platform::layout::IOAPIC_PINS`] inputs.
     pub fn from_tree(
@@ -78,7 +79,7 @@ impl PciRootConfig {
         layout: MemoryLayout,
         interrupts: Arc<dyn InterruptController>,
     ) -> Result<Self, PciError> {
-        let bootrom = tree.get("lpc.bootrom")?.is_some();
+        let bootrom = tree.get("bootrom")?.is_some() || tree.get("lpc.bootrom")?.is_some();
         let enable_bars = tree.bool_or("pci.enable_bars", !bootrom)?;
         Ok(Self {
             io_bus,

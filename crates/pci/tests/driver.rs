@@ -787,6 +787,11 @@ fn root_config_from_tree_follows_bhyve_defaults() {
     assert!(c.bootrom && !c.enable_bars);
     tree.set("pci.enable_bars", "true").unwrap();
     assert!(build(&tree).enable_bars);
+    // bhyve's own spelling since 15 (`-o bootrom=`, bootrom_boot()).
+    let mut tree = ConfigTree::new();
+    tree.set("bootrom", "/usr/share/BHYVE_UEFI.fd").unwrap();
+    let c = build(&tree);
+    assert!(c.bootrom && !c.enable_bars);
 }
 
 #[test]

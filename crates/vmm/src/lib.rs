@@ -10,6 +10,8 @@ mod bootrom;
 mod confine;
 pub mod control;
 mod display;
+mod fwcfg;
+mod fwcfg_acpi;
 mod loader;
 mod machine;
 mod proctitle;
@@ -82,12 +84,17 @@ impl VmmError {
 /// Build the VM the tree describes and run it to the end; returns bhyve's
 /// exit status.
 pub fn run(tree: &ConfigTree) -> i32 {
+    run_with_fw_cfg_files(tree, &[])
+}
+
+/// [`run`], with the `-f` files for QEMU's fw_cfg (`lpc.fwcfg=qemu`).
+pub fn run_with_fw_cfg_files(tree: &ConfigTree, fw_cfg_files: &[rhyve_config::FwCfgFile]) -> i32 {
     // Before the VM is visible in the registry, so whoever finds it there
     // also finds `bhyve: NAME` in ps.
     if let Ok(Some(name)) = tree.get("name") {
         proctitle::set(&name);
     }
-    let machine = match machine::build(tree) {
+    let machine = match machine::build(tree, fw_cfg_files) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("bhyve: {e}");
@@ -289,9 +296,6 @@ pub fn refuse_unsupported(tree: &ConfigTree) -> Result<(), VmmError> {
     }
     if tree.is_node("domains") {
         return unsupported("NUMA domains (-n)");
-    }
-    if tree.get("lpc.fwcfg").ok().flatten().as_deref() == Some("qemu") {
-        return unsupported("QEMU fw_cfg (fwcfg=qemu; bhyve's fwctl, fwcfg=bhyve, is the default)");
     }
     // bhyve gives each further bus a host bridge of its own in the DSDT;
     // rhyve's firmware tables describe bus 0 only.

@@ -153,6 +153,7 @@ fn write_tables(
     spec: &VmSpec,
     pci: &PciRoot,
     platform: &PlatformDevices,
+    fwcfg: Option<&mut rhyve_devices::qemu_fwcfg::QemuFwCfg>,
 ) -> Result<(), VmmError> {
     let routes: Vec<rhyve_boot::PciIntxRoute> = pci
         .intx_routes()
@@ -180,7 +181,17 @@ fn write_tables(
         acpi.lpc = pci.lpc_bdf().map(|b| (b.slot, b.func));
         acpi.i8042 = true;
         acpi.pci_windows = Some(PciWindows::for_layout(&spec.memory));
+        acpi.qemu_fwcfg = fwcfg.is_some();
         rhyve_boot::write_acpi_tables(vm.memory(), &acpi).map_err(setup("ACPI tables"))?;
+        // bhyve publishes the same tables through fw_cfg, with its loader.
+        if let Some(fwcfg) = fwcfg {
+            let tables = rhyve_boot::build_acpi_tables(&acpi).map_err(setup("ACPI tables"))?;
+            for (name, data) in crate::fwcfg_acpi::files(&tables) {
+                fwcfg
+                    .add_file(&name, data)
+                    .map_err(|e| VmmError::Setup(e.to_string()))?;
+            }
+        }
     }
     if tree
         .bool_or("x86.mptable", true)
@@ -233,12 +244,24 @@ fn most_that_fit(limit: u32, fits: impl Fn(u32) -> bool) -> u32 {
 }
 
 /// Build the whole machine the tree describes.
-pub fn build(tree: &ConfigTree) -> Result<Machine, VmmError> {
+pub fn build(
+    tree: &ConfigTree,
+    fw_cfg_files: &[rhyve_config::FwCfgFile],
+) -> Result<Machine, VmmError> {
     rhyve_config::validate(tree)?;
     crate::refuse_unsupported(tree)?;
     let mut spec = crate::vm_spec(tree)?;
     let bootrom = crate::bootrom::BootRom::from_tree(tree)?;
     spec.rom_size = bootrom.as_ref().map_or(0, |b| b.rom_size());
+    let mut fwcfg = match crate::fwcfg::wanted(tree)? {
+        true => Some(crate::fwcfg::build(
+            tree,
+            fw_cfg_files,
+            spec.cpus,
+            &spec.memory,
+        )?),
+        false => None,
+    };
     let named = take_named_vm(tree, &spec)?;
     // Threads started from here on (device workers, timers, serial) are
     // created confined.
@@ -277,7 +300,12 @@ pub fn build(tree: &ConfigTree) -> Result<Machine, VmmError> {
         }
         None => Some(load_guest(tree, vm.as_ref(), &spec, &named)?),
     };
-    write_tables(tree, vm.as_ref(), &spec, &pci, &platform)?;
+    write_tables(tree, vm.as_ref(), &spec, &pci, &platform, fwcfg.as_mut())?;
+    // bhyve offers QEMU's fw_cfg with or without a boot ROM; fwctl, on
+    // the same ports, only to a boot ROM.
+    if let Some(fwcfg) = fwcfg {
+        crate::fwcfg::install(fwcfg, &io)?;
+    }
     let mut vcpus = Vec::with_capacity(spec.cpus as usize);
     for id in 0..spec.cpus {
         vcpus.push(vm.create_vcpu(id)?);

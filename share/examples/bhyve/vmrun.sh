@@ -2,7 +2,9 @@
 #
 # vmrun.sh for rhyve: bhyve's example wrapper (share/examples/bhyve/vmrun.sh)
 # with its options and its restart loop, on Linux. The loader is grub-bhyve
-# (bhyveload needs FreeBSD's userboot), or none with -k (direct kernel boot).
+# (bhyveload needs FreeBSD's userboot), none with -k (direct kernel boot),
+# or bhyve's UEFI firmware with -E (as scripts/build-uefi-firmware.sh
+# builds it, or the one -f names).
 #
 # Exit status: bhyve's last status. 0 (reset) loops and boots again; 1
 # (power-off) and 2 (halt) destroy the VM and exit; 3 (triple fault) and
@@ -19,6 +21,10 @@ DEFAULT_CONSOLE=stdio
 DEFAULT_NIC=virtio-net
 DEFAULT_VIRTIO_DISK="./diskdev"
 DEFAULT_ISOFILE="./release.iso"
+DEFAULT_VNCHOST="127.0.0.1"
+DEFAULT_VNCPORT=5900
+DEFAULT_VNCSIZE="w=1024,h=768"
+DEFAULT_FIRMWARE="${RHYVE_FIRMWARE_DIR:-/var/cache/rhyve/firmware}/BHYVE_UEFI_CODE.fd"
 
 errmsg() {
 	echo "*** $1"
@@ -26,9 +32,11 @@ errmsg() {
 
 usage() {
 	msg=$1
-	echo "Usage: vmrun.sh [-aAhiuw] [-c <CPUs>] [-C <console>]"
-	echo "                [-d <disk file>[,<opts>]] [-e <name=value>] [-G [w][<addr>:]<port>]"
-	echo "                [-I <location of installation iso>] [-m <memsize>]"
+	echo "Usage: vmrun.sh [-aAEhiTuvw] [-c <CPUs>] [-C <console>]"
+	echo "                [-d <disk file>[,<opts>]] [-e <name=value>] [-f <path of firmware>]"
+	echo "                [-F <size>] [-G [w][<addr>:]<port>]"
+	echo "                [-I <location of installation iso>] [-L <VNC IP for UEFI framebuffer>]"
+	echo "                [-m <memsize>] [-P <port>]"
 	echo "                [-n <network adapter emulation type>] [-p <pcidev|bus/slot/func>]"
 	echo "                [-t <tapdev>] [-k <kernel> [-K <cmdline>] [-r <initrd>]] <vmname>"
 	echo ""
@@ -39,18 +47,24 @@ usage() {
 	echo "       -C: console device (default: ${DEFAULT_CONSOLE})"
 	echo "       -d: virtio diskdev file (default: ${DEFAULT_VIRTIO_DISK})"
 	echo "       -e: set a loader environment variable (bhyveload only: not supported)"
-	echo "       -E: boot from UEFI firmware (not supported yet)"
+	echo "       -E: Use UEFI mode"
+	echo "       -f: Use a specific UEFI firmware (default: ${DEFAULT_FIRMWARE})"
+	echo "       -F: Use a custom UEFI GOP framebuffer size (default: ${DEFAULT_VNCSIZE})"
 	echo "       -G: bind the GDB stub to the specified address and port"
 	echo "       -i: force boot of the Installation CDROM image"
 	echo "       -I: Installation CDROM image location (default: ${DEFAULT_ISOFILE})"
 	echo "       -k: boot this Linux kernel directly (rhyve; no loader)"
 	echo "       -K: kernel command line for -k"
+	echo "       -L: IP address for UEFI GOP VNC server (default: ${DEFAULT_VNCHOST})"
 	echo "       -m: memory size (default: ${DEFAULT_MEMSIZE})"
 	echo "       -n: network adapter emulation type (default: ${DEFAULT_NIC})"
 	echo "       -p: pass-through a host PCI device (e.g. ppt0 or 10/0/0)"
+	echo "       -P: UEFI GOP VNC port (default: ${DEFAULT_VNCPORT})"
 	echo "       -r: initrd for -k"
 	echo "       -t: tap device for virtio-net (default: $DEFAULT_TAPDEV)"
+	echo "       -T: Enable tablet device (for UEFI GOP)"
 	echo "       -u: RTC keeps UTC time"
+	echo "       -v: Wait for VNC client connection before booting VM"
 	echo "       -w: ignore unimplemented MSRs"
 	echo ""
 	[ -n "$msg" ] && errmsg "$msg"
@@ -84,7 +98,16 @@ kernel=""
 kernel_cmdline=""
 initrd=""
 
-while getopts aAc:C:d:e:EG:hiI:k:K:m:n:p:r:t:uw c ; do
+# UEFI-specific options
+efi_mode=0
+efi_firmware="${DEFAULT_FIRMWARE}"
+vncwait=""
+vnchost=${DEFAULT_VNCHOST}
+vncport=${DEFAULT_VNCPORT}
+vncsize=${DEFAULT_VNCSIZE}
+tablet=""
+
+while getopts aAc:C:d:e:Ef:F:G:hiI:k:K:L:m:n:p:P:r:t:Tuvw c ; do
 	case $c in
 	a) apic_opt="-a" ;;
 	A) disk_emulation="ahci-hd" ;;
@@ -98,24 +121,30 @@ while getopts aAc:C:d:e:EG:hiI:k:K:m:n:p:r:t:uw c ; do
 		disk_total=$((disk_total + 1))
 		;;
 	e) usage "loader environment variables (-e) need bhyveload, which is not supported" ;;
-	E) usage "UEFI boot (-E) is not supported yet" ;;
+	E) efi_mode=1 ;;
+	f) efi_firmware=${OPTARG} ;;
+	F) vncsize=${OPTARG} ;;
 	G) gdbport=${OPTARG} ;;
 	i) force_install=1 ;;
 	I) isofile=${OPTARG} ;;
 	k) kernel=${OPTARG} ;;
 	K) kernel_cmdline=${OPTARG} ;;
+	L) vnchost=${OPTARG} ;;
 	m) memsize=${OPTARG} ;;
 	n) nic=${OPTARG} ;;
 	p)
 		eval "pass_dev${pass_total}=\"\${OPTARG}\""
 		pass_total=$((pass_total + 1))
 		;;
+	P) vncport=${OPTARG} ;;
 	r) initrd=${OPTARG} ;;
 	t)
 		eval "tap_dev${tap_total}=\"\${OPTARG}\""
 		tap_total=$((tap_total + 1))
 		;;
+	T) tablet="-s 30,xhci,tablet" ;;
 	u) bhyverun_opt="${bhyverun_opt} -u" ;;
+	v) vncwait=",wait" ;;
 	w) bhyverun_opt="${bhyverun_opt} -w" ;;
 	*) usage ;;
 	esac
@@ -137,6 +166,17 @@ if [ $# -ne 1 ]; then
 fi
 
 vmname="$1"
+
+if [ ${efi_mode} -gt 0 ]; then
+	if [ -n "$kernel" ]; then
+		usage "-E and -k are two ways to boot: give one"
+	fi
+	if [ ! -f "${efi_firmware}" ]; then
+		echo "Error: EFI Firmware ${efi_firmware} doesn't exist." \
+		    "Try: scripts/build-uefi-firmware.sh"
+		exit 1
+	fi
+fi
 
 make_and_check_diskdev()
 {
@@ -183,6 +223,16 @@ while true; do
 	if [ -n "$kernel" ]; then
 		boot_opt="-o boot.kernel=${kernel}"
 		[ -n "$initrd" ] && boot_opt="${boot_opt} -o boot.initrd=${initrd}"
+	elif [ ${efi_mode} -gt 0 ]; then
+		# The firmware finds the boot loader itself: the installer CD
+		# is attached when the first disk has nothing to boot.
+		if [ $force_install -eq 1 ] || ! has_boot_sector "${first_diskdev}"; then
+			if [ ! -r "${isofile}" ]; then
+				echo "Installation CDROM image \"${isofile}\" is not readable"
+				exit 1
+			fi
+			installer_opt="-s 31:0,ahci-cd,${isofile}"
+		fi
 	else
 		if [ $force_install -eq 1 ] || ! has_boot_sector "${first_diskdev}"; then
 			if [ ! -r "${isofile}" ]; then
@@ -244,14 +294,25 @@ while true; do
 	gdb_opt=""
 	[ -n "$gdbport" ] && gdb_opt="-G ${gdbport}"
 
+	efiargs=""
+	if [ ${efi_mode} -gt 0 ]; then
+		efiargs="-s 29,fbuf,tcp=${vnchost}:${vncport},${vncsize}${vncwait}"
+		efiargs="${efiargs} -l bootrom,${efi_firmware}"
+		efiargs="${efiargs} ${tablet}"
+		# The firmware scripts/build-uefi-firmware.sh builds (edk2
+		# 2022.11) does not enumerate PCI: it needs the BARs decoding,
+		# which bhyve, like rhyve, leaves off with a boot ROM.
+		efiargs="${efiargs} -o pci.enable_bars=true"
+	fi
+
 	# shellcheck disable=SC2086
 	if [ -n "$kernel_cmdline" ]; then
 		${BHYVE} -c "${cpus}" -m "${memsize}" ${apic_opt} -A ${bhyverun_opt} ${gdb_opt} \
-			-s 0:0,hostbridge -s 1:0,lpc ${devargs} -l "com1,${console}" \
+			-s 0:0,hostbridge -s 1:0,lpc ${efiargs} ${devargs} -l "com1,${console}" \
 			${installer_opt} ${boot_opt} -o "boot.cmdline=${kernel_cmdline}" "${vmname}"
 	else
 		${BHYVE} -c "${cpus}" -m "${memsize}" ${apic_opt} -A ${bhyverun_opt} ${gdb_opt} \
-			-s 0:0,hostbridge -s 1:0,lpc ${devargs} -l "com1,${console}" \
+			-s 0:0,hostbridge -s 1:0,lpc ${efiargs} ${devargs} -l "com1,${console}" \
 			${installer_opt} ${boot_opt} "${vmname}"
 	fi
 	bhyve_exit=$?

@@ -23,11 +23,7 @@ fn main() {
             eprintln!("bhyve: restoring a snapshot (-r) is not supported yet");
             rhyve_config::EXIT_ERROR
         }
-        Ok(None) if !invocation.fw_cfg_files.is_empty() => {
-            eprintln!("bhyve: fw_cfg files (-f) are not supported yet");
-            rhyve_config::EXIT_ERROR
-        }
-        Ok(None) => rhyve_vmm::run(&invocation.tree),
+        Ok(None) => rhyve_vmm::run_with_fw_cfg_files(&invocation.tree, &invocation.fw_cfg_files),
         Err(e) => {
             eprintln!("bhyve: {e}");
             rhyve_config::EXIT_ERROR
