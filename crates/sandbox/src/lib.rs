@@ -23,6 +23,13 @@
 //! create threads (spawner) or kick vCPUs (supervisor, control, vcpu) are
 //! allowed those calls.
 //!
+//! One exception to trapping: `openat` in a role that may not open files
+//! fails with EACCES instead. glibc's allocator opens
+//! /proc/sys/vm/overcommit_memory once per process, the first time any
+//! thread shrinks a non-main arena's heap, and treats a failed open as "do
+//! not shrink"; which thread that is depends on timing, so a trap would
+//! kill the VM at random. Landlock would refuse the path anyway.
+//!
 //! Without [`start`] (the sandbox off, or code that is not a VM such as unit
 //! tests) [`spawn`] is a plain named thread.
 
@@ -43,6 +50,7 @@ use landlock::{
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 
 pub use roles::ThreadRole;
+use syscalls::Sysno;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -74,7 +82,7 @@ type Job = Box<dyn FnOnce() + Send>;
 
 struct Spawner {
     jobs: mpsc::Sender<Job>,
-    filters: HashMap<ThreadRole, BpfProgram>,
+    filters: HashMap<ThreadRole, Vec<BpfProgram>>,
     policy: Policy,
 }
 
@@ -157,7 +165,7 @@ where
     let (tx, rx) = mpsc::sync_channel(1);
     let job: Job = Box::new(move || {
         let started = std::thread::Builder::new().name(name).spawn(move || {
-            if let Err(e) = seccompiler::apply_filter(&filter) {
+            if let Err(e) = apply_filters(&filter) {
                 // Running unconfined is not an option; say so and stop.
                 eprintln!(
                     "bhyve: sandbox: cannot confine a {} thread: {e}",
@@ -178,33 +186,62 @@ where
         .map_err(|_| io::Error::other("the spawner thread did not answer"))?
 }
 
-fn compile(role: ThreadRole) -> Result<BpfProgram, SandboxError> {
+/// A role's filters: its allow-list (trapping anything else) and, when it
+/// may not open files, a second one that fails `openat` with EACCES (see
+/// the crate comment).
+fn compile(role: ThreadRole) -> Result<Vec<BpfProgram>, SandboxError> {
     let err = |msg: String| SandboxError::Seccomp {
         role: role.name(),
         msg,
     };
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = role
-        .allowed()
-        .into_iter()
-        .map(|s| (i64::from(s.id()), Vec::new()))
-        .collect();
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| err(e.to_string()))?;
-    let filter = SeccompFilter::new(rules, SeccompAction::Trap, SeccompAction::Allow, arch)
-        .map_err(|e| err(e.to_string()))?;
-    filter
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| err(e.to_string()))
+    let build = |calls: Vec<Sysno>, mismatch, matched| {
+        let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = calls
+            .into_iter()
+            .map(|s| (i64::from(s.id()), Vec::new()))
+            .collect();
+        SeccompFilter::new(rules, mismatch, matched, arch)
+            .and_then(|f| f.try_into())
+            .map_err(|e: seccompiler::BackendError| err(e.to_string()))
+    };
+    let mut allowed = role.allowed();
+    if allowed.contains(&Sysno::openat) {
+        return Ok(vec![build(
+            allowed,
+            SeccompAction::Trap,
+            SeccompAction::Allow,
+        )?]);
+    }
+    allowed.push(Sysno::openat);
+    // The EACCES filter goes first: installing a filter takes prctl and
+    // seccomp, which the allow-list forbids once it is in place.
+    Ok(vec![
+        build(
+            vec![Sysno::openat],
+            SeccompAction::Allow,
+            SeccompAction::Errno(libc::EACCES as u32),
+        )?,
+        build(allowed, SeccompAction::Trap, SeccompAction::Allow)?,
+    ])
 }
 
 /// Landlock, no capabilities, then the seccomp filter (which sets
 /// no_new_privs), on the calling thread; threads it creates inherit all three.
-fn confine_thread(policy: &Policy, filter: &BpfProgram) -> Result<(), SandboxError> {
+fn confine_thread(policy: &Policy, filters: &[BpfProgram]) -> Result<(), SandboxError> {
     restrict_paths(policy)?;
     drop_capabilities()?;
-    seccompiler::apply_filter(filter).map_err(|e| SandboxError::Seccomp {
+    apply_filters(filters).map_err(|msg| SandboxError::Seccomp {
         role: "this thread",
-        msg: e.to_string(),
+        msg,
     })
+}
+
+/// Install a role's filters on the calling thread, in order (they stack;
+/// the kernel takes the strictest answer).
+fn apply_filters(filters: &[BpfProgram]) -> Result<(), String> {
+    filters
+        .iter()
+        .try_for_each(|f| seccompiler::apply_filter(f).map_err(|e| e.to_string()))
 }
 
 fn restrict_paths(policy: &Policy) -> Result<(), SandboxError> {
@@ -429,6 +466,32 @@ mod tests {
             compile(role).unwrap();
             assert_eq!(ThreadRole::from_name(role.name()), Some(role));
         }
+    }
+
+    /// glibc's one-time open of /proc/sys/vm/overcommit_memory (heap trim)
+    /// fails quietly in a role that may not open files, whichever thread
+    /// makes it, instead of ending the VM.
+    #[test]
+    fn a_role_without_openat_gets_eacces_not_a_trap() {
+        let filters = compile(ThreadRole::Vcpu).unwrap();
+        let errno = std::thread::spawn(move || {
+            apply_filters(&filters).unwrap();
+            // SAFETY: a NUL-terminated path; the descriptor, if any, is closed.
+            let fd = unsafe {
+                libc::open(
+                    c"/proc/sys/vm/overcommit_memory".as_ptr(),
+                    libc::O_RDONLY | libc::O_CLOEXEC,
+                )
+            };
+            if fd >= 0 {
+                unsafe { libc::close(fd) };
+                return 0;
+            }
+            io::Error::last_os_error().raw_os_error().unwrap()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(errno, libc::EACCES);
     }
 
     #[test]
