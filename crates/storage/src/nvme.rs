@@ -543,6 +543,22 @@ impl Nvme {
         &self.state
     }
 
+    /// Nothing left to do until the guest acts: no I/O with the back end,
+    /// no reset or shutdown pending, and every submission queue drained or
+    /// waiting for room in its completion queue.
+    pub fn is_idle(&self) -> bool {
+        let s = &self.state;
+        let ready = s.csts & reg::CSTS_RDY != 0;
+        self.queue.in_flight() == 0
+            && !s.reset_pending
+            && !s.shutdown_pending
+            && (!ready
+                || s.sqs
+                    .iter()
+                    .flatten()
+                    .all(|sq| sq.head == sq.tail || !self.held[usize::from(sq.cqid)].is_empty()))
+    }
+
     fn build_identify_controller(&self) -> Vec<u8> {
         let mut d = vec![0u8; 4096];
         d[0..2].copy_from_slice(&VENDOR_ID.to_le_bytes());
