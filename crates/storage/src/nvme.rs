@@ -925,45 +925,49 @@ impl Nvme {
         }
     }
 
-    /// Post the completions the back end has finished; restart queues
-    /// that waited for a slot.
+    /// Post the completions the back end has finished; restart the queues
+    /// that waited for a slot, and post what finished within that
+    /// submission too, until nothing more is done.
     fn complete_io(&mut self) {
-        let mut done = std::mem::take(&mut self.reaped);
-        self.queue.reap(&mut done);
-        let any = !done.is_empty();
-        for (token, result) in done.drain(..) {
-            let Some(p) = self.pending.get_mut(token as usize).and_then(Option::take) else {
-                continue;
-            };
-            self.free_tokens.push(token as usize);
-            if p.orphan {
-                continue;
+        loop {
+            let mut done = std::mem::take(&mut self.reaped);
+            self.queue.reap(&mut done);
+            if done.is_empty() {
+                self.reaped = done;
+                return;
             }
-            let status = match result {
-                Ok(()) => Status::SUCCESS,
-                Err(e) => {
-                    tracing::warn!(
-                        "nvme: {:?} for SQ {} command {} failed: {e}",
-                        p.op,
-                        p.sqid,
-                        p.cid
-                    );
-                    if p.op == BlockOp::Read {
-                        Status::READ_ERROR
-                    } else {
-                        Status::WRITE_FAULT
-                    }
+            for (token, result) in done.drain(..) {
+                let Some(p) = self.pending.get_mut(token as usize).and_then(Option::take) else {
+                    continue;
+                };
+                self.free_tokens.push(token as usize);
+                if p.orphan {
+                    continue;
                 }
-            };
-            self.post(Cqe {
-                result: 0,
-                sqid: p.sqid,
-                cid: p.cid,
-                status,
-            });
-        }
-        self.reaped = done;
-        if any {
+                let status = match result {
+                    Ok(()) => Status::SUCCESS,
+                    Err(e) => {
+                        tracing::warn!(
+                            "nvme: {:?} for SQ {} command {} failed: {e}",
+                            p.op,
+                            p.sqid,
+                            p.cid
+                        );
+                        if p.op == BlockOp::Read {
+                            Status::READ_ERROR
+                        } else {
+                            Status::WRITE_FAULT
+                        }
+                    }
+                };
+                self.post(Cqe {
+                    result: 0,
+                    sqid: p.sqid,
+                    cid: p.cid,
+                    status,
+                });
+            }
+            self.reaped = done;
             self.process_all();
             self.queue.commit();
         }

@@ -541,12 +541,22 @@ impl VirtioDevice for Block {
         if index != 0 {
             return Err(DeviceError::NoQueue(index));
         }
-        let reaped = self.reap(queue)?;
-        let notify = drain_after(index, queue, mem, reaped, |chain| self.handle(mem, chain))?;
-        if let Some(u) = self.uring.as_mut() {
+        let mut reaped = self.reap(queue)?;
+        let mut notify = false;
+        loop {
+            notify |= drain_after(index, queue, mem, reaped, |chain| self.handle(mem, chain))?;
+            let Some(u) = self.uring.as_mut() else {
+                return Ok(notify);
+            };
             u.queue.commit();
+            // What the page cache served finished inside the submission:
+            // complete it in this pass rather than after a wake-up, then
+            // take the chains a full queue left on the ring.
+            reaped = self.reap(queue)?;
+            if !reaped {
+                return Ok(notify);
+            }
         }
-        Ok(notify)
     }
     fn host_fd(&self) -> Option<RawFd> {
         self.uring

@@ -8,8 +8,15 @@
 //! not opened O_DIRECT (`nocache`, whose guest buffers carry no alignment
 //! promise). Otherwise each request runs synchronously when submitted
 //! (through an aligned bounce buffer for O_DIRECT) and its completion is
-//! queued at once, so front ends have a single path either way. Either
-//! way, completions are announced on one eventfd a worker can poll.
+//! queued at once, so front ends have a single path either way.
+//!
+//! Completions are announced on one eventfd a worker can poll. Reads the
+//! page cache serves complete inside the submission itself, so a front end
+//! reaps right after [`BlockQueue::commit`] and completes them in the same
+//! pass instead of a wake-up later. (io_uring's "asynchronous" eventfd
+//! would skip announcing those, but also the completions run as task work
+//! in the submitting thread, e.g. buffered reads that waited for a page:
+//! they would be lost while that thread sleeps in poll.)
 //!
 //! Why hand-written: io_uring's crate gives the rings, not a block queue
 //! with bounded slots, range checks and a synchronous twin.
@@ -207,8 +214,6 @@ impl BlockQueue {
 
     fn complete_now(&mut self, token: u64, result: io::Result<()>) {
         self.ready.push_back((token, result));
-        // A full counter only means a wake-up is already pending.
-        let _ = self.done.write(1);
     }
 
     /// Hand every request pushed since the last call to the kernel.
@@ -223,11 +228,13 @@ impl BlockQueue {
     /// Take the finished requests' (token, result) pairs into `out`. A
     /// read or write that moved fewer bytes than asked is an error.
     pub fn reap(&mut self, out: &mut Vec<(u64, io::Result<()>)>) {
-        let _ = self.done.read();
         out.extend(self.ready.drain(..));
         let Engine::Uring(ring) = &mut self.engine else {
             return;
         };
+        // Cleared before the completion ring is read: a completion posted
+        // in between leaves the count set, and only costs a spare wake-up.
+        let _ = self.done.read();
         for cqe in ring.completion() {
             let index = cqe.user_data() as usize;
             let Some(slot) = self.slots.get_mut(index).and_then(Option::take) else {

@@ -86,6 +86,9 @@ pub struct Host {
     sqs: Vec<Option<Ring>>,
     cqs: Vec<Option<Ring>>,
     next_cid: u16,
+    /// MSI-X vector for the I/O completion queues created next; None:
+    /// interrupts off (we poll).
+    pub cq_vector: Option<u16>,
 }
 
 /// Where the host keeps its rings: queue `q`'s SQ at `RINGS + q * 2 * RING_SPAN`,
@@ -101,6 +104,7 @@ impl Host {
             sqs: (0..65).map(|_| None).collect(),
             cqs: (0..65).map(|_| None).collect(),
             next_cid: 1,
+            cq_vector: None,
         }
     }
 
@@ -266,8 +270,8 @@ impl Host {
         ((c.result & 0xFFFF) as u16 + 1, (c.result >> 16) as u16 + 1)
     }
 
-    /// Create I/O CQ and SQ `q` with `entries` entries, interrupts off
-    /// (we poll).
+    /// Create I/O CQ and SQ `q` with `entries` entries (interrupts as
+    /// `cq_vector` says).
     pub fn create_io_queues(&mut self, q: u16, entries: u16) -> (Cqe, Cqe) {
         self.create_io_queues_sized(q, entries, entries)
     }
@@ -279,11 +283,12 @@ impl Host {
         cq_entries: u16,
         sq_entries: u16,
     ) -> (Cqe, Cqe) {
+        let interrupts = self.cq_vector.map_or(0, |v| 2 | u32::from(v) << 16);
         let cq = self.admin(
             Sqe::new(0x05)
                 .prp1(Self::cq_base(q))
                 .cdw(10, u32::from(cq_entries - 1) << 16 | u32::from(q))
-                .cdw(11, 1),
+                .cdw(11, 1 | interrupts),
         );
         if cq.ok() {
             self.cqs[usize::from(q)] = Some(Ring {
