@@ -1489,8 +1489,12 @@ fn io_thread(kick: EventFd, done: EventFd, nvme: Weak<Mutex<Nvme>>) {
             events: libc::POLLIN,
             revents: 0,
         });
-        // SAFETY: two pollfds we own, for the duration of the call.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        // ppoll, not poll: io_uring's task work interrupts the wait, and an
+        // interrupted poll comes back through restart_syscall, which the
+        // sandbox does not allow; ppoll is simply re-run.
+        // SAFETY: two pollfds we own, for the duration of the call; no
+        // timeout, no signal mask.
+        let r = unsafe { libc::ppoll(fds.as_mut_ptr(), 2, std::ptr::null(), std::ptr::null()) };
         if r < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
             tracing::error!(
                 "nvme: I/O thread poll failed: {}",
