@@ -142,6 +142,8 @@ impl Host {
     /// CSTS.RDY is set.
     pub fn enable(&mut self, admin_entries: u16) -> bool {
         let n = u32::from(admin_entries - 1);
+        // A fresh completion queue holds no entry with a valid phase tag.
+        self.zero(Self::cq_base(0), usize::from(admin_entries) * 16);
         self.write32(0x24, n | n << 16);
         self.write64(0x28, Self::sq_base(0));
         self.write64(0x30, Self::cq_base(0));
@@ -159,6 +161,12 @@ impl Host {
             phase: true,
         });
         self.read32(0x1C) & 1 == 1
+    }
+
+    fn zero(&self, at: u64, len: usize) {
+        self.mem
+            .write_slice(&vec![0u8; len], GuestAddress(at))
+            .unwrap();
     }
 
     /// CC.EN = 0, then wait for CSTS.RDY to clear: the controller has
@@ -284,6 +292,7 @@ impl Host {
         sq_entries: u16,
     ) -> (Cqe, Cqe) {
         let interrupts = self.cq_vector.map_or(0, |v| 2 | u32::from(v) << 16);
+        self.zero(Self::cq_base(q), usize::from(cq_entries) * 16);
         let cq = self.admin(
             Sqe::new(0x05)
                 .prp1(Self::cq_base(q))
