@@ -269,6 +269,20 @@ impl BlockQueue {
         }
     }
 
+    /// Block until at least one request in flight has finished (then
+    /// [`reap`](Self::reap) it); at once when nothing is in flight or the
+    /// engine is synchronous. For front ends that run one request at a time.
+    pub fn wait(&mut self) {
+        if !self.ready.is_empty() || self.free.len() == self.slots.len() {
+            return;
+        }
+        if let Engine::Uring(ring) = &mut self.engine {
+            if let Err(e) = ring.submit_and_wait(1) {
+                tracing::warn!("block: io_uring wait failed: {e}");
+            }
+        }
+    }
+
     /// Wait for every request in flight and forget their results (a reset:
     /// nothing may land in guest memory afterwards).
     pub fn quiesce(&mut self) {
