@@ -7,7 +7,7 @@
 # is driven in-process by the spec-written host driver of its tests
 # (crates/storage/examples/nvme_bench.rs, one queue pair, queue depth 32,
 # sleeping on its MSI-X vector); fio (io_uring, QD 32) does the same reads
-# on the host file. virtio-blk and NVMe share one back end (BlockQueue).
+# on the host file. virtio-blk, NVMe and AHCI share one back end (BlockQueue).
 # Sequential 1 MiB reads and random 4 KiB reads, ROUNDS rounds of SECONDS
 # each, the backends interleaved in every round; prints medians and
 # ratios. All read through the host page cache (the image is warmed first).
