@@ -5,8 +5,8 @@
 # interpreter the image must then hold) becomes /init, beside empty /proc,
 # /sys and /dev; the kernel's built-in initramfs adds /dev/console.
 # With --modules, the named modules of the kernel whose module tree is
-# MODDIR (lib/modules/VERSION) go to /modules with everything they depend
-# on (modinfo's depends field, resolved here on the host), and
+# MODDIR (lib/modules/VERSION), those it has built in skipped, go to
+# /modules with everything they depend on (modinfo's depends field, resolved here on the host), and
 # /modules/order lists them in load order, dependencies first; their
 # signatures are cut off (the kernel does not enforce them, and checking
 # them costs minutes of emulated ring 0 on software-virtualization hosts).
@@ -35,10 +35,18 @@ if [ -n "$moddir" ]; then
     pattern="$(echo "$1" | sed 's/[-_]/[-_]/g').ko"
     find "$moddir/kernel" -name "$pattern" | head -n1
   }
+  builtin() { # the kernel has this module built in (modules.builtin)
+    local pattern
+    pattern="/$(echo "$1" | sed 's/[-_]/[-_]/g')\.ko$"
+    [ -f "$moddir/modules.builtin" ] && grep -qE "$pattern" "$moddir/modules.builtin"
+  }
   add_module() {
     local name="${1//-/_}" file dep
     [ -z "${seen[$name]:-}" ] || return 0
     seen[$name]=1
+    # Built in: nothing to load (e.g. nvme in the cloud kernel, a module
+    # in the generic one).
+    ! builtin "$1" || return 0
     file="$(find_module "$1")"
     [ -n "$file" ] || { echo "build-initramfs: no module $1 under $moddir" >&2; exit 1; }
     for dep in $(modinfo -F depends "$file" | tr ',' ' '); do

@@ -19,7 +19,12 @@
 #   - virtio-net on a tap: the guest pings the host, the host pings the
 #     guest, 256 KiB each way over TCP with matching sums;
 #   - the ACPI power button: SIGTERM to bhyve reaches /init as KEY_POWER
-#     from Linux's button driver, and /init powers off (exit status 1).
+#     from Linux's button driver, and /init powers off (exit status 1);
+#   - nvme (Linux's nvme driver, built into the cloud kernel): the
+#     controller's model and serial, the disk's first MiB read and summed
+#     (the host's sum must match), 64 KiB of a pattern written at 1 MiB and
+#     synced and the next 64 KiB discarded (the host finds the pattern, and
+#     zeroes where the random data was).
 # The AHCI disk is enumerated only: Debian's cloud kernel has no AHCI
 # driver.
 #
@@ -57,17 +62,24 @@ moddir="$(ls -d work/guest/kernel/lib/modules/*/ | head -n1)"
 init="$(cargo run -q --release -p rhyve-guests --bin rhyve-guest-path -- linux-init)"
 initrd=work/guest/full-boot-initramfs.cpio
 scripts/build-initramfs.sh "$initrd" "$init" --modules "$moddir" \
-  virtio_pci,virtio_blk,virtio_net,virtio_console,virtio-rng,button,evdev
+  virtio_pci,virtio_blk,virtio_net,virtio_console,virtio-rng,button,evdev,nvme
 vda=work/guest/full-boot-vda.img
 vdb=work/guest/full-boot-vdb.img
 ahci=work/guest/full-boot-ahci.img
 head -c 2M /dev/urandom > "$vda"
+nvme=work/guest/full-boot-nvme.img
+head -c 2M /dev/urandom > "$nvme"
 truncate -s 1M "$vdb" "$ahci"
 vda_sum=$(python3 -c 'import sys
 h = 0xcbf29ce484222325
 for b in open(sys.argv[1], "rb").read(1 << 20):
     h = ((h ^ b) * 0x100000001b3) & 0xffffffffffffffff
 print(f"{h:016x}")' "$vda")
+nvme_sum=$(python3 -c 'import sys
+h = 0xcbf29ce484222325
+for b in open(sys.argv[1], "rb").read(1 << 20):
+    h = ((h ^ b) * 0x100000001b3) & 0xffffffffffffffff
+print(f"{h:016x}")' "$nvme")
 console_sock="$PWD/work/guest/full-boot-console$cpus.sock"
 rm -f "$console_sock"
 netns="rhyvefb$cpus"
@@ -84,6 +96,7 @@ ip netns exec "$netns" python3 scripts/full-boot-host.py --tap "$tap" --console-
   ./target/release/bhyve -A -H -P -c "$cpus" -m 256M -s 0,hostbridge -s 31,lpc -l com1,stdio \
   -s 3,virtio-blk,"$vda" -s 4,ahci-hd,"$ahci" -s 5,virtio-blk,"$vdb",ro \
   -s 6,virtio-net,"$tap" -s 7,virtio-console,port1="$console_sock" -s 8,virtio-rnd \
+  -s 9,nvme,"$nvme" \
   -o boot.kernel="$kernel" -o boot.initrd="$initrd" -o boot.cmdline="$cmdline" \
   "fullboot$cpus" | tee "$log"
 status=${PIPESTATUS[0]}
@@ -133,6 +146,21 @@ guest_got=$(sed -n 's/^dev virtio-net: received 262144 bytes fnv1a64 \([0-9a-f]*
 check "virtio-net: TCP, guest to host, sums match" "^host: tcp received 262144 bytes fnv1a64 ${guest_sent:-none};"
 check "virtio-net: TCP, host to guest, sums match" "^host: tcp .*; sent 262144 bytes fnv1a64 ${guest_got:-none}$"
 check "power button: Linux's button driver reported KEY_POWER" "^dev power-button: KEY_POWER pressed: powering off$"
+check "nvme: Linux lists bhyve's NVMe controller" "^pci 0048 fb5d0a0a "
+check "nvme: Linux's nvme driver read the controller's identity" "^dev nvme: nvme0 model bhyve-NVMe serial NVME-9-0$"
+check "nvme: Linux read the disk's first MiB as the host wrote it" "^dev nvme: nvme0n1 read 1048576 bytes fnv1a64 $nvme_sum$"
+check "nvme: Linux wrote and synced" "^dev nvme: nvme0n1 wrote 65536 bytes of pattern 61i\+3 at 1048576 and synced$"
+check "nvme: Linux discarded a range" "^dev nvme: nvme0n1 discarded 65536 bytes at 1114112$"
+if python3 -c 'import sys
+data = open(sys.argv[1], "rb").read()
+ok = data[1 << 20:(1 << 20) + 65536] == bytes((i * 61 + 3) & 0xff for i in range(65536))
+ok = ok and data[(1 << 20) + 65536:(1 << 20) + 131072] == bytes(65536)
+sys.exit(0 if ok else 1)' "$nvme"; then
+  echo "full-boot: ok: nvme: the host finds the guest's pattern and the discarded range zeroed"
+else
+  echo "full-boot: FAILED: nvme: the image lacks the guest's pattern or the discard" >&2
+  failed=1
+fi
 [ "$status" -eq 1 ] || { echo "full-boot: FAILED: expected exit status 1 (ACPI power-off), got $status" >&2; failed=1; }
 [ "$failed" -eq 0 ] || exit 1
 echo "full-boot: OK with $cpus CPU(s)"

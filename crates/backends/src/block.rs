@@ -1,5 +1,6 @@
-//! Block backend: a disk image file or host block device behind virtio-blk
-//! (and, later, ahci/nvme), with bhyve's `block_if.c` options.
+//! Block backend: a disk image file or host block device behind virtio-blk,
+//! AHCI and NVMe, with bhyve's `block_if.c` options; [`BlockQueue`] moves
+//! the front ends' reads, writes and flushes asynchronously.
 //!
 //! Options come from the device's config node (`path`, `ro`, `nocache`,
 //! `direct`/`sync`, `sectorsize=logical[/physical]`, `nodelete`), exactly as
@@ -17,6 +18,9 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::PathBuf;
 
 use rhyve_config::{ConfigError, ConfigTree};
+
+mod queue;
+pub use queue::{BlockOp, BlockQueue, BlockRequest, QueueFull};
 
 /// bhyve's DEV_BSIZE: the default logical sector size.
 pub const DEFAULT_SECTOR_SIZE: u32 = 512;
@@ -227,7 +231,7 @@ impl BlockFile {
         self.physical_sector_size
     }
 
-    fn check_range(&self, offset: u64, len: usize) -> io::Result<()> {
+    pub(crate) fn check_range(&self, offset: u64, len: usize) -> io::Result<()> {
         match offset.checked_add(len as u64) {
             Some(end) if end <= self.size => Ok(()),
             _ => Err(io::Error::new(

@@ -1,7 +1,8 @@
 //! Operator mistakes get one error line naming the real cause and bhyve's
 //! exit status (4), before any guest runs: guest RAM too small for the
 //! kernel, a truncated kernel, more sockets than the firmware tables hold,
-//! a device on a PCI bus the tables do not describe.
+//! a device on a PCI bus the tables do not describe, NVMe options rhyve
+//! cannot honour.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -175,4 +176,31 @@ fn bad_fbuf_options_and_a_taken_vnc_port_are_named() {
         let parts: Vec<&str> = parts.iter().map(|s| &**s).collect();
         assert_refused(&run, &parts);
     }
+}
+
+/// NVMe mistakes: a RAM namespace (bhyve's `ram=`, not offered: the one
+/// block back end is a file), an unknown `dsm=` and a `qsz=` of 1 are
+/// refused at VM start naming the slot and the key.
+#[test]
+fn nvme_options_rhyve_cannot_honour_are_refused_naming_the_key() {
+    let dir = std::env::temp_dir().join(format!("rhyve-nvme-opts-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let disk = disk.display().to_string();
+    for (dev, parts) in [
+        ("4,nvme,ram=64".to_string(), ["pci slot 0:4:0", "ram="]),
+        (
+            format!("4,nvme,{disk},dsm=maybe"),
+            ["pci slot 0:4:0", "\"maybe\" for \"pci.0.4.0.dsm\""],
+        ),
+        (
+            format!("4,nvme,{disk},qsz=1"),
+            ["pci slot 0:4:0", "\"1\" for \"pci.0.4.0.qsz\""],
+        ),
+    ] {
+        let run = bhyve(&guest_args("pcienum", "", &["-s", &dev], "nvmeopts"));
+        assert_refused(&run, &parts);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -78,13 +78,18 @@ fn while_running(extra: &[&str], tag: &str, look: impl FnOnce(u32)) -> i32 {
 #[test]
 fn every_thread_of_a_running_vm_is_filtered() {
     let mut seen = Vec::new();
-    let code = while_running(&["-c", "2"], "sbx-threads", |pid| seen = seccomp_modes(pid));
+    let nvme_disk = Disk::new("sbx-threads-nvme");
+    let nvme = format!("5,nvme,{}", nvme_disk.0.display());
+    let code = while_running(&["-c", "2", "-s", &nvme], "sbx-threads", |pid| {
+        seen = seccomp_modes(pid)
+    });
     assert_eq!(code, 1, "power button: exit 1");
     let names: Vec<&str> = seen.iter().map(|(n, _)| n.as_str()).collect();
     for want in [
         "vcpu 0",
         "vcpu 1",
         "ahci-io",
+        "nvme-io",
         "control",
         "spawner",
         "serial-out",

@@ -13,7 +13,9 @@
 //! FEATURES, logs, most ATAPI commands) complete at once. Reads, writes,
 //! flushes and TRIMs go to the controller's I/O thread (bhyve's `block_if`
 //! worker), which moves data between the backing file and guest memory
-//! through a bounded bounce buffer without holding the controller lock,
+//! through the block back end's [`BlockQueue`] (the one virtio-blk and
+//! NVMe use; straight into the PRD buffers) without holding the controller
+//! lock,
 //! then completes the command (D2H FIS, or Set Device Bits for NCQ) and
 //! starts the next ones. Non-queued commands keep BSY set while their I/O
 //! runs, so they are serialised; NCQ commands are accepted at once and up
@@ -34,11 +36,13 @@ use std::io;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, Weak};
 
-use rhyve_backends::block::{BlockError, BlockFile, BlockOptions};
+use rhyve_backends::block::{
+    BlockError, BlockFile, BlockOp, BlockOptions, BlockQueue, BlockRequest,
+};
 use rhyve_config::{ConfigError, ConfigTree};
 use rhyve_pci::{BarKind, PciConfigSpace, PciError, PciFunction};
 use serde::{Deserialize, Serialize};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::atapi::{self, Reply};
 use crate::identify::{self, DiskGeometry, DriveIdentity};
@@ -228,8 +232,6 @@ const CT_ACMD: u64 = 0x40;
 const CT_PRDT: u64 = 0x80;
 const PRD_SIZE: u64 = 16;
 const PRD_DBC_MASK: u32 = 0x3F_FFFF;
-/// Bounce buffer size for moving data between the disk and guest memory.
-const CHUNK: usize = 256 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AhciError {
@@ -403,13 +405,13 @@ struct Job {
 }
 
 impl Job {
-    fn run(&self, mem: &GuestMemory) -> Result<(), String> {
+    fn run(&self, mem: &GuestMemory, queue: &mut BlockQueue) -> Result<(), String> {
         match &self.io {
             Io::Transfer {
                 offset,
                 len,
                 to_guest,
-            } => dma(mem, &self.file, &self.cmd, *offset, *len, *to_guest),
+            } => dma(mem, &self.file, queue, &self.cmd, *offset, *len, *to_guest),
             Io::Flush => self.file.flush().map_err(|e| format!("flush: {e}")),
             Io::Discard(ranges) => ranges.iter().try_for_each(|&(offset, len)| {
                 self.file
@@ -423,8 +425,17 @@ impl Job {
 /// The I/O thread: runs jobs in order, then completes each under the
 /// controller lock. Ends with the controller (its job sender is dropped).
 fn io_thread(jobs: Receiver<Job>, ahci: Weak<Mutex<Ahci>>, mem: GuestMemory) {
+    // One block back-end queue per port, made on its first transfer.
+    let mut queues: Vec<Option<BlockQueue>> = (0..MAX_PORTS).map(|_| None).collect();
     while let Ok(job) = jobs.recv() {
-        let result = job.run(&mem);
+        let result = match queues.get_mut(job.port) {
+            Some(slot @ None) => match BlockQueue::new(&job.file, 1) {
+                Ok(q) => job.run(&mem, slot.insert(q)),
+                Err(e) => Err(format!("block queue: {e}")),
+            },
+            Some(Some(q)) => job.run(&mem, q),
+            None => Err(format!("no port {}", job.port)),
+        };
         let Some(ahci) = ahci.upgrade() else {
             return;
         };
@@ -540,10 +551,12 @@ fn set_prdbc(mem: &GuestMemory, cmd: &Command, n: u32) -> Result<(), String> {
 }
 
 /// Move `len` bytes at byte `offset` of `file` to (`to_guest`) or from the
-/// guest buffers of `cmd`.
+/// guest buffers of `cmd`, through the block back end's queue straight
+/// into or out of guest memory.
 fn dma(
     mem: &GuestMemory,
     file: &BlockFile,
+    queue: &mut BlockQueue,
     cmd: &Command,
     offset: u64,
     len: u64,
@@ -558,24 +571,41 @@ fn dma(
             ))
         }
     }
-    let segs = scatter_list(mem, cmd, len)?;
-    let mut bounce = vec![0u8; (len as usize).min(CHUNK)];
-    let mut pos = offset;
-    let io = |at: u64| move |e: io::Error| format!("backing file at {at:#x}: {e}");
-    for (addr, seg_len) in segs {
-        let mut done = 0u64;
-        while done < seg_len {
-            let n = (seg_len - done).min(CHUNK as u64) as usize;
-            let buf = &mut bounce[..n];
-            if to_guest {
-                file.read_at(buf, pos).map_err(io(pos))?;
-                write_guest(mem, addr + done, buf)?;
+    let mut iovecs: Vec<libc::iovec> = Vec::new();
+    for (addr, seg_len) in scatter_list(mem, cmd, len)? {
+        let slice = mem
+            .get_slice(GuestAddress(addr), seg_len as usize)
+            .map_err(|e| format!("guest memory at {addr:#x}+{seg_len:#x}: {e}"))?;
+        iovecs.push(libc::iovec {
+            iov_base: slice.ptr_guard_mut().as_ptr() as *mut libc::c_void,
+            iov_len: seg_len as usize,
+        });
+    }
+    // At most IOV_MAX buffers per request (a PRD table may hold 65535).
+    let mut at = offset;
+    for part in iovecs.chunks(1024) {
+        let req = BlockRequest {
+            op: if to_guest {
+                BlockOp::Read
             } else {
-                read_guest(mem, addr + done, buf)?;
-                file.write_at(buf, pos).map_err(io(pos))?;
-            }
-            done += n as u64;
-            pos += n as u64;
+                BlockOp::Write
+            },
+            offset: at,
+            iovecs: part.to_vec(),
+        };
+        let start = at;
+        at += part.iter().map(|v| v.iov_len as u64).sum::<u64>();
+        // SAFETY: the iovecs point into `mem`, which the I/O thread holds
+        // until it returns; the request is waited for right here.
+        unsafe { queue.submit(file, req, 0) }.map_err(|_| "the block queue is full".to_string())?;
+        queue.commit();
+        let mut done = Vec::with_capacity(1);
+        while done.is_empty() {
+            queue.wait();
+            queue.reap(&mut done);
+        }
+        if let Some((_, Err(e))) = done.pop() {
+            return Err(format!("backing file at {start:#x}: {e}"));
         }
     }
     set_prdbc(mem, cmd, len as u32)

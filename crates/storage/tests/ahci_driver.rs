@@ -1259,3 +1259,22 @@ fn io_in_flight_survives_stop_and_is_dropped_by_reset() {
     assert_eq!(h.pr(0, port::CI), 0);
     assert_eq!(h.pr(0, port::IS) & !port::IS_DHRS, 0);
 }
+
+/// A PRD table longer than the host's IOV_MAX (1024 buffers per vectored
+/// read) still moves every byte: the back end takes it in parts.
+#[test]
+fn a_prd_table_longer_than_iov_max() {
+    let (h, _disk, _) = disk_and_cd("manyprds");
+    h.start_port(0);
+    let prds: Vec<(u64, u32)> = (0..1200u64).map(|i| (DATA + i * 1024, 512)).collect();
+    h.issue(0, 31, &h2d(ata::READ_DMA48, 0, 0, 1200), &[], &prds);
+    h.assert_ok(0, 31);
+    assert_eq!(h.prdbc(0, 31), 1200 * 512);
+    for s in [0u64, 1023, 1024, 1199] {
+        assert_eq!(
+            h.read_mem(DATA + s * 1024, 512),
+            pattern(s, 512),
+            "sector {s}"
+        );
+    }
+}

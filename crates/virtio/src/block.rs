@@ -8,20 +8,19 @@
 //! moves in bounded chunks, so a chain claiming gigabytes never makes us
 //! allocate them. A completed flush means `fdatasync` returned.
 //!
-//! Reads and writes go to io_uring straight from the guest's buffers, up to
-//! 128 in flight; their completions come back through an eventfd the
-//! transport polls as the device's host fd. Everything else (and `nocache`,
-//! whose O_DIRECT needs aligned bounce buffers) runs synchronously.
+//! Reads and writes go to the block back end's [`BlockQueue`] straight from
+//! the guest's buffers, up to 128 in flight; their completions come back
+//! through an eventfd the transport polls as the device's host fd.
+//! Everything else (and `nocache`, whose O_DIRECT needs aligned bounce
+//! buffers) runs synchronously.
 
 use std::io::{Read, Write};
 use std::os::unix::io::{AsRawFd, RawFd};
 
-use io_uring::{opcode, types, IoUring};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use md5::{Digest, Md5};
-use rhyve_backends::block::{BlockFile, BlockOptions};
+use rhyve_backends::block::{BlockFile, BlockOp, BlockOptions, BlockQueue, BlockRequest};
 use rhyve_config::ConfigTree;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
@@ -82,47 +81,40 @@ pub struct Block {
     uring: Option<Uring>,
 }
 
-/// Requests in flight at most (and io_uring's ring size).
+/// Requests in flight at most.
 const URING_DEPTH: u32 = 128;
-
-/// Guest buffers of one in-flight request, as iovecs.
-struct IoVecs(Vec<libc::iovec>);
-// SAFETY: the pointers address guest memory kept mapped by the
-// `GuestMemory` clone stored next to them in `Inflight`; nothing else
-// makes them thread-bound.
-unsafe impl Send for IoVecs {}
 
 struct Inflight {
     head: u16,
     status: GuestAddress,
     /// Bytes written to the guest on success (data + status).
     used_len: u32,
+    /// Keeps the guest memory the request's iovecs point into mapped.
     mem: GuestMemory,
-    iovecs: IoVecs,
 }
 
+/// The back end's queue and what each of its requests completes; tokens
+/// are indexes in `slots`.
 struct Uring {
-    ring: IoUring,
-    done: EventFd,
+    queue: BlockQueue,
     slots: Vec<Option<Inflight>>,
     free: Vec<usize>,
+    /// Reused buffer for reaped completions.
+    reaped: Vec<(u64, std::io::Result<()>)>,
 }
 
 impl Uring {
-    fn new() -> std::io::Result<Self> {
-        let ring = IoUring::new(URING_DEPTH)?;
-        let done = EventFd::new(EFD_NONBLOCK)?;
-        ring.submitter().register_eventfd(done.as_raw_fd())?;
+    fn new(disk: &BlockFile) -> std::io::Result<Self> {
+        let queue = BlockQueue::new(disk, URING_DEPTH)?;
+        if !queue.is_async() {
+            return Err(std::io::Error::other("no io_uring"));
+        }
         Ok(Self {
-            ring,
-            done,
+            queue,
             slots: (0..URING_DEPTH).map(|_| None).collect(),
             free: (0..URING_DEPTH as usize).rev().collect(),
+            reaped: Vec::new(),
         })
-    }
-
-    fn in_flight(&self) -> usize {
-        self.slots.len() - self.free.len()
     }
 }
 
@@ -189,7 +181,7 @@ impl Block {
         let uring = if disk.direct() {
             None
         } else {
-            match Uring::new() {
+            match Uring::new(&disk) {
                 Ok(u) => Some(u),
                 Err(e) => {
                     tracing::info!("virtio-blk: io_uring unavailable ({e}), using synchronous I/O");
@@ -298,25 +290,23 @@ impl Block {
         if end > self.disk.size() || data.len() > 1024 || expected == 0 {
             return None;
         }
-        if uring.free.is_empty() {
+        let Some(slot) = uring.free.pop() else {
             // Full: leave it on the ring; a completion brings us back.
             return Some(Completion::Retry);
-        }
-        let slot = uring.free.pop()?;
-        let fd = types::Fd(self.disk.as_raw_fd());
-        let entry = if kind == T_IN {
-            opcode::Readv::new(fd, data.as_ptr(), data.len() as u32)
-                .offset(offset)
-                .build()
-        } else {
-            opcode::Writev::new(fd, data.as_ptr(), data.len() as u32)
-                .offset(offset)
-                .build()
-        }
-        .user_data(slot as u64);
-        // SAFETY: the iovecs and the guest memory they point into live in
-        // the slot until the completion for `slot` is reaped.
-        if unsafe { uring.ring.submission().push(&entry) }.is_err() {
+        };
+        let req = BlockRequest {
+            op: if kind == T_IN {
+                BlockOp::Read
+            } else {
+                BlockOp::Write
+            },
+            offset,
+            iovecs: data,
+        };
+        // SAFETY: the iovecs point into guest memory that the clone kept
+        // in the slot maps until the completion for `slot` is reaped (or
+        // the queue is quiesced on reset or drop).
+        if unsafe { uring.queue.submit(&self.disk, req, slot as u64) }.is_err() {
             uring.free.push(slot);
             return Some(Completion::Retry);
         }
@@ -326,7 +316,6 @@ impl Block {
             status,
             used_len,
             mem: mem.clone(),
-            iovecs: IoVecs(data),
         });
         Some(Completion::Deferred)
     }
@@ -337,30 +326,34 @@ impl Block {
             return Ok(false);
         };
         let mut any = false;
-        let done: Vec<(u64, i32)> = uring
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
-        for (slot, result) in done {
+        let mut done = std::mem::take(&mut uring.reaped);
+        uring.queue.reap(&mut done);
+        let mut failed = None;
+        for (slot, result) in done.drain(..) {
             let Some(req) = uring.slots.get_mut(slot as usize).and_then(Option::take) else {
                 continue;
             };
             uring.free.push(slot as usize);
-            let expected: usize = req.iovecs.0.iter().map(|v| v.iov_len).sum();
-            let ok = usize::try_from(result).is_ok_and(|n| n == expected);
-            if !ok {
-                tracing::warn!("virtio-blk: I/O of {expected} bytes failed: result {result}");
+            if failed.is_some() {
+                continue;
+            }
+            let ok = result.is_ok();
+            if let Err(e) = result {
+                tracing::warn!("virtio-blk: I/O failed: {e}");
             }
             let status = if ok { S_OK } else { S_IOERR };
             let used = if ok { req.used_len } else { 1 };
             let _ = req.mem.write_obj(status, req.status);
-            queue
-                .add_used(&req.mem, req.head, used)
-                .map_err(|source| DeviceError::Queue { queue: 0, source })?;
-            any = true;
+            match queue.add_used(&req.mem, req.head, used) {
+                Ok(()) => any = true,
+                Err(source) => failed = Some(source),
+            }
         }
-        Ok(any)
+        uring.reaped = done;
+        match failed {
+            Some(source) => Err(DeviceError::Queue { queue: 0, source }),
+            None => Ok(any),
+        }
     }
 
     /// Wait for every request in flight (reset: nothing may land later).
@@ -368,17 +361,10 @@ impl Block {
         let Some(uring) = self.uring.as_mut() else {
             return;
         };
-        while uring.in_flight() > 0 {
-            if uring.ring.submit_and_wait(1).is_err() {
-                break;
-            }
-            let done: Vec<u64> = uring.ring.completion().map(|c| c.user_data()).collect();
-            for slot in done {
-                if let Some(s) = uring.slots.get_mut(slot as usize) {
-                    if s.take().is_some() {
-                        uring.free.push(slot as usize);
-                    }
-                }
+        uring.queue.quiesce();
+        for (i, s) in uring.slots.iter_mut().enumerate() {
+            if s.take().is_some() {
+                uring.free.push(i);
             }
         }
     }
@@ -555,22 +541,29 @@ impl VirtioDevice for Block {
         if index != 0 {
             return Err(DeviceError::NoQueue(index));
         }
-        let reaped = self.reap(queue)?;
-        let notify = drain_after(index, queue, mem, reaped, |chain| self.handle(mem, chain))?;
-        if let Some(u) = self.uring.as_mut() {
-            if let Err(e) = u.ring.submit() {
-                tracing::warn!("virtio-blk: io_uring submit failed: {e}");
+        let mut reaped = self.reap(queue)?;
+        let mut notify = false;
+        loop {
+            notify |= drain_after(index, queue, mem, reaped, |chain| self.handle(mem, chain))?;
+            let Some(u) = self.uring.as_mut() else {
+                return Ok(notify);
+            };
+            u.queue.commit();
+            // What the page cache served finished inside the submission:
+            // complete it in this pass rather than after a wake-up, then
+            // take the chains a full queue left on the ring.
+            reaped = self.reap(queue)?;
+            if !reaped {
+                return Ok(notify);
             }
         }
-        Ok(notify)
     }
     fn host_fd(&self) -> Option<RawFd> {
-        self.uring.as_ref().map(|u| u.done.as_raw_fd())
+        self.uring
+            .as_ref()
+            .map(|u| u.queue.completion_fd().as_raw_fd())
     }
     fn host_event(&mut self) -> Vec<usize> {
-        if let Some(u) = &self.uring {
-            let _ = u.done.read();
-        }
         vec![0]
     }
     fn reset(&mut self) {

@@ -71,6 +71,9 @@ fn build_pci(
         } else if f.model == "ahci" {
             rhyve_storage::Ahci::from_config(tree, &f.node, vm.memory().clone())
                 .map_err(|e| VmmError::Unsupported(format!("pci slot {bdf}: {e}")))?
+        } else if f.model == "nvme" {
+            rhyve_storage::Nvme::from_config(tree, &f.node, vm.memory().clone())
+                .map_err(|e| VmmError::Unsupported(format!("pci slot {bdf}: {e}")))?
         } else {
             create_function(&f.model, tree, &f.node, &ctx)
                 .map_err(|e| VmmError::Unsupported(e.to_string()))?
