@@ -250,3 +250,21 @@ fn a_forbidden_call_in_the_vnc_server_ends_the_vm() {
         run.describe()
     );
 }
+
+/// An operator stopping and continuing bhyve (Ctrl-Z and `fg`, `kill -STOP`
+/// and `-CONT`) does not end it: threads asleep in calls the kernel resumes
+/// through restart_syscall (a timer's clock_nanosleep, a worker's poll) are
+/// allowed to resume.
+#[test]
+fn a_stopped_and_continued_vm_keeps_running() {
+    let code = while_running(&["-s", "6,virtio-rnd"], "sbx-stopcont", |pid| {
+        for _ in 0..3 {
+            // SAFETY: kill(2) on our own child, not yet reaped.
+            unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+            std::thread::sleep(Duration::from_millis(300));
+            unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+            std::thread::sleep(Duration::from_millis(700));
+        }
+    });
+    assert_eq!(code, 1, "power button after stop/continue: exit 1");
+}

@@ -107,6 +107,9 @@ const COMMON: &[Sysno] = &[
     Sysno::getpid,
     Sysno::rt_sigprocmask,
     Sysno::rt_sigreturn,
+    // How the kernel resumes a sleep or poll that a stop (SIGSTOP, Ctrl-Z)
+    // or a signal interrupted; it only continues a call already allowed.
+    Sysno::restart_syscall,
     Sysno::sigaltstack,
     Sysno::write,
     Sysno::close,
