@@ -12,3 +12,4 @@ pub mod exit;
 pub mod irq;
 pub mod layout;
 pub mod notify;
+pub mod snapshot;
