@@ -16,6 +16,7 @@
 use rhyve_platform::bus::BusDevice;
 use rhyve_platform::exit::{ExitRequest, ExitRequests};
 use rhyve_platform::irq::InterruptLine;
+use rhyve_platform::snapshot::Schema;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -86,6 +87,11 @@ pub struct I8042State {
     pub kbd_command: Option<u8>,
 }
 
+impl Schema for I8042State {
+    const KIND: &'static str = "i8042";
+    const VERSION: u32 = 1;
+}
+
 impl Default for I8042State {
     fn default() -> Self {
         Self {
@@ -123,6 +129,18 @@ impl I8042 {
 
     pub fn state(&self) -> &I8042State {
         &self.state
+    }
+
+    pub fn restore(&mut self, saved: I8042State) -> Result<(), String> {
+        if saved.ram.len() != self.state.ram.len() {
+            return Err(format!(
+                "{} bytes of controller RAM saved, it has {}",
+                saved.ram.len(),
+                self.state.ram.len()
+            ));
+        }
+        self.state = saved;
+        Ok(())
     }
 
     fn kbd_interrupt(&self) {

@@ -90,6 +90,32 @@ pub trait Lifecycle: Send + Sync {
     fn restore(&self, state: &DeviceState) -> Result<(), SnapshotError>;
 }
 
+/// A device rhyve cannot save yet: present in the inventory so a snapshot
+/// of a machine that has it is refused, naming it.
+pub struct Unsaveable {
+    pub id: String,
+    pub kind: &'static str,
+    pub why: &'static str,
+}
+
+impl Lifecycle for Unsaveable {
+    fn id(&self) -> String {
+        self.id.clone()
+    }
+
+    fn save(&self) -> Result<DeviceState, SnapshotError> {
+        Err(SnapshotError::Unsupported {
+            id: self.id.clone(),
+            kind: self.kind.to_string(),
+            why: self.why.to_string(),
+        })
+    }
+
+    fn restore(&self, _: &DeviceState) -> Result<(), SnapshotError> {
+        self.save().map(|_| ())
+    }
+}
+
 /// Every device of the built machine, in build order.
 #[derive(Default)]
 pub struct Inventory {
