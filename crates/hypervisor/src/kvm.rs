@@ -59,7 +59,8 @@ fn map_guest_memory(
     let mut offset = 0u64;
     let mut regions = Vec::with_capacity(ranges.len());
     for &(addr, size) in ranges {
-        let mut builder = vm_memory::mmap::MmapRegionBuilder::new(size);
+        let mut builder = vm_memory::mmap::MmapRegionBuilder::new(size)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
         if Some(addr.raw_value()) != rom_base {
             builder = builder
                 .with_file_offset(vm_memory::FileOffset::from_arc(image.file.clone(), offset))

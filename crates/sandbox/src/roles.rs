@@ -213,6 +213,20 @@ const CONTROL: &[Sysno] = &[
     Sysno::mincore,
     // Kicking a vCPU to serve --get-* and --inject-nmi.
     Sysno::tgkill,
+    // Snapshots: the files' descriptors arrive with the request; guest
+    // memory is written to them sparsely, the rest as JSON.
+    Sysno::recvmsg,
+    Sysno::pwrite64,
+    Sysno::ftruncate,
+    Sysno::fsync,
+    Sysno::fdatasync,
+    Sysno::statx,
+    Sysno::newfstatat,
+    // Pausing devices: the in-kernel irqchips, PIT and clock are read
+    // (KVM_GET_*), virtio-blk's requests in flight drained, interrupts
+    // sent and irqfds rebound on resume.
+    Sysno::ioctl,
+    Sysno::io_uring_enter,
 ];
 
 /// Starting a thread (std and glibc), and what the new thread does before

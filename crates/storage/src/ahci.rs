@@ -29,6 +29,7 @@
 //! rather than left issued (bhyve would spin on it), and the error path
 //! stops the command loop even when the FIS receive area is disabled.
 
+use rhyve_platform::snapshot::{DeviceState, SnapshotError};
 use rhyve_sandbox::ThreadRole;
 use std::io;
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -1648,5 +1649,13 @@ impl PciFunction for Ahci {
             }
             len => tracing::debug!("ahci: dropping a {len}-byte register write at {offset:#x}"),
         }
+    }
+
+    fn save_device(&self) -> Result<Option<DeviceState>, SnapshotError> {
+        Err(SnapshotError::Unsupported {
+            id: "ahci".into(),
+            kind: "ahci".into(),
+            why: "commands in flight on its ahci-io thread cannot be quiesced yet".into(),
+        })
     }
 }
