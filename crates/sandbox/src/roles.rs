@@ -227,6 +227,8 @@ const CONTROL: &[Sysno] = &[
     // sent and irqfds rebound on resume.
     Sysno::ioctl,
     Sysno::io_uring_enter,
+    // A resumed virtio function's new worker gets a fresh stop eventfd.
+    Sysno::eventfd2,
 ];
 
 /// Starting a thread (std and glibc), and what the new thread does before
