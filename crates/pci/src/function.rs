@@ -52,12 +52,23 @@ pub trait PciFunction: Send {
     /// own, with every request in flight finished (nothing lost, nothing
     /// done twice after a restore).
     fn pause(&mut self) {}
+    /// After [`PciFunction::pause`]: true once nothing is in flight any
+    /// more (asked again, without the function's lock held in between, so
+    /// an I/O thread can complete its work).
+    fn quiesced(&self) -> bool {
+        true
+    }
     fn resume(&mut self) {}
 
     /// The function's state beyond its config space; `None` when the
-    /// config space is all of it.
+    /// config space is all of it. A model that does not say refuses the
+    /// snapshot, naming itself, rather than lose its state.
     fn save_device(&self) -> Result<Option<DeviceState>, SnapshotError> {
-        Ok(None)
+        Err(SnapshotError::Unsupported {
+            id: String::new(),
+            kind: "PCI function".into(),
+            why: "its device model does not save its state yet".into(),
+        })
     }
 
     /// Take over what [`PciFunction::save_device`] saved from this same

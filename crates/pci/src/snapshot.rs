@@ -4,11 +4,16 @@
 //! comes last so the BAR mappings are redone once every function is back.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rhyve_platform::snapshot::{DeviceState, Lifecycle, Schema, SnapshotError};
 use serde::{Deserialize, Serialize};
 
 use crate::{IntxRouterState, PciBdf, PciConfigSpace, PciRoot, SharedFunction};
+
+/// How long a paused function may take to finish its I/O in flight; one
+/// still busy after it fails its save.
+const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A function's saved state.
 #[derive(Serialize, Deserialize)]
@@ -43,6 +48,10 @@ impl Lifecycle for FunctionLifecycle {
 
     fn pause(&self) {
         lock(&self.function).pause();
+        let deadline = Instant::now() + QUIESCE_TIMEOUT;
+        while !lock(&self.function).quiesced() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     fn resume(&self) {
