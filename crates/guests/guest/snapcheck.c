@@ -15,6 +15,8 @@
  *   snapcheck checksum C
  *   snapcheck disk ok
  * then powers off. Needs the disk at slot 4 and at least ROUNDS sectors.
+ * "rounds=N" runs N rounds instead (bench/snapshot.sh: a guest that keeps
+ * running); sectors wrap around the first ROUNDS.
  */
 #include "rt.h"
 
@@ -146,14 +148,23 @@ void guest_main(void)
 	for (uint32_t i = 0; i < WORDS; i++)
 		block[i] = i * 2654435761u;
 	uint32_t sums[ROUNDS];
-	for (uint32_t round = 0; round < ROUNDS; round++) {
+	uint32_t rounds = ROUNDS;
+	size_t len;
+	const char *value = cmdline_value("rounds", &len);
+	if (value) {
+		int ok;
+		rounds = parse_u32(value, len, &ok);
+		if (!ok || rounds < ROUNDS)
+			fail("rounds= must be a number of at least %u", ROUNDS);
+	}
+	for (uint32_t round = 0; round < rounds; round++) {
 		for (uint32_t i = 0; i < WORDS; i++) {
 			block[i] = block[i] * 1103515245u + round + sum;
 			sum = (sum << 5 | sum >> 27) ^ block[i];
 		}
-		sums[round] = sum;
-		record(sector, round, sum);
-		request(1, round);
+		sums[round % ROUNDS] = sum;
+		record(sector, round % ROUNDS, sum);
+		request(1, round % ROUNDS);
 		if (round % 10 == 9)
 			print("snapcheck round %u\n", round + 1);
 	}

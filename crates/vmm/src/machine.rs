@@ -276,6 +276,7 @@ pub fn build(tree: &ConfigTree, restore: Option<&Path>) -> Result<Machine, VmmEr
     };
     // Read and checked before anything is built: a refused snapshot
     // leaves no trace.
+    let started = std::time::Instant::now();
     let snapshot = match restore {
         Some(file) => {
             let loaded = snapshot::load(file).map_err(refuse(file))?;
@@ -332,6 +333,11 @@ pub fn build(tree: &ConfigTree, restore: Option<&Path>) -> Result<Machine, VmmEr
         inventory
             .restore(&loaded.meta.devices)
             .map_err(|e| refuse(file)(e.to_string()))?;
+        tracing::info!(
+            "snapshot {} restored in {:?}",
+            file.display(),
+            started.elapsed()
+        );
         return Ok(Machine {
             restored: true,
             named,

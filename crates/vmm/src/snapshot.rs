@@ -246,8 +246,18 @@ impl Snapshotter {
     /// paused (the caller resumes it, or ends it for `--suspend`); on
     /// failure it runs on.
     pub fn save(&self, files: &SnapshotFiles) -> Result<(), String> {
-        let vcpus = self.shared.pause_vcpus(PAUSE_TIMEOUT)?;
+        // Devices first: the interrupts for the requests they finish while
+        // pausing must reach the LAPICs before the vCPUs save them.
+        // Requests the guest makes meanwhile wait in their rings (PxCI),
+        // for a resumed or restored device.
         self.inventory.pause();
+        let vcpus = match self.shared.pause_vcpus(PAUSE_TIMEOUT) {
+            Ok(v) => v,
+            Err(e) => {
+                self.inventory.resume();
+                return Err(e);
+            }
+        };
         let saved = self.write(files, vcpus);
         if saved.is_err() {
             self.resume();
