@@ -38,8 +38,11 @@ for mem in 256M 2G; do
   RUST_LOG=info ./target/release/bhyve "${args[@]}" "bench$mem" > "$work/run.out" 2> "$work/run.err" &
   pid=$!
   wait_line "$work/run.out" "snapcheck round 10$"
-  t0=$(ms); ./target/release/bhyvectl --vm="bench$mem" --checkpoint="$snap.ckp"; t1=$(ms)
-  ./target/release/bhyvectl --vm="bench$mem" --suspend="$snap"; t2=$(ms)
+  t0=$(ms)
+  ./target/release/bhyvectl --vm="bench$mem" --checkpoint="$snap.ckp" || { cat "$work/run.err"; exit 1; }
+  t1=$(ms)
+  ./target/release/bhyvectl --vm="bench$mem" --suspend="$snap" || { cat "$work/run.err"; exit 1; }
+  t2=$(ms)
   wait "$pid" || true
   size=$(stat -c %s "$snap"); used=$(( $(stat -c %b "$snap") * 512 ))
   lines=$(wc -l < "$work/run.out")

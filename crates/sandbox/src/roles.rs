@@ -229,6 +229,10 @@ const CONTROL: &[Sysno] = &[
     Sysno::io_uring_enter,
     // A resumed virtio function's new worker gets a fresh stop eventfd.
     Sysno::eventfd2,
+    // glibc's malloc reads /proc/sys/vm/overcommit_memory the first time
+    // it trims a thread's heap (after a snapshot's large buffers); Landlock
+    // refuses the open, which glibc takes as "keep the heap".
+    Sysno::openat,
 ];
 
 /// Starting a thread (std and glibc), and what the new thread does before
