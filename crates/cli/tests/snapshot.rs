@@ -228,6 +228,13 @@ fn a_checkpointed_guest_runs_on_and_its_checkpoint_restores() {
     running.wait_for("snapcheck round 10");
     let ctl = bhyvectl(&vm_name("snap-ckpt"), "--checkpoint", &file);
     assert!(ctl.status.success(), "bhyvectl --checkpoint: {ctl:?}");
+    // Again, into another file: the VM takes any number of checkpoints.
+    let again = scratch.0.join("again.ckp");
+    let ctl = bhyvectl(&vm_name("snap-ckpt"), "--checkpoint", &again);
+    assert!(
+        ctl.status.success(),
+        "a second bhyvectl --checkpoint: {ctl:?}"
+    );
     let (code, out) = running.finish();
     assert_eq!(code, Some(1), "{out}");
     assert!(
