@@ -90,7 +90,10 @@ def console_port(path, deadline):
         s.settimeout(1800)
         got = b""
         while not got.endswith(b"\n"):
-            chunk = s.recv(256)
+            try:
+                chunk = s.recv(256)
+            except OSError:  # a killed bhyve resets the connection
+                chunk = b""
             if not chunk:
                 time.sleep(0.5)
                 break
