@@ -12,7 +12,11 @@ host for the guest's /init (crates/guests/linux-init/init.c):
   - connects to the virtio-console port's socket, reads the guest's line
     and answers with one of its own;
   - presses the ACPI power button (SIGTERM to bhyve) when /init waits for
-    it.
+    it;
+  - with --checkpoint-at TEXT --checkpoint FILE: once a console line
+    contains TEXT, checkpoints the VM (bhyvectl --checkpoint=FILE), kills
+    bhyve (SIGKILL) and restores the snapshot in a new bhyve (the same
+    command with -r FILE), which the rest of the checks then run against.
 
 Its own lines start with "host: "; it exits with bhyve's status.
 """
@@ -70,36 +74,74 @@ def serve_tcp(server):
 
 
 def console_port(path, deadline):
-    while not os.path.exists(path):
-        if time.time() > deadline:
-            say(f"no console socket at {path}")
-            return
-        time.sleep(0.2)
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(path)
-    s.settimeout(1800)
     got = b""
+    # A restored bhyve listens on a new socket at the same path: connect
+    # again when the first one closes before the guest's line.
     while not got.endswith(b"\n"):
-        chunk = s.recv(256)
-        if not chunk:
-            break
-        got += chunk
+        try:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(path)
+        except OSError:
+            if time.time() > deadline:
+                say(f"no console socket at {path}")
+                return
+            time.sleep(0.2)
+            continue
+        s.settimeout(1800)
+        got = b""
+        while not got.endswith(b"\n"):
+            try:
+                chunk = s.recv(256)
+            except OSError:  # a killed bhyve resets the connection
+                chunk = b""
+            if not chunk:
+                time.sleep(0.5)
+                break
+            got += chunk
     say(f"virtio-console read: {got.decode(errors='replace').strip()}")
     s.sendall(b"host to guest over port1\n")
     # Keep the connection open until the VM ends.
     threading.Event().wait()
 
 
+def checkpoint_and_restore(vm, cmd, path, tap):
+    """Checkpoint the running VM to `path`, kill its bhyve and start a new
+    one restoring the checkpoint; returns the new process."""
+    bhyvectl = os.path.join(os.path.dirname(cmd[0]), "bhyvectl")
+    name = cmd[-1]
+    start = time.time()
+    ctl = subprocess.run([bhyvectl, f"--vm={name}", f"--checkpoint={path}"],
+                         capture_output=True, text=True)
+    if ctl.returncode != 0:
+        say(f"checkpoint failed: {ctl.stderr.strip()}")
+        return vm
+    saved = time.time() - start
+    vm.kill()
+    vm.wait()
+    size = os.path.getsize(path)
+    used = os.stat(path).st_blocks * 512
+    say(f"checkpointed in {saved:.2f} s ({size >> 20} MiB of memory, {used >> 20} MiB on disk), bhyve killed")
+    vm = subprocess.Popen(cmd[:-1] + ["-r", path, name], stdout=subprocess.PIPE,
+                          stdin=subprocess.DEVNULL)
+    say("restoring the checkpoint in a new bhyve")
+    # The killed bhyve's tap went with it: the new one gets the address.
+    threading.Thread(target=configure_tap, args=(tap, time.time() + 60), daemon=True).start()
+    return vm
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tap", required=True)
     ap.add_argument("--console-socket", required=True)
+    ap.add_argument("--checkpoint-at")
+    ap.add_argument("--checkpoint")
     ap.add_argument("bhyve", nargs=argparse.REMAINDER)
     args = ap.parse_args()
     cmd = args.bhyve[1:] if args.bhyve[:1] == ["--"] else args.bhyve
     deadline = time.time() + 7200
 
     vm = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    checkpoint_at = args.checkpoint_at
     threading.Thread(target=console_port, args=(args.console_socket, deadline), daemon=True).start()
     if configure_tap(args.tap, time.time() + 60):
         server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -108,11 +150,17 @@ def main():
         server.listen(1)
         threading.Thread(target=serve_tcp, args=(server,), daemon=True).start()
 
-    for raw in vm.stdout:
+    while True:
+        raw = vm.stdout.readline()
+        if not raw:
+            break
         sys.stdout.buffer.write(raw)
         sys.stdout.flush()
         text = raw.decode(errors="replace").strip()
-        if text.startswith("dev virtio-net: eth0 10.99.1.2/24 up"):
+        if checkpoint_at and checkpoint_at in text:
+            checkpoint_at = None
+            vm = checkpoint_and_restore(vm, cmd, args.checkpoint, args.tap)
+        elif text.startswith("dev virtio-net: eth0 10.99.1.2/24 up"):
             ping = subprocess.run(
                 ["ping", "-c", "3", "-W", "5", "10.99.1.2"], capture_output=True, text=True
             )

@@ -28,7 +28,12 @@
 # The AHCI disk is enumerated only: Debian's cloud kernel has no AHCI
 # driver.
 #
-#   scripts/full-boot.sh [CPUS]      (default 1)
+#   scripts/full-boot.sh [CPUS] [--checkpoint-restore]      (default 1)
+#
+# --checkpoint-restore: in the middle of the kernel's initcalls (at "NET:
+# Registered PF_INET protocol family") the VM is checkpointed (bhyvectl
+# --checkpoint), bhyve killed, and the checkpoint restored in a new bhyve
+# (-r), which must then pass every check below.
 #
 # On hardware KVM this takes seconds. On a software-virtualization host
 # (PVM) every guest ring-0 instruction is emulated and the boot takes about
@@ -54,9 +59,17 @@
 #     return, zeroing of every allocation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cpus="${1:-1}"
+cpus=1
+checkpoint=()
+for arg in "$@"; do
+  case "$arg" in
+    --checkpoint-restore) checkpoint=(--checkpoint-at "NET: Registered PF_INET protocol family"
+                                      --checkpoint "$PWD/work/guest/full-boot-checkpoint") ;;
+    *) cpus="$arg" ;;
+  esac
+done
 scripts/setup.sh
-cargo build --release --bin bhyve
+cargo build --release --bin bhyve --bin bhyvectl
 kernel="$(scripts/fetch-guest-kernel.sh --elf)"
 moddir="$(ls -d work/guest/kernel/lib/modules/*/ | head -n1)"
 init="$(cargo run -q --release -p rhyve-guests --bin rhyve-guest-path -- linux-init)"
@@ -92,7 +105,7 @@ log="work/full-boot-c$cpus.log"
 cmdline="console=ttyS0 clearcpuid=cx16,ssse3,smep,smap noxsave vdso=0 nosoftlockup sysctl.kernel.hung_task_timeout_secs=0 ipv6.disable=1 mitigations=off init_on_alloc=0 cryptomgr.notests initcall_blacklist=trace_eval_init,blake2s_mod_init rodata=off rcupdate.rcu_cpu_stall_suppress=1 panic=-1"
 start=$(date +%s)
 set +e
-ip netns exec "$netns" python3 scripts/full-boot-host.py --tap "$tap" --console-socket "$console_sock" -- \
+ip netns exec "$netns" python3 scripts/full-boot-host.py --tap "$tap" --console-socket "$console_sock" "${checkpoint[@]}" -- \
   ./target/release/bhyve -A -H -P -c "$cpus" -m 256M -s 0,hostbridge -s 31,lpc -l com1,stdio \
   -s 3,virtio-blk,"$vda" -s 4,ahci-hd,"$ahci" -s 5,virtio-blk,"$vdb",ro \
   -s 6,virtio-net,"$tap" -s 7,virtio-console,port1="$console_sock" -s 8,virtio-rnd \
@@ -113,6 +126,11 @@ check() { # check DESCRIPTION PATTERN: a line of the log matches PATTERN
     failed=1
   fi
 }
+if [ ${#checkpoint[@]} -gt 0 ]; then
+  check "checkpoint: taken during the initcalls, bhyve killed" "^host: checkpointed in .*, bhyve killed$"
+  check "checkpoint: restored in a new bhyve" "^host: restoring the checkpoint in a new bhyve$"
+  rm -f work/guest/full-boot-checkpoint work/guest/full-boot-checkpoint.kern work/guest/full-boot-checkpoint.meta
+fi
 check "BOOT-OK" "^BOOT-OK uptime "
 for function in "0000 12751275" "0018 1af41001" "0020 80862821" "0028 1af41001" "0030 1af41000" "0038 1af41003" "0040 1af41005" "00f8 80867000"; do
   check "Linux lists PCI function $function" "^pci $function "

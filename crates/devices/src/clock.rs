@@ -6,6 +6,9 @@
 //! [`MonotonicClock`] (CLOCK_MONOTONIC through `Instant`), which, like
 //! bhyve's `sbinuptime()`, never jumps when the host's wall clock is set.
 
+use rhyve_platform::snapshot::Schema;
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Instant;
 
 pub const NANOS_PER_SEC: u64 = 1_000_000_000;
@@ -15,17 +18,46 @@ pub trait Clock: Send + Sync {
     fn now_ns(&self) -> u64;
 }
 
-/// The host's monotonic clock.
+/// The VM's clock: the host's monotonic clock, from the VM's start. A
+/// restored VM's clock goes on from the time its snapshot was taken
+/// ([`MonotonicClock::set_now`]), so every device time saved against it
+/// (deadlines, time bases) stays valid in the new process.
 #[derive(Debug)]
 pub struct MonotonicClock {
     start: Instant,
+    /// Added to the host's elapsed time (negative after a restore to an
+    /// earlier time than this process has run).
+    offset_ns: AtomicI64,
+}
+
+/// The VM clock's reading in a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClockState {
+    pub now_ns: u64,
+}
+
+impl Schema for ClockState {
+    const KIND: &'static str = "vm-clock";
+    const VERSION: u32 = 1;
 }
 
 impl MonotonicClock {
     pub fn new() -> Self {
         Self {
             start: Instant::now(),
+            offset_ns: AtomicI64::new(0),
         }
+    }
+
+    /// Make the clock read `now_ns` now and count on from there.
+    pub fn set_now(&self, now_ns: u64) {
+        let elapsed = i128::from(self.host_elapsed_ns());
+        let offset = (i128::from(now_ns) - elapsed).clamp(i64::MIN.into(), i64::MAX.into());
+        self.offset_ns.store(offset as i64, Ordering::SeqCst);
+    }
+
+    fn host_elapsed_ns(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 }
 
@@ -37,7 +69,9 @@ impl Default for MonotonicClock {
 
 impl Clock for MonotonicClock {
     fn now_ns(&self) -> u64 {
-        u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+        let now =
+            i128::from(self.host_elapsed_ns()) + i128::from(self.offset_ns.load(Ordering::SeqCst));
+        now.clamp(0, u64::MAX.into()) as u64
     }
 }
 
@@ -90,5 +124,20 @@ mod tests {
         let c = MonotonicClock::new();
         let a = c.now_ns();
         assert!(c.now_ns() >= a);
+    }
+
+    #[test]
+    fn a_restored_clock_goes_on_from_the_saved_time() {
+        let c = MonotonicClock::new();
+        c.set_now(1_000 * NANOS_PER_SEC);
+        let t = c.now_ns();
+        assert!(
+            (1_000 * NANOS_PER_SEC..1_001 * NANOS_PER_SEC).contains(&t),
+            "{t}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        assert!(c.now_ns() > t);
+        c.set_now(5);
+        assert!(c.now_ns() < NANOS_PER_SEC);
     }
 }

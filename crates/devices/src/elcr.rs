@@ -7,6 +7,7 @@
 //! otherwise and keeps the same masks.
 
 use rhyve_platform::bus::BusDevice;
+use rhyve_platform::snapshot::Schema;
 use serde::{Deserialize, Serialize};
 
 /// Writable bits of the master (IRQ 0-7) and slave (IRQ 8-15) registers.
@@ -15,6 +16,11 @@ const MASKS: [u8; 2] = [0xF8, 0xDE];
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ElcrState {
     pub regs: [u8; 2],
+}
+
+impl Schema for ElcrState {
+    const KIND: &'static str = "elcr";
+    const VERSION: u32 = 1;
 }
 
 #[derive(Debug, Default)]
@@ -29,6 +35,11 @@ impl Elcr {
 
     pub fn state(&self) -> ElcrState {
         self.state
+    }
+
+    pub fn restore(&mut self, saved: ElcrState) -> Result<(), String> {
+        self.state = saved;
+        Ok(())
     }
 
     /// Make ISA `irq` level-triggered, as bhyve's `vm_isa_set_irq_trigger`

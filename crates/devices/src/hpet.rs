@@ -19,6 +19,7 @@ use crate::timer::{Timed, TimerWaker};
 use rhyve_platform::bus::BusDevice;
 use rhyve_platform::irq::{InterruptController, MsiSender};
 use rhyve_platform::layout::IOAPIC_PINS;
+use rhyve_platform::snapshot::Schema;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -100,6 +101,11 @@ pub struct HpetState {
     pub timers: Vec<HpetTimerState>,
 }
 
+impl Schema for HpetState {
+    const KIND: &'static str = "hpet";
+    const VERSION: u32 = 1;
+}
+
 pub struct Hpet {
     state: HpetState,
     irqs: Arc<dyn InterruptController>,
@@ -152,6 +158,28 @@ impl Hpet {
 
     pub fn state(&self) -> &HpetState {
         &self.state
+    }
+
+    /// Put back a saved state: level interrupts still pending are asserted
+    /// again and the timer thread re-reads its deadlines.
+    pub fn restore(&mut self, saved: HpetState) -> Result<(), String> {
+        if saved.timers.len() != HPET_NUM_TIMERS {
+            return Err(format!(
+                "{} timers saved, the HPET has {HPET_NUM_TIMERS}",
+                saved.timers.len()
+            ));
+        }
+        self.state = saved;
+        for n in 0..HPET_NUM_TIMERS {
+            if self.state.isr & (1 << n) != 0 {
+                let pin = self.ioapic_pin(n);
+                if pin != 0 {
+                    self.irqs.line(pin).set_level(true);
+                }
+            }
+        }
+        self.waker.wake();
+        Ok(())
     }
 
     fn enabled(&self) -> bool {

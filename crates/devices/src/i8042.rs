@@ -18,6 +18,7 @@
 use rhyve_platform::bus::BusDevice;
 use rhyve_platform::exit::{ExitRequest, ExitRequests};
 use rhyve_platform::irq::InterruptLine;
+use rhyve_platform::snapshot::Schema;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -94,6 +95,11 @@ pub struct I8042State {
     /// The PS/2 mouse on the auxiliary port, with its output bytes.
     #[serde(default)]
     pub mouse: crate::ps2_mouse::Ps2MouseState,
+}
+
+impl Schema for I8042State {
+    const KIND: &'static str = "i8042";
+    const VERSION: u32 = 1;
 }
 
 impl Default for I8042State {
@@ -190,6 +196,18 @@ impl I8042 {
             s.status &= !(STS_OUTPUT_FULL | STS_AUX_FULL);
             s.outport &= !OUTPORT_KBD_FULL;
         }
+    }
+
+    pub fn restore(&mut self, saved: I8042State) -> Result<(), String> {
+        if saved.ram.len() != self.state.ram.len() {
+            return Err(format!(
+                "{} bytes of controller RAM saved, it has {}",
+                saved.ram.len(),
+                self.state.ram.len()
+            ));
+        }
+        self.state = saved;
+        Ok(())
     }
 
     fn kbd_interrupt(&self) {

@@ -13,7 +13,7 @@
 //! Keys owned by others are not read here: `lpc.bootrom`, `lpc.bootvars`,
 //! `lpc.fwcfg`, `lpc.pcireg.*`, `tpm.*`.
 
-use crate::clock::{Clock, MonotonicClock};
+use crate::clock::{Clock, ClockState, MonotonicClock};
 use crate::elcr::Elcr;
 use crate::hpet::{hpet_capabilities_low, Hpet};
 use crate::i8042::{AUX_IRQ, COMMAND_OFFSET, I8042, KBD_IRQ};
@@ -39,6 +39,7 @@ use rhyve_platform::layout::{
     PM1A_EVT_PORT, POST_PORT, RESET_PORT, RTC_IRQ, RTC_PORT, SCI_IRQ, SMI_CMD_PORT,
     UART_PORT_COUNT,
 };
+use rhyve_platform::snapshot::{DeviceState, Lifecycle, SnapshotError, Stateful, Unsaveable};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -115,6 +116,10 @@ pub struct PlatformDevices {
     pub elcr: Arc<Mutex<Elcr>>,
     /// Whether pc-testdev was created.
     pub pc_testdev: bool,
+    /// The VM clock every timer device counts on.
+    clock: Arc<MonotonicClock>,
+    nmi_status: Arc<Mutex<NmiStatus>>,
+    post: Arc<Mutex<PostPort>>,
     backends: Vec<Arc<SerialBackend>>,
     timers: Vec<TimerThread>,
 }
@@ -163,6 +168,77 @@ impl PlatformDevices {
         serial::restore_terminal();
     }
 
+    /// Every platform device for the machine's inventory, the VM clock
+    /// first: the others' saved times count on it.
+    pub fn lifecycle(&self) -> Vec<Arc<dyn Lifecycle>> {
+        let clock = self.clock.clone();
+        let mut all: Vec<Arc<dyn Lifecycle>> = vec![Arc::new(VmClockLifecycle(clock))];
+        for c in &self.com_ports {
+            all.push(Stateful::new(
+                format!("lpc.{}", c.name),
+                c.device.clone(),
+                |u: &Uart| u.state().clone(),
+                Uart::restore,
+            ));
+        }
+        all.push(Stateful::new(
+            "rtc",
+            self.rtc.clone(),
+            |r: &Rtc| r.state().clone(),
+            Rtc::restore,
+        ));
+        all.push(Stateful::new(
+            "pm",
+            self.pm.clone(),
+            |p: &AcpiPm| p.state().clone(),
+            AcpiPm::restore,
+        ));
+        all.push(Stateful::new(
+            "reset",
+            self.reset.clone(),
+            ResetControl::state,
+            ResetControl::restore,
+        ));
+        all.push(Stateful::new(
+            "hpet",
+            self.hpet.clone(),
+            |h: &Hpet| h.state().clone(),
+            Hpet::restore,
+        ));
+        all.push(Stateful::new(
+            "i8042",
+            self.i8042.clone(),
+            |k: &I8042| k.state().clone(),
+            I8042::restore,
+        ));
+        all.push(Stateful::new(
+            "elcr",
+            self.elcr.clone(),
+            Elcr::state,
+            Elcr::restore,
+        ));
+        all.push(Stateful::new(
+            "nmi-status",
+            self.nmi_status.clone(),
+            NmiStatus::state,
+            NmiStatus::restore,
+        ));
+        all.push(Stateful::new(
+            "post",
+            self.post.clone(),
+            PostPort::state,
+            PostPort::restore,
+        ));
+        if self.pc_testdev {
+            all.push(Arc::new(Unsaveable {
+                id: "lpc.pc-testdev".into(),
+                kind: "pc-testdev",
+                why: "its test ports keep no saved state",
+            }));
+        }
+        all
+    }
+
     /// Stop the timer threads and close the serial backends.
     pub fn shutdown(&mut self) {
         self.timers.clear();
@@ -182,6 +258,31 @@ impl PlatformDevices {
 impl Drop for PlatformDevices {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// The VM clock in the inventory: saved as its reading, restored by
+/// setting the new process's clock to it.
+struct VmClockLifecycle(Arc<MonotonicClock>);
+
+impl Lifecycle for VmClockLifecycle {
+    fn id(&self) -> String {
+        "clock".into()
+    }
+
+    fn save(&self) -> Result<DeviceState, SnapshotError> {
+        DeviceState::encode(
+            "clock",
+            &ClockState {
+                now_ns: self.0.now_ns(),
+            },
+        )
+    }
+
+    fn restore(&self, state: &DeviceState) -> Result<(), SnapshotError> {
+        let saved: ClockState = state.decode()?;
+        self.0.set_now(saved.now_ns);
+        Ok(())
     }
 }
 
@@ -224,7 +325,8 @@ pub fn create_platform_devices(
     exits: Arc<ExitRequests>,
     memory: &MemoryLayout,
 ) -> Result<PlatformDevices, PlatformError> {
-    let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
+    let vm_clock = Arc::new(MonotonicClock::new());
+    let clock: Arc<dyn Clock> = vm_clock.clone();
     let has_lpc = lpc_configured(config)?;
 
     // Refuse COM unit names bhyve does not have before opening anything.
@@ -335,10 +437,11 @@ pub fn create_platform_devices(
         I8042_COMMAND_PORT.into(),
         1,
     )?;
+    let nmi_status = Arc::new(Mutex::new(NmiStatus::new(clock.clone())));
     place(
         io,
         "NMI status port",
-        Arc::new(Mutex::new(NmiStatus::new(clock.clone()))),
+        nmi_status.clone(),
         NMI_STATUS_PORT.into(),
         1,
     )?;
@@ -348,7 +451,13 @@ pub fn create_platform_devices(
     place(io, "ELCR", elcr.clone(), ELCR_PORT.into(), 2)?;
     let post = Arc::new(Mutex::new(PostPort::new()));
     place(io, "POST port", post.clone(), POST_PORT.into(), 1)?;
-    place(io, "POST read port", post, BHYVE_POST_READ_PORT.into(), 1)?;
+    place(
+        io,
+        "POST read port",
+        post.clone(),
+        BHYVE_POST_READ_PORT.into(),
+        1,
+    )?;
 
     let hpet_waker = TimerWaker::new();
     let hpet = Arc::new(Mutex::new(Hpet::new(
@@ -411,6 +520,9 @@ pub fn create_platform_devices(
         i8042,
         elcr,
         pc_testdev,
+        clock: vm_clock,
+        nmi_status,
+        post,
         backends,
         timers,
     })
@@ -483,6 +595,68 @@ mod tests {
         // Reset through 0xCF9.
         m.io.write(0xCF9, &[6]);
         assert_eq!(m.exits.pending(), Some(ExitRequest::Reset));
+    }
+
+    fn inventory(p: &PlatformDevices) -> rhyve_platform::snapshot::Inventory {
+        let mut inv = rhyve_platform::snapshot::Inventory::new();
+        for d in p.lifecycle() {
+            inv.register(d).unwrap();
+        }
+        inv
+    }
+
+    #[test]
+    fn every_platform_device_round_trips_through_a_snapshot() {
+        let mut c = ConfigTree::new();
+        c.set("pci.0.31.0.device", "lpc").unwrap();
+        let (a, b) = (machine(), machine());
+        let pa = build(&a, &c).unwrap();
+        // Guest-visible changes in each device.
+        a.io.write(0x3F8 + 7, &[0x5A]); // COM1 scratch
+        a.io.write(0x2F8 + 1, &[0x02]); // COM2 IER: THRE interrupt
+        a.io.write(0x70, &[0x0A]); // RTC index
+        a.io.write(0x402, &[0x01]); // PM1 enable: timer
+        a.io.write(0x64, &[0x60]); // i8042: write command byte...
+        a.io.write(0x60, &[0x47]);
+        a.io.write(0x80, &[0x42]); // POST code
+        a.mmio.write(HPET_BASE + 0x10, &1u64.to_le_bytes()); // HPET enabled
+        std::thread::sleep(Duration::from_millis(5));
+        let saved = inventory(&pa).save().unwrap();
+        let text = serde_json::to_string(&saved).unwrap();
+        let saved: Vec<DeviceState> = serde_json::from_str(&text).unwrap();
+
+        let pb = build(&b, &c).unwrap();
+        inventory(&pb).restore(&saved).unwrap();
+        assert_eq!(inventory(&pb).save().unwrap().len(), saved.len());
+        for (x, y) in pa.com_ports.iter().zip(&pb.com_ports) {
+            assert_eq!(lock(&x.device).state(), lock(&y.device).state());
+        }
+        assert!(b.ctl.get(3).level(), "COM2's interrupt is asserted again");
+        assert_eq!(lock(&pa.rtc).state(), lock(&pb.rtc).state());
+        assert_eq!(lock(&pa.pm).state(), lock(&pb.pm).state());
+        assert_eq!(lock(&pa.i8042).state(), lock(&pb.i8042).state());
+        assert_eq!(lock(&pa.hpet).state(), lock(&pb.hpet).state());
+        assert_eq!(lock(&pb.post).state().last_code, 0x42);
+        // The restored VM clock goes on from the saved reading.
+        let clock: ClockState = saved
+            .iter()
+            .find(|s| s.id == "clock")
+            .unwrap()
+            .decode()
+            .unwrap();
+        let now = pb.clock.now_ns();
+        assert!((clock.now_ns..clock.now_ns + 60_000_000_000).contains(&now));
+    }
+
+    #[test]
+    fn pc_testdev_makes_a_snapshot_refuse() {
+        let mut c = ConfigTree::new();
+        c.set("pci.0.31.0.device", "lpc").unwrap();
+        c.set("lpc.pc-testdev", "true").unwrap();
+        let m = machine();
+        let p = build(&m, &c).unwrap();
+        let e = inventory(&p).save().unwrap_err().to_string();
+        assert!(e.contains("lpc.pc-testdev"), "{e}");
     }
 
     #[test]

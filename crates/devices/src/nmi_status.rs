@@ -13,6 +13,7 @@
 
 use crate::clock::{ticks_to_ns, Clock};
 use rhyve_platform::bus::BusDevice;
+use rhyve_platform::snapshot::Schema;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -31,6 +32,11 @@ pub struct NmiStatusState {
     pub gate_since_ns: u64,
 }
 
+impl Schema for NmiStatusState {
+    const KIND: &'static str = "nmi-status-port";
+    const VERSION: u32 = 1;
+}
+
 pub struct NmiStatus {
     state: NmiStatusState,
     clock: Arc<dyn Clock>,
@@ -46,6 +52,11 @@ impl NmiStatus {
 
     pub fn state(&self) -> NmiStatusState {
         self.state
+    }
+
+    pub fn restore(&mut self, saved: NmiStatusState) -> Result<(), String> {
+        self.state = saved;
+        Ok(())
     }
 
     fn out2(&self) -> bool {

@@ -26,6 +26,7 @@ use rhyve_platform::layout::{
     GPE0_PORT, PM1A_CNT_PORT, PM1A_EVT_PORT, PM_TIMER_HZ, PM_TIMER_PORT, SMI_ACPI_DISABLE,
     SMI_ACPI_ENABLE,
 };
+use rhyve_platform::snapshot::Schema;
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};
 
@@ -77,6 +78,16 @@ pub struct PmState {
     pub timer_base_ns: u64,
 }
 
+impl Schema for PmState {
+    const KIND: &'static str = "acpi-pm";
+    const VERSION: u32 = 1;
+}
+
+impl Schema for ResetControlState {
+    const KIND: &'static str = "reset-control";
+    const VERSION: u32 = 1;
+}
+
 /// The PM1a/PM-timer/GPE0 block at 0x400, plus SMI_CMD through [`SmiCommand`].
 pub struct AcpiPm {
     state: PmState,
@@ -113,6 +124,13 @@ impl AcpiPm {
 
     pub fn state(&self) -> &PmState {
         &self.state
+    }
+
+    /// Put back a saved state; the SCI line is driven to match it.
+    pub fn restore(&mut self, saved: PmState) -> Result<(), String> {
+        self.state = saved;
+        self.sci.set_level(self.state.sci_asserted);
+        Ok(())
     }
 
     /// True once the guest switched to ACPI mode (SCI_EN set via SMI_CMD).
@@ -294,6 +312,11 @@ impl ResetControl {
 
     pub fn state(&self) -> ResetControlState {
         self.state
+    }
+
+    pub fn restore(&mut self, saved: ResetControlState) -> Result<(), String> {
+        self.state = saved;
+        Ok(())
     }
 
     /// A byte write to 0xCF9 (also for a PCI config-address device that owns

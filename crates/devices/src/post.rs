@@ -4,6 +4,7 @@
 //! return 0xFF. The last code written is kept, which helps debugging.
 
 use rhyve_platform::bus::BusDevice;
+use rhyve_platform::snapshot::Schema;
 use serde::{Deserialize, Serialize};
 
 /// The port bhyve's post.c claims for reads.
@@ -12,6 +13,11 @@ pub const BHYVE_POST_READ_PORT: u16 = 0x84;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PostState {
     pub last_code: u8,
+}
+
+impl Schema for PostState {
+    const KIND: &'static str = "post-port";
+    const VERSION: u32 = 1;
 }
 
 #[derive(Debug, Default)]
@@ -26,6 +32,11 @@ impl PostPort {
 
     pub fn state(&self) -> PostState {
         self.state
+    }
+
+    pub fn restore(&mut self, saved: PostState) -> Result<(), String> {
+        self.state = saved;
+        Ok(())
     }
 }
 

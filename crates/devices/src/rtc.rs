@@ -25,6 +25,7 @@ use crate::timer::{Timed, TimerWaker};
 use rhyve_platform::bus::BusDevice;
 use rhyve_platform::irq::InterruptLine;
 use rhyve_platform::layout::MemoryLayout;
+use rhyve_platform::snapshot::Schema;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -90,6 +91,11 @@ pub struct RtcState {
     pub base_uptime_ns: u64,
     /// Next periodic interrupt (clock ns) when periodic interrupts are on.
     pub next_periodic_ns: Option<u64>,
+}
+
+impl Schema for RtcState {
+    const KIND: &'static str = "rtc-mc146818";
+    const VERSION: u32 = 1;
 }
 
 /// The RTC device.
@@ -214,6 +220,21 @@ impl Rtc {
 
     pub fn state(&self) -> &RtcState {
         &self.state
+    }
+
+    /// Put back a saved state (its times count on the VM clock, restored
+    /// first); the timer thread re-reads its next deadline.
+    pub fn restore(&mut self, saved: RtcState) -> Result<(), String> {
+        if saved.regs.len() != self.state.regs.len() {
+            return Err(format!(
+                "{} registers saved, the RTC has {}",
+                saved.regs.len(),
+                self.state.regs.len()
+            ));
+        }
+        self.state = saved;
+        self.waker.wake();
+        Ok(())
     }
 
     /// The RTC's current time in seconds since 1970, if it is running.

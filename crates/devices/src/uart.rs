@@ -18,6 +18,7 @@
 use rhyve_backends::serial::SerialBackend;
 use rhyve_platform::bus::BusDevice;
 use rhyve_platform::irq::InterruptLine;
+use rhyve_platform::snapshot::Schema;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, Weak};
@@ -95,6 +96,11 @@ pub struct UartState {
     pub thre_int_pending: bool,
     /// Whether the IRQ line is currently asserted.
     pub irq_asserted: bool,
+}
+
+impl Schema for UartState {
+    const KIND: &'static str = "uart-16550";
+    const VERSION: u32 = 1;
 }
 
 impl Default for UartState {
@@ -190,6 +196,16 @@ impl Uart {
 
     pub fn state(&self) -> &UartState {
         &self.state
+    }
+
+    /// Put back a saved state; the interrupt line is driven to match it.
+    pub fn restore(&mut self, saved: UartState) -> Result<(), String> {
+        if saved.rx_fifo_size == 0 || saved.rx_fifo_size > FIFO_SIZE {
+            return Err(format!("bad receive FIFO size {}", saved.rx_fifo_size));
+        }
+        self.state = saved;
+        self.irq.set_level(self.state.irq_asserted);
+        Ok(())
     }
 
     /// Move waiting host input into the receive FIFO and update the IRQ.

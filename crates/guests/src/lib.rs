@@ -21,6 +21,7 @@
 //! | `virtioblk` | (`intx`) (`slot=N`) | `virtio-blk 00:04.0 capacity C queue Q`, `virtio-blk irq msix\|intx`, `sector0 xx ...` (16 bytes), `virtio-blk ok` | S5 |
 //! | `cpuid` | | `cpuid hypervisor 'bhyve bhyve ' max 0x40000001`, leaf 1 APIC ID / count / x2APIC bit, leaf 0xB levels | S5 |
 //! | `rebootonce` | | `rebootonce: boot 1` then resets; `rebootonce: boot 2` (RTC NVRAM kept by the named VM) | reset, then S5 |
+//! | `snapcheck` | | `snapcheck round R` every 10 of 120 rounds (each stirs 16 KiB into a checksum and writes one virtio-blk sector at slot 4), `snapcheck checksum C`, `snapcheck disk ok` | S5 |
 //! | `ring3` | | per way into the kernel from ring 3 (`int80-64`, `syscall-64`, `int80-32`, `syscall-32`, `ud2-64`): `ring3 <step> via <gate 0x80\|vector N> at +<offset> from cs 0x<cs> handler cs 0x<cs>`; `ring3 lstar cs ... cstar cs ... cstar rip high\|low`; `ring3 done` | S5 |
 //!
 //! Besides these, `linux-init/init.c` is the `/init` of the full Linux

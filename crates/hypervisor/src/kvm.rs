@@ -21,7 +21,10 @@ use vm_memory::{
 };
 
 use crate::cpuid::{guest_cpuid, Topology};
-use crate::{EmulationFailure, EntryRegs, HvError, Result, VcpuExit, VmSpec};
+use crate::{EmulationFailure, EntryRegs, HvError, Result, VcpuExit, VcpuState, VmSpec, VmState};
+
+mod state;
+pub use state::{KvmVcpuState, KvmVmState};
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> HvError {
     move |source| HvError::Kvm { what, source }
@@ -93,6 +96,43 @@ pub struct KvmVm {
     spec: VmSpec,
     /// The next free KVM memory slot (those below hold guest memory).
     next_slot: std::sync::atomic::AtomicU32,
+    /// The MSRs a snapshot carries for each vCPU (KVM_GET_MSR_INDEX_LIST).
+    msr_indices: Arc<Vec<u32>>,
+}
+
+/// Guest RAM: anonymous memory, or a snapshot's memory file mapped
+/// privately (pages are read in as the guest touches them, and its writes
+/// never reach the file). The ROM is always anonymous: it is loaded again.
+fn map_guest_memory(
+    ranges: &[(GuestAddress, usize)],
+    rom_base: Option<u64>,
+    image: Option<&crate::MemoryImage>,
+) -> Result<GuestMemoryMmap> {
+    let Some(image) = image else {
+        return GuestMemoryMmap::<()>::from_ranges(ranges)
+            .map_err(|e| HvError::Memory(format!("cannot allocate guest memory: {e}")));
+    };
+    let mut offset = 0u64;
+    let mut regions = Vec::with_capacity(ranges.len());
+    for &(addr, size) in ranges {
+        let mut builder = vm_memory::mmap::MmapRegionBuilder::new(size)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
+        if Some(addr.raw_value()) != rom_base {
+            builder = builder
+                .with_file_offset(vm_memory::FileOffset::from_arc(image.file.clone(), offset))
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE);
+            offset += size as u64;
+        }
+        let mapping = builder
+            .build()
+            .map_err(|e| HvError::Memory(format!("cannot map the snapshot's memory: {e}")))?;
+        regions.push(
+            vm_memory::GuestRegionMmap::new(mapping, addr)
+                .ok_or_else(|| HvError::Memory("guest memory region overflows".into()))?,
+        );
+    }
+    GuestMemoryMmap::from_regions(regions)
+        .map_err(|e| HvError::Memory(format!("cannot map the snapshot's memory: {e}")))
 }
 
 impl KvmVm {
@@ -123,8 +163,11 @@ impl KvmVm {
             .into_iter()
             .map(|(a, s)| (GuestAddress(a), s as usize))
             .collect();
-        let memory = GuestMemoryMmap::<()>::from_ranges(&ranges)
-            .map_err(|e| HvError::Memory(format!("cannot allocate guest memory: {e}")))?;
+        let memory = map_guest_memory(
+            &ranges,
+            (spec.rom_size > 0).then_some(rom_base),
+            spec.memory_image.as_ref(),
+        )?;
         for (slot, region) in memory.iter().enumerate() {
             let host = region.as_ptr();
             let len = region.len() as usize;
@@ -180,7 +223,14 @@ impl KvmVm {
                 .map_err(kvm_err("enabling user-space MSR handling for -w"))?;
         }
         let fd = Arc::new(fd);
+        let msr_indices = Arc::new(
+            kvm.get_msr_index_list()
+                .map_err(kvm_err("listing MSRs"))?
+                .as_slice()
+                .to_vec(),
+        );
         Ok(Self {
+            msr_indices,
             kvm,
             notifiers: Arc::new(KvmNotifiers {
                 vm: fd.clone(),
@@ -259,7 +309,18 @@ impl crate::Vm for KvmVm {
             id,
             memory: self.memory.clone(),
             assist: self.spec.emulation_assist,
+            msr_indices: self.msr_indices.clone(),
         }))
+    }
+
+    fn save_state(&self) -> Result<VmState> {
+        Ok(VmState::Kvm(Box::new(self.save()?)))
+    }
+
+    fn restore_state(&self, state: &VmState) -> Result<()> {
+        match state {
+            VmState::Kvm(s) => self.restore(s),
+        }
     }
 }
 
@@ -320,6 +381,7 @@ pub struct KvmVcpu {
     id: u32,
     memory: GuestMemoryMmap,
     assist: bool,
+    msr_indices: Arc<Vec<u32>>,
 }
 
 fn flat_segment(selector: u16, code: bool, long_mode: bool) -> kvm_bindings::kvm_segment {
@@ -551,6 +613,17 @@ impl crate::Vcpu for KvmVcpu {
 
     fn inject_nmi(&mut self) -> Result<()> {
         self.fd.nmi().map_err(kvm_err("injecting an NMI"))
+    }
+
+    fn save_state(&mut self) -> Result<VcpuState> {
+        let indices = self.msr_indices.clone();
+        Ok(VcpuState::Kvm(Box::new(self.save(&indices)?)))
+    }
+
+    fn restore_state(&mut self, state: &VcpuState) -> Result<()> {
+        match state {
+            VcpuState::Kvm(s) => self.restore(s),
+        }
     }
 
     fn assist_emulation(&mut self) -> Result<Option<&'static str>> {

@@ -55,6 +55,29 @@ pub struct VmSpec {
     /// 4 GiB; 0 for none. It is part of [`Vm::memory`] so the VMM can load
     /// it and read instructions from it, but the guest cannot write it.
     pub rom_size: u64,
+    /// Restoring a snapshot: RAM comes from its memory file instead of
+    /// anonymous memory.
+    pub memory_image: Option<MemoryImage>,
+}
+
+/// A snapshot's memory file: the RAM regions one after the other (below
+/// 3 GiB, then from 4 GiB), zero pages left as holes.
+#[derive(Debug, Clone)]
+pub struct MemoryImage {
+    pub file: Arc<std::fs::File>,
+}
+
+/// A vCPU's complete state, as its backend keeps it (a vmm.ko backend
+/// would add its own variant).
+#[derive(serde::Serialize, serde::Deserialize)]
+pub enum VcpuState {
+    Kvm(Box<kvm::KvmVcpuState>),
+}
+
+/// The VM's in-kernel state: interrupt controllers, PIT, clock.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+pub enum VmState {
+    Kvm(Box<kvm::KvmVmState>),
 }
 
 pub use rhyve_platform::entry::EntryRegs;
@@ -137,6 +160,9 @@ pub trait Vm: Send + Sync {
         &self,
         pages: Arc<vm_memory::MmapRegion>,
     ) -> Result<Box<dyn rhyve_platform::window::MemoryWindow>>;
+    /// The in-kernel devices' state, for a snapshot (vCPUs paused).
+    fn save_state(&self) -> Result<VmState>;
+    fn restore_state(&self, state: &VmState) -> Result<()>;
 }
 
 /// A virtual CPU, driven by exactly one thread.
@@ -161,4 +187,9 @@ pub trait Vcpu: Send {
     /// user space if it is one rhyve knows; returns its kind's name, or
     /// `None` when the run cannot go on.
     fn assist_emulation(&mut self) -> Result<Option<&'static str>>;
+    /// Everything the backend keeps of this vCPU, for a snapshot; called
+    /// from the vCPU's own thread, outside the guest.
+    fn save_state(&mut self) -> Result<VcpuState>;
+    /// Put back a state from [`Vcpu::save_state`], before the vCPU first runs.
+    fn restore_state(&mut self, state: &VcpuState) -> Result<()>;
 }

@@ -56,6 +56,7 @@ fn guest_stores_follow_the_window_and_exit_once_it_is_gone() {
         strict_msr: true,
         emulation_assist: false,
         rom_size: 0,
+        memory_image: None,
     })
     .unwrap();
     let mem = vm.memory();

@@ -13,6 +13,8 @@
 
 use std::sync::{Arc, Mutex};
 
+use rhyve_platform::snapshot::{DeviceState, SnapshotError};
+
 use crate::config::PciConfigSpace;
 
 pub trait PciFunction: Send {
@@ -44,6 +46,41 @@ pub trait PciFunction: Send {
     /// ioeventfds, directly mapped memory); bhyve's `pe_baraddr`.
     fn bar_moved(&mut self, bar: usize, base: Option<u64>) {
         let _ = (bar, base);
+    }
+
+    /// Snapshot: stop touching guest memory and raising interrupts on its
+    /// own, with every request in flight finished (nothing lost, nothing
+    /// done twice after a restore).
+    fn pause(&mut self) {}
+    /// After [`PciFunction::pause`]: true once nothing is in flight any
+    /// more (asked again, without the function's lock held in between, so
+    /// an I/O thread can complete its work).
+    fn quiesced(&self) -> bool {
+        true
+    }
+    fn resume(&mut self) {}
+
+    /// The function's state beyond its config space; `None` when the
+    /// config space is all of it. A model that does not say refuses the
+    /// snapshot, naming itself, rather than lose its state.
+    fn save_device(&self) -> Result<Option<DeviceState>, SnapshotError> {
+        Err(SnapshotError::Unsupported {
+            id: String::new(),
+            kind: "PCI function".into(),
+            why: "its device model does not save its state yet".into(),
+        })
+    }
+
+    /// Take over what [`PciFunction::save_device`] saved from this same
+    /// function (config space already restored).
+    fn restore_device(&mut self, saved: Option<&DeviceState>) -> Result<(), SnapshotError> {
+        match saved {
+            None => Ok(()),
+            Some(s) => Err(SnapshotError::Mismatch(format!(
+                "device {}: the snapshot has {} state for a function that keeps none",
+                s.id, s.kind
+            ))),
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use crate::config::{regs, PciConfigSpace, PcieDeviceType};
 use crate::create::{pcireg_override, plain_integer};
 use crate::function::PciFunction;
 use crate::PciError;
+use rhyve_platform::snapshot::{DeviceState, SnapshotError};
 
 /// NetApp, bhyve's default host bridge IDs.
 pub const NETAPP_IDS: (u16, u16) = (0x1275, 0x1275);
@@ -72,5 +73,10 @@ impl PciFunction for HostBridge {
 
     fn bar_write(&mut self, bar: usize, offset: u64, _data: &[u8]) {
         tracing::debug!(bar, offset, "host bridge has no BARs");
+    }
+
+    /// Nothing beyond the config space: its config space is all its state.
+    fn save_device(&self) -> Result<Option<DeviceState>, SnapshotError> {
+        Ok(None)
     }
 }

@@ -44,6 +44,7 @@ mod intx;
 mod lpc;
 mod msi;
 mod root;
+mod snapshot;
 
 pub use config::{
     regs, BarKind, PciBar, PciConfigSpace, PcieDeviceType, MAX_BARS, PCI_CONFIG_SPACE_SIZE,
@@ -56,6 +57,7 @@ pub use intx::{IntxRouter, IntxRouterState, PciIntxRoute, PIRQ_COUNT};
 pub use lpc::{LpcBridge, LpcIds, LPC_DEVICE, LPC_VENDOR};
 pub use msi::{MsiMessage, MsixState, MAX_MSIX_VECTORS};
 pub use root::{PciBusWindows, PciRoot, PciRootConfig};
+pub use snapshot::PciFunctionState;
 
 use std::fmt;
 

@@ -22,6 +22,7 @@ use crate::create::{host_isa_bridge, pcireg_override};
 use crate::function::PciFunction;
 use crate::intx::IntxRouter;
 use crate::PciError;
+use rhyve_platform::snapshot::{DeviceState, SnapshotError};
 
 pub const LPC_VENDOR: u16 = 0x8086;
 pub const LPC_DEVICE: u16 = 0x7000;
@@ -164,5 +165,10 @@ impl PciFunction for LpcBridge {
 
     fn bar_write(&mut self, bar: usize, offset: u64, _data: &[u8]) {
         tracing::debug!(bar, offset, "LPC bridge has no BARs");
+    }
+
+    /// Nothing beyond the config space: its config space is all its own state (the PIRQ routing is saved with the PCI root).
+    fn save_device(&self) -> Result<Option<DeviceState>, SnapshotError> {
+        Ok(None)
     }
 }

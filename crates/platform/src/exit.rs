@@ -21,6 +21,8 @@ pub enum ExitRequest {
     DebugExit(u32),
     /// Anything that makes the run fail: exit 4, with a message.
     Error(String),
+    /// `bhyvectl --suspend` saved the VM: exit 0, as bhyve does.
+    Suspended,
 }
 
 impl ExitRequest {
@@ -33,6 +35,7 @@ impl ExitRequest {
             ExitRequest::TripleFault => 3,
             ExitRequest::DebugExit(v) => ((v << 1) | 1) as i32,
             ExitRequest::Error(_) => 4,
+            ExitRequest::Suspended => 0,
         }
     }
 }

@@ -12,4 +12,5 @@ pub mod exit;
 pub mod irq;
 pub mod layout;
 pub mod notify;
+pub mod snapshot;
 pub mod window;

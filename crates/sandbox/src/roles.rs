@@ -221,6 +221,26 @@ const CONTROL: &[Sysno] = &[
     Sysno::mincore,
     // Kicking a vCPU to serve --get-* and --inject-nmi.
     Sysno::tgkill,
+    // Snapshots: the files' descriptors arrive with the request; guest
+    // memory is written to them sparsely, the rest as JSON.
+    Sysno::recvmsg,
+    Sysno::pwrite64,
+    Sysno::ftruncate,
+    Sysno::fsync,
+    Sysno::fdatasync,
+    Sysno::statx,
+    Sysno::newfstatat,
+    // Pausing devices: the in-kernel irqchips, PIT and clock are read
+    // (KVM_GET_*), virtio-blk's requests in flight drained, interrupts
+    // sent and irqfds rebound on resume.
+    Sysno::ioctl,
+    Sysno::io_uring_enter,
+    // A resumed virtio function's new worker gets a fresh stop eventfd.
+    Sysno::eventfd2,
+    // glibc's malloc reads /proc/sys/vm/overcommit_memory the first time
+    // it trims a thread's heap (after a snapshot's large buffers); Landlock
+    // refuses the open, which glibc takes as "keep the heap".
+    Sysno::openat,
 ];
 
 const DISPLAY: &[Sysno] = &[

@@ -31,6 +31,7 @@
 //! rather than left issued (bhyve would spin on it), and the error path
 //! stops the command loop even when the FIS receive area is disabled.
 
+use rhyve_platform::snapshot::{DeviceState, Schema, SnapshotError};
 use rhyve_sandbox::ThreadRole;
 use std::io;
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -451,6 +452,13 @@ pub struct Ahci {
     files: Vec<Option<Arc<BlockFile>>>,
     mem: GuestMemory,
     jobs: Sender<Job>,
+    /// Snapshot pause: no new command starts; those with the I/O thread finish.
+    paused: bool,
+}
+
+impl Schema for AhciState {
+    const KIND: &'static str = "ahci";
+    const VERSION: u32 = 1;
 }
 
 fn le32(b: &[u8]) -> u32 {
@@ -688,6 +696,7 @@ impl Ahci {
             files,
             mem: mem.clone(),
             jobs,
+            paused: false,
         };
         ahci.reset();
         let ahci = Arc::new(Mutex::new(ahci));
@@ -991,7 +1000,8 @@ impl Ahci {
     /// none is left, the device is busy or one failed. Each visited slot
     /// is started or already in flight, so one sweep is enough.
     fn handle_port(&mut self, p: usize) {
-        if self.files[p].is_none() {
+        // Paused: commands the driver issues wait in PxCI until resumed.
+        if self.files[p].is_none() || self.paused {
             return;
         }
         for _ in 0..SLOTS {
@@ -1678,5 +1688,56 @@ impl PciFunction for Ahci {
             }
             len => tracing::debug!("ahci: dropping a {len}-byte register write at {offset:#x}"),
         }
+    }
+
+    fn pause(&mut self) {
+        self.paused = true;
+    }
+
+    fn quiesced(&self) -> bool {
+        self.state.ports.iter().all(|p| p.pending == 0)
+    }
+
+    fn resume(&mut self) {
+        self.paused = false;
+        for p in 0..self.state.ports.len() {
+            self.handle_port(p);
+        }
+    }
+
+    fn save_device(&self) -> Result<Option<DeviceState>, SnapshotError> {
+        if !self.quiesced() {
+            return Err(SnapshotError::Device {
+                id: "ahci".into(),
+                why: "saved with commands in flight".into(),
+            });
+        }
+        DeviceState::encode("ahci", &self.state).map(Some)
+    }
+
+    fn restore_device(&mut self, saved: Option<&DeviceState>) -> Result<(), SnapshotError> {
+        let saved: AhciState = saved
+            .ok_or_else(|| SnapshotError::Mismatch("an AHCI controller without its state".into()))?
+            .decode()?;
+        let shape = |s: &AhciState| -> Vec<(Option<DriveKind>, Option<DriveIdentity>)> {
+            s.ports
+                .iter()
+                .map(|p| (p.drive, p.identity.clone()))
+                .collect()
+        };
+        if shape(&saved) != shape(&self.state) || saved.cap != self.state.cap {
+            return Err(SnapshotError::Mismatch(
+                "ahci: the snapshot's drives differ from this command line's".into(),
+            ));
+        }
+        if saved.ports.iter().any(|p| p.pending != 0) {
+            return Err(SnapshotError::Mismatch(
+                "ahci: the snapshot has commands in flight".into(),
+            ));
+        }
+        self.state = saved;
+        // Resumed (commands waiting in PxCI started) by the inventory.
+        self.paused = true;
+        Ok(())
     }
 }

@@ -1278,3 +1278,63 @@ fn a_prd_table_longer_than_iov_max() {
         );
     }
 }
+
+/// A snapshot's pause with a command in flight: it completes before the
+/// HBA is still, a command issued while paused waits in PxCI, and an HBA
+/// restored from the saved state (and memory) runs that command on resume.
+#[test]
+fn paused_with_a_command_in_flight_saves_and_restores() {
+    use rhyve_pci::PciFunction;
+    let (h, disk, iso) = disk_and_cd("snapshot");
+    h.start_port(0);
+    h.issue(0, 0, &h2d(ata::READ_DMA48, 0, 10, 8), &[], &[(DATA, 4096)]);
+    h.ahci.lock().unwrap().pause();
+    h.settle();
+    h.assert_ok(0, 0);
+    h.issue(
+        0,
+        1,
+        &h2d(ata::READ_DMA48, 0, 20, 1),
+        &[],
+        &[(DATA + 0x10000, 512)],
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    assert_ne!(h.pr(0, port::CI) & 2, 0, "a paused HBA started a command");
+    let (config, state) = {
+        let a = h.ahci.lock().unwrap();
+        (a.config().clone(), a.save_device().unwrap())
+    };
+    let state: Option<rhyve_platform::snapshot::DeviceState> =
+        serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+
+    let tree = tree_with(&[("hd", &disk, &[]), ("cd", &iso, &[])]);
+    let h2 = Hba::new(&tree);
+    h2.mem
+        .write_slice(&h.read_mem(0, MEM_SIZE as usize), GuestAddress(0))
+        .unwrap();
+    {
+        let mut a = h2.ahci.lock().unwrap();
+        a.config_mut().restore(config).unwrap();
+        a.restore_device(state.as_ref()).unwrap();
+    }
+    h2.root.resync_bars();
+    assert_eq!(
+        h2.ahci.lock().unwrap().state(),
+        h.ahci.lock().unwrap().state()
+    );
+    h2.ahci.lock().unwrap().resume();
+    h2.settle();
+    h2.assert_ok(0, 1);
+    assert_eq!(h2.read_mem(DATA + 0x10000, 512), pattern(20, 512));
+
+    // A different drive set is refused.
+    let other = tree_with(&[("hd", &disk, &[])]);
+    let h3 = Hba::new(&other);
+    let e = h3
+        .ahci
+        .lock()
+        .unwrap()
+        .restore_device(state.as_ref())
+        .unwrap_err();
+    assert!(e.to_string().contains("drives differ"), "{e}");
+}

@@ -27,9 +27,10 @@ use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
 
 use crate::queue::{drain_after, Completion};
 use crate::{
-    read_config_bytes, ConfigureError, DeviceError, GuestMemory, VirtioDevice, F_RING_EVENT_IDX,
-    F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_BLOCK,
+    read_config_bytes, same_config, ConfigureError, DeviceError, GuestMemory, VirtioDevice,
+    F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_BLOCK,
 };
+use rhyve_platform::snapshot::{DeviceState, Schema, SnapshotError};
 
 pub const F_SEG_MAX: u64 = 1 << 2;
 pub const F_RO: u64 = 1 << 5;
@@ -71,6 +72,11 @@ pub struct BlockState {
     pub readonly: bool,
     pub can_delete: bool,
     pub ident: String,
+}
+
+impl Schema for BlockState {
+    const KIND: &'static str = "virtio-blk";
+    const VERSION: u32 = 1;
 }
 
 pub struct Block {
@@ -570,7 +576,43 @@ impl VirtioDevice for Block {
         self.quiesce();
         self.state.acked_features = 0;
     }
-    fn state_json(&self) -> String {
-        serde_json::to_string(&self.state).unwrap_or_default()
+    fn drain(
+        &mut self,
+        queues: &mut [Queue],
+        _mem: &GuestMemory,
+    ) -> Result<Vec<usize>, DeviceError> {
+        let Some(queue) = queues.first_mut() else {
+            return Ok(Vec::new());
+        };
+        let mut any = false;
+        while self.uring.as_ref().is_some_and(|u| u.queue.in_flight() > 0) {
+            if let Some(u) = self.uring.as_mut() {
+                u.queue.wait();
+            }
+            any |= self.reap(queue)?;
+        }
+        Ok(if any { vec![0] } else { Vec::new() })
+    }
+    fn save_state(&self) -> Result<DeviceState, SnapshotError> {
+        DeviceState::encode("virtio-blk", &self.state)
+    }
+    fn restore_state(&mut self, saved: &DeviceState) -> Result<(), SnapshotError> {
+        let s: BlockState = saved.decode()?;
+        let d = "virtio-blk";
+        same_config(
+            d,
+            "disk size in sectors",
+            &s.capacity_sectors,
+            &self.state.capacity_sectors,
+        )?;
+        same_config(
+            d,
+            "sector size",
+            &s.logical_block_size,
+            &self.state.logical_block_size,
+        )?;
+        same_config(d, "read-only setting", &s.readonly, &self.state.readonly)?;
+        self.state = s;
+        Ok(())
     }
 }

@@ -25,9 +25,10 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::queue::{drain, Completion};
 use crate::{
-    read_config_bytes, ConfigureError, DeviceError, GuestMemory, VirtioDevice, F_RING_EVENT_IDX,
-    F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_CONSOLE,
+    read_config_bytes, same_config, ConfigureError, DeviceError, GuestMemory, VirtioDevice,
+    F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_CONSOLE,
 };
+use rhyve_platform::snapshot::{DeviceState, Schema, SnapshotError};
 
 pub const F_MULTIPORT: u64 = 1 << 1;
 /// bhyve's VTCON_MAXPORTS.
@@ -64,6 +65,11 @@ pub struct ConsoleState {
     pub ports: Vec<PortState>,
     /// Control messages (header + payload) waiting for control-rx buffers.
     pub control_out: VecDeque<Vec<u8>>,
+}
+
+impl Schema for ConsoleState {
+    const KIND: &'static str = "virtio-console";
+    const VERSION: u32 = 1;
 }
 
 struct Port {
@@ -473,7 +479,31 @@ impl VirtioDevice for Console {
             p.guest_open = false;
         }
     }
-    fn state_json(&self) -> String {
-        serde_json::to_string(&self.state).unwrap_or_default()
+    fn save_state(&self) -> Result<DeviceState, SnapshotError> {
+        DeviceState::encode("virtio-console", &self.state)
+    }
+    fn restore_state(&mut self, saved: &DeviceState) -> Result<(), SnapshotError> {
+        let s: ConsoleState = saved.decode()?;
+        let names = |st: &ConsoleState| -> Vec<(String, String)> {
+            st.ports
+                .iter()
+                .map(|p| (p.name.clone(), p.path.clone()))
+                .collect()
+        };
+        same_config("virtio-console", "ports", &names(&s), &names(&self.state))?;
+        self.state.acked_features = s.acked_features;
+        self.state.driver_ready = s.driver_ready;
+        self.state.control_out = s.control_out;
+        // Connections are this process's: tell the driver where that
+        // differs from what it last heard.
+        for (i, saved) in s.ports.into_iter().enumerate() {
+            let port = &mut self.state.ports[i];
+            port.guest_ready = saved.guest_ready;
+            port.guest_open = saved.guest_open;
+            if port.connected != saved.connected {
+                self.announce_open(i);
+            }
+        }
+        Ok(())
     }
 }

@@ -25,6 +25,7 @@ pub mod vhost_user;
 use std::os::unix::io::RawFd;
 
 use rhyve_config::ConfigTree;
+use rhyve_platform::snapshot::{DeviceState, SnapshotError};
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
@@ -120,8 +121,36 @@ pub trait VirtioDevice: Send {
     ) -> Result<bool, DeviceError>;
     /// Back to the state after construction (driver wrote status 0).
     fn reset(&mut self);
-    /// The device's state as JSON (its serde state struct), for snapshots and debugging.
-    fn state_json(&self) -> String;
+    /// Snapshot pause: finish every request in flight into the used ring
+    /// of `queues`; returns the queues whose driver should be interrupted.
+    fn drain(
+        &mut self,
+        queues: &mut [Queue],
+        mem: &GuestMemory,
+    ) -> Result<Vec<usize>, DeviceError> {
+        let _ = (queues, mem);
+        Ok(Vec::new())
+    }
+    /// The device's typed state, for a snapshot.
+    fn save_state(&self) -> Result<DeviceState, SnapshotError>;
+    /// Take over a state saved from this same device; what this process's
+    /// configuration decides (disk size, MAC, ports) must match.
+    fn restore_state(&mut self, saved: &DeviceState) -> Result<(), SnapshotError>;
+}
+
+/// Refuse a saved device state whose configured part differs from ours.
+pub(crate) fn same_config<T: PartialEq + std::fmt::Debug>(
+    device: &str,
+    what: &str,
+    saved: &T,
+    here: &T,
+) -> Result<(), SnapshotError> {
+    if saved == here {
+        return Ok(());
+    }
+    Err(SnapshotError::Mismatch(format!(
+        "{device}: the snapshot's {what} is {saved:?}, this command line gives {here:?}"
+    )))
 }
 
 /// Copy `src` (a config struct's bytes) into `data` at `offset`, zero past the end.

@@ -19,9 +19,10 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
 
 use crate::queue::{drain, needs_interrupt, Completion};
 use crate::{
-    read_config_bytes, ConfigureError, DeviceError, GuestMemory, VirtioDevice, F_RING_EVENT_IDX,
-    F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_NET,
+    read_config_bytes, same_config, ConfigureError, DeviceError, GuestMemory, VirtioDevice,
+    F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_NET,
 };
+use rhyve_platform::snapshot::{DeviceState, Schema, SnapshotError};
 
 pub const F_CSUM: u64 = 1 << 0;
 pub const F_GUEST_CSUM: u64 = 1 << 1;
@@ -60,6 +61,11 @@ pub struct NetState {
     pub rx_frames: u64,
     pub tx_frames: u64,
     pub dropped_frames: u64,
+}
+
+impl Schema for NetState {
+    const KIND: &'static str = "virtio-net";
+    const VERSION: u32 = 1;
 }
 
 pub struct Net {
@@ -414,7 +420,17 @@ impl VirtioDevice for Net {
         self.state.header_len = 10;
         self.rx_pending = None;
     }
-    fn state_json(&self) -> String {
-        serde_json::to_string(&self.state).unwrap_or_default()
+    fn save_state(&self) -> Result<DeviceState, SnapshotError> {
+        DeviceState::encode("virtio-net", &self.state)
+    }
+    fn restore_state(&mut self, saved: &DeviceState) -> Result<(), SnapshotError> {
+        let s: NetState = saved.decode()?;
+        same_config("virtio-net", "MAC address", &s.mac, &self.state.mac)?;
+        same_config("virtio-net", "MTU", &s.mtu, &self.state.mtu)?;
+        // The tap is this process's; a frame read from it but not yet
+        // delivered is dropped, as a network may drop any frame.
+        let tap_name = std::mem::take(&mut self.state.tap_name);
+        self.state = NetState { tap_name, ..s };
+        Ok(())
     }
 }

@@ -34,6 +34,7 @@ use std::sync::{Arc, Mutex, Weak};
 use rhyve_config::ConfigTree;
 use rhyve_pci::{BarKind, PciConfigSpace, PciError, PciFunction};
 use rhyve_platform::notify::{GuestNotifiers, IoAddress, MsiRoute};
+use rhyve_platform::snapshot::{DeviceState, Schema, SnapshotError};
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
@@ -182,6 +183,72 @@ pub struct VirtioPci {
     /// Per queue: the vector whose irqfd the worker may signal directly,
     /// or NO_FAST_PATH.
     fast: Arc<Vec<AtomicU32>>,
+    /// Paused for a snapshot (or restored from one) while active: resuming
+    /// starts a worker again.
+    paused_active: bool,
+}
+
+/// A queue's position and layout (`virtio_queue::QueueState`, which has no
+/// serde support).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedQueue {
+    pub max_size: u16,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+impl From<virtio_queue::QueueState> for SavedQueue {
+    fn from(q: virtio_queue::QueueState) -> Self {
+        Self {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+impl From<SavedQueue> for virtio_queue::QueueState {
+    fn from(q: SavedQueue) -> Self {
+        Self {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+/// A paused virtio function beyond its config space: the transport
+/// registers, every queue's ring positions, and the device model's state.
+#[derive(Serialize, Deserialize)]
+pub struct VirtioPciSnapshot {
+    pub transport: VirtioPciState,
+    pub queues: Vec<SavedQueue>,
+    /// Running (DRIVER_OK, no error) when paused.
+    pub active: bool,
+    pub device: DeviceState,
+}
+
+impl Schema for VirtioPciSnapshot {
+    const KIND: &'static str = "virtio-pci";
+    const VERSION: u32 = 1;
 }
 
 /// `fast` entry for "take the function lock and let the config space send it".
@@ -340,6 +407,7 @@ impl VirtioPci {
                 me: me.clone(),
                 irqfds,
                 fast,
+                paused_active: false,
             })
         }))
     }
@@ -374,11 +442,6 @@ impl VirtioPci {
 
     pub fn state(&self) -> &VirtioPciState {
         &self.state
-    }
-
-    /// The device's own state, as JSON.
-    pub fn device_state_json(&self) -> String {
-        self.core.lock().unwrap().device.state_json()
     }
 
     fn config_offset(&self) -> u64 {
@@ -778,6 +841,13 @@ impl VirtioPci {
             core.active = true;
             core.generation
         };
+        self.start_worker(generation)
+    }
+
+    /// Start the thread that serves the queues of activation `generation`;
+    /// it first looks at every queue, so nothing the driver made available
+    /// before (or while paused) waits for a notification.
+    fn start_worker(&mut self, generation: u64) -> io::Result<()> {
         let stop = Arc::new(EventFd::new(EFD_NONBLOCK)?);
         self.stop = Some(stop.clone());
         let worker = Worker {
@@ -967,6 +1037,101 @@ impl PciFunction for VirtioPci {
         if bar == notify_bar {
             self.update_ioevents(base);
         }
+    }
+
+    /// Stop the worker with every request in flight completed into the
+    /// used rings (and the driver interrupted for them): after this the
+    /// rings in guest memory and the queue positions agree.
+    fn pause(&mut self) {
+        let drained = {
+            let mut guard = self.core.lock().unwrap();
+            let core = &mut *guard;
+            if !core.active {
+                return;
+            }
+            core.active = false;
+            // The worker of this activation stops at its next event.
+            core.generation += 1;
+            self.paused_active = true;
+            core.device.drain(&mut core.queues, &core.mem)
+        };
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.write(1);
+        }
+        match drained {
+            Ok(queues) => {
+                for q in queues {
+                    self.interrupt_queue(q);
+                }
+            }
+            Err(e) => {
+                tracing::error!("virtio device needs reset: {e}");
+                self.paused_active = false;
+                self.needs_reset();
+            }
+        }
+    }
+
+    fn resume(&mut self) {
+        if !std::mem::take(&mut self.paused_active) {
+            return;
+        }
+        let generation = {
+            let mut core = self.core.lock().unwrap();
+            core.active = true;
+            core.generation
+        };
+        if let Err(e) = self.start_worker(generation) {
+            tracing::error!("virtio device needs reset: cannot restart its worker: {e}");
+            self.core.lock().unwrap().active = false;
+            self.needs_reset();
+        }
+    }
+
+    fn save_device(&self) -> Result<Option<DeviceState>, SnapshotError> {
+        let core = self.core.lock().unwrap();
+        let snapshot = VirtioPciSnapshot {
+            transport: self.state.clone(),
+            queues: core.queues.iter().map(|q| q.state().into()).collect(),
+            active: self.paused_active,
+            device: core.device.save_state()?,
+        };
+        DeviceState::encode("virtio-pci", &snapshot).map(Some)
+    }
+
+    fn restore_device(&mut self, saved: Option<&DeviceState>) -> Result<(), SnapshotError> {
+        let saved = saved.ok_or_else(|| {
+            SnapshotError::Mismatch("a virtio function without its virtio state".into())
+        })?;
+        let s: VirtioPciSnapshot = saved.decode()?;
+        crate::same_config(
+            "virtio-pci",
+            "transport",
+            &s.transport.transport,
+            &self.state.transport,
+        )?;
+        let sizes: Vec<u16> = s.queues.iter().map(|q| q.max_size).collect();
+        crate::same_config("virtio-pci", "queues", &sizes, &self.queue_sizes)?;
+        {
+            let mut guard = self.core.lock().unwrap();
+            let core = &mut *guard;
+            core.device.restore_state(&s.device)?;
+            for (i, (queue, saved)) in core.queues.iter_mut().zip(&s.queues).enumerate() {
+                let restored = Queue::try_from(virtio_queue::QueueState::from(*saved))
+                    .map_err(|e| SnapshotError::Mismatch(format!("virtio queue {i}: {e}")))?;
+                if s.active && restored.ready() && !restored.is_valid(&core.mem) {
+                    return Err(SnapshotError::Mismatch(format!(
+                        "virtio queue {i} lies outside guest memory"
+                    )));
+                }
+                *queue = restored;
+            }
+        }
+        self.state = s.transport;
+        // Inventory::resume starts the worker.
+        self.paused_active = s.active;
+        self.sync_irqfds();
+        Ok(())
     }
 }
 

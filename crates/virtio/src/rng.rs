@@ -11,6 +11,7 @@ use crate::{
     read_config_bytes, DeviceError, GuestMemory, VirtioDevice, F_RING_EVENT_IDX,
     F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_RNG,
 };
+use rhyve_platform::snapshot::{DeviceState, Schema, SnapshotError};
 
 /// bhyve's VTRND_RINGSZ.
 pub const QUEUE_SIZE: u16 = 64;
@@ -20,6 +21,11 @@ const MAX_REQUEST: usize = 64 * 1024;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RngState {
     pub acked_features: u64,
+}
+
+impl Schema for RngState {
+    const KIND: &'static str = "virtio-rnd";
+    const VERSION: u32 = 1;
 }
 
 #[derive(Default)]
@@ -101,7 +107,11 @@ impl VirtioDevice for Rng {
     fn reset(&mut self) {
         self.state = RngState::default();
     }
-    fn state_json(&self) -> String {
-        serde_json::to_string(&self.state).unwrap_or_default()
+    fn save_state(&self) -> Result<DeviceState, SnapshotError> {
+        DeviceState::encode("virtio-rnd", &self.state)
+    }
+    fn restore_state(&mut self, saved: &DeviceState) -> Result<(), SnapshotError> {
+        self.state = saved.decode()?;
+        Ok(())
     }
 }

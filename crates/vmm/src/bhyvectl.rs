@@ -3,11 +3,13 @@
 //! exists in the registry answers from what it left there when it stopped
 //! (its vCPUs' registers) or what its loader prepared.
 
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rhyve_hypervisor::registry::{Registry, RegistryError};
 
-use crate::control;
+use crate::{control, snapshot};
 
 /// Registers in the order bhyvectl prints them with `--get-all`.
 const REGISTERS: &[&str] = &[
@@ -29,6 +31,8 @@ struct Options {
     inject_nmi: bool,
     list: bool,
     registers: Vec<&'static str>,
+    /// `--checkpoint=FILE` / `--suspend=FILE`: where, and whether the VM stops.
+    snapshot: Option<(String, bool)>,
 }
 
 pub fn usage() -> String {
@@ -39,6 +43,7 @@ pub fn usage() -> String {
         u.push_str(&format!("       [--get-{r}]\n"));
     }
     u.push_str("       [--inject-nmi]\n       [--force-reset]\n       [--force-poweroff]\n       [--list]\n");
+    u.push_str("       [--checkpoint=<filename>]\n       [--suspend=<filename>]\n");
     u
 }
 
@@ -76,6 +81,8 @@ fn parse(args: &[String]) -> Result<Options, ()> {
             "get-all" => o.get_all = true,
             "inject-nmi" => o.inject_nmi = true,
             "list" => o.list = true,
+            "checkpoint" => o.snapshot = Some((value()?, false)),
+            "suspend" => o.snapshot = Some((value()?, true)),
             _ => match name
                 .strip_prefix("get-")
                 .and_then(|r| REGISTERS.iter().find(|x| **x == r))
@@ -268,10 +275,70 @@ pub fn main_with_args(args: &[String]) -> i32 {
             }
         }
     }
+    if let Some((file, stop)) = &o.snapshot {
+        if !running {
+            return fail(&format!("VM {name} is not running"));
+        }
+        if let Err(e) = snapshot(&registry, &name, Path::new(file), *stop) {
+            return fail(&e);
+        }
+    }
     if o.destroy {
         if let Err(e) = destroy(&registry, &name) {
             return fail(&e);
         }
     }
     0
+}
+
+/// `--checkpoint`/`--suspend`: create the three files under temporary
+/// names, let the VM write them, and put them in place (`FILE.meta`, which
+/// a restore reads first, last), so a failed snapshot never replaces a
+/// good one.
+fn snapshot(registry: &Registry, name: &str, file: &Path, stop: bool) -> Result<(), String> {
+    let finals = [
+        file.to_path_buf(),
+        snapshot::kern_path(file),
+        snapshot::meta_path(file),
+    ];
+    let temps: Vec<PathBuf> = finals
+        .iter()
+        .map(|p| {
+            let mut t = p.as_os_str().to_owned();
+            t.push(format!(".partial-{}", std::process::id()));
+            PathBuf::from(t)
+        })
+        .collect();
+    let remove_temps = || {
+        for t in &temps {
+            let _ = std::fs::remove_file(t);
+        }
+    };
+    let mut files = Vec::new();
+    for t in &temps {
+        // Guest memory is private: readable by its owner only.
+        match std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(t)
+        {
+            Ok(f) => files.push(f),
+            Err(e) => {
+                remove_temps();
+                return Err(format!("{}: {e}", t.display()));
+            }
+        }
+    }
+    let request = if stop { "suspend" } else { "checkpoint" };
+    let refs: Vec<&std::fs::File> = files.iter().collect();
+    if let Err(e) = control::request_with_files(registry, name, request, &refs) {
+        remove_temps();
+        return Err(e);
+    }
+    for (t, f) in temps.iter().zip(&finals) {
+        std::fs::rename(t, f).map_err(|e| format!("{}: {e}", f.display()))?;
+    }
+    Ok(())
 }

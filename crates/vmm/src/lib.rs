@@ -16,6 +16,7 @@ mod loader;
 mod machine;
 mod proctitle;
 mod signals;
+pub mod snapshot;
 mod spec;
 mod vcpu;
 
@@ -81,20 +82,41 @@ impl VmmError {
     }
 }
 
-/// Build the VM the tree describes and run it to the end; returns bhyve's
-/// exit status.
-pub fn run(tree: &ConfigTree) -> i32 {
-    run_with_fw_cfg_files(tree, &[])
-}
-
-/// [`run`], with the `-f` files for QEMU's fw_cfg (`lpc.fwcfg=qemu`).
-pub fn run_with_fw_cfg_files(tree: &ConfigTree, fw_cfg_files: &[rhyve_config::FwCfgFile]) -> i32 {
+/// Build the VM the tree describes (with the `-f` files for QEMU's fw_cfg,
+/// `lpc.fwcfg=qemu`; restored from the snapshot `restore` names, for
+/// `bhyve -r`) and run it to the end; returns bhyve's exit status.
+pub fn run(
+    tree: &ConfigTree,
+    fw_cfg_files: &[rhyve_config::FwCfgFile],
+    restore: Option<&std::path::Path>,
+) -> i32 {
+    // bhyve -r FILE without a VM name: the snapshot's.
+    let named_tree;
+    let tree = match restore {
+        Some(file) if matches!(tree.get("name"), Ok(None)) => {
+            let name = match snapshot::saved_name(file) {
+                Ok(n) => n,
+                Err(e) => {
+                    eprintln!("bhyve: cannot restore {}: {e}", file.display());
+                    return rhyve_config::EXIT_ERROR;
+                }
+            };
+            let mut t = tree.clone();
+            if let Err(e) = t.set("name", name) {
+                eprintln!("bhyve: {e}");
+                return rhyve_config::EXIT_ERROR;
+            }
+            named_tree = t;
+            &named_tree
+        }
+        _ => tree,
+    };
     // Before the VM is visible in the registry, so whoever finds it there
     // also finds `bhyve: NAME` in ps.
     if let Ok(Some(name)) = tree.get("name") {
         proctitle::set(&name);
     }
-    let machine = match machine::build(tree, fw_cfg_files) {
+    let machine = match machine::build(tree, fw_cfg_files, restore) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("bhyve: {e}");
@@ -109,6 +131,9 @@ pub fn run_with_fw_cfg_files(tree: &ConfigTree, fw_cfg_files: &[rhyve_config::Fw
         mmio,
         exits,
         vm,
+        inventory,
+        ram,
+        restored,
         named,
     } = machine;
     let strict_io = tree.bool_or("x86.strictio", false).unwrap_or(false);
@@ -124,6 +149,13 @@ pub fn run_with_fw_cfg_files(tree: &ConfigTree, fw_cfg_files: &[rhyve_config::Fw
         shared: shared.clone(),
         exits: exits.clone(),
         memory: vm.memory().clone(),
+        snapshots: snapshot::Snapshotter {
+            name: named.name().to_string(),
+            vm: vm.clone(),
+            inventory: inventory.clone(),
+            shared: shared.clone(),
+            ram,
+        },
     };
     if let Err(e) = control.spawn(&named) {
         tracing::warn!("no control socket for bhyvectl: {e}");
@@ -131,6 +163,11 @@ pub fn run_with_fw_cfg_files(tree: &ConfigTree, fw_cfg_files: &[rhyve_config::Fw
     // The signal handlers go in before the main thread gives up rt_sigaction
     // for anything but SIGTERM's last act.
     signals::install();
+    // A restored machine's devices were paused when saved; their threads
+    // start before the supervisor gives up creating descriptors.
+    if restored {
+        inventory.resume();
+    }
     if let Err(e) = rhyve_sandbox::confine_supervisor() {
         eprintln!("bhyve: sandbox: {e}");
         return rhyve_config::EXIT_ERROR;
@@ -148,7 +185,8 @@ pub fn run_with_fw_cfg_files(tree: &ConfigTree, fw_cfg_files: &[rhyve_config::Fw
         restore_terminal: Box::new(rhyve_backends::serial::restore_terminal),
         destroy_requested: Box::new(|| named.destroy_requested()),
     };
-    if let Some(nvram) = named.record().ok().and_then(|r| r.rtc_nvram) {
+    // The snapshot's RTC (NVRAM included) is the one a restored guest knew.
+    if let (false, Some(nvram)) = (restored, named.record().ok().and_then(|r| r.rtc_nvram)) {
         platform
             .rtc
             .lock()
@@ -177,9 +215,11 @@ pub fn run_with_fw_cfg_files(tree: &ConfigTree, fw_cfg_files: &[rhyve_config::Fw
     }
     // -D: a guest power-off destroys the VM; -M (monitor mode): the VM goes
     // away with this process whatever ended it; otherwise it stays listed.
+    // A suspended VM lives on in its snapshot only, as bhyve destroys it.
     let destroy = (why == ExitRequest::PowerOff
         && tree.bool_or("destroy_on_poweroff", false).unwrap_or(false))
-        || tree.bool_or("monitor", false).unwrap_or(false);
+        || tree.bool_or("monitor", false).unwrap_or(false)
+        || why == ExitRequest::Suspended;
     if destroy {
         if let Err(e) = named.destroy() {
             eprintln!("bhyve: {e}");

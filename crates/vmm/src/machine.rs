@@ -1,6 +1,7 @@
 //! Assembling the machine from the tree: the hypervisor VM, the buses, the
 //! PCI functions, the platform devices, the firmware tables and the guest.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use rhyve_boot::{AcpiPlatform, CpuTopology, PciWindows};
@@ -8,14 +9,15 @@ use rhyve_config::ConfigTree;
 use rhyve_devices::lpc::{create_platform_devices, PlatformDevices};
 use rhyve_hypervisor::kvm::KvmVm;
 use rhyve_hypervisor::registry::{Registry, VmHandle};
-use rhyve_hypervisor::{EntryRegs, Vcpu, Vm, VmSpec};
+use rhyve_hypervisor::{EntryRegs, MemoryImage, Vcpu, Vm, VmSpec};
 use rhyve_pci::{create_function, PciBdf, PciRoot, PciRootConfig};
 use rhyve_platform::bus::Bus;
 use rhyve_platform::exit::ExitRequests;
+use rhyve_platform::snapshot::{Inventory, Unsaveable};
 use rhyve_virtio::pci::VirtioPci;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::VmmError;
+use crate::{snapshot, VmmError};
 
 fn setup<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> VmmError {
     move |e| VmmError::Setup(format!("{what}: {e}"))
@@ -31,9 +33,41 @@ pub struct Machine {
     pub io: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub exits: Arc<ExitRequests>,
-    pub vm: Box<dyn Vm>,
+    pub vm: Arc<dyn Vm>,
+    /// Every device, for snapshots.
+    pub inventory: Arc<Inventory>,
+    /// Guest RAM regions (address, bytes).
+    pub ram: Vec<(u64, u64)>,
+    /// Restored from a snapshot: its devices were paused when saved, and
+    /// are resumed just before the vCPUs start.
+    pub restored: bool,
     /// The registry entry, held (locked) while the VM runs.
     pub named: VmHandle,
+}
+
+/// The machine's inventory, in build order: platform devices (the VM
+/// clock first), then the PCI functions and the PCI root.
+fn inventory(
+    platform: &PlatformDevices,
+    pci: &Arc<PciRoot>,
+    bootrom: bool,
+) -> Result<Inventory, VmmError> {
+    let mut inventory = Inventory::new();
+    if bootrom {
+        inventory
+            .register(Arc::new(Unsaveable {
+                id: "bootrom".into(),
+                kind: "boot ROM",
+                why: "the firmware's variable store and fwctl state are not saved yet",
+            }))
+            .map_err(|e| VmmError::Setup(e.to_string()))?;
+    }
+    for device in platform.lifecycle().into_iter().chain(pci.lifecycle()) {
+        inventory
+            .register(device)
+            .map_err(|e| VmmError::Setup(e.to_string()))?;
+    }
+    Ok(inventory)
 }
 
 /// bhyve's `init_pci`: every configured function, created from its node.
@@ -246,10 +280,13 @@ fn most_that_fit(limit: u32, fits: impl Fn(u32) -> bool) -> u32 {
     lo
 }
 
-/// Build the whole machine the tree describes.
+/// Build the whole machine the tree describes; with `restore`, put the
+/// snapshot that file names back into it (`bhyve -r`) instead of loading
+/// a guest.
 pub fn build(
     tree: &ConfigTree,
     fw_cfg_files: &[rhyve_config::FwCfgFile],
+    restore: Option<&Path>,
 ) -> Result<Machine, VmmError> {
     rhyve_config::validate(tree)?;
     crate::refuse_unsupported(tree)?;
@@ -265,11 +302,31 @@ pub fn build(
         )?),
         false => None,
     };
+    let refuse = |file: &Path| {
+        let file = file.display().to_string();
+        move |e: String| VmmError::Setup(format!("cannot restore {file}: {e}"))
+    };
+    // Read and checked before anything is built: a refused snapshot
+    // leaves no trace.
+    let started = std::time::Instant::now();
+    let snapshot = match restore {
+        Some(file) => {
+            let loaded = snapshot::load(file).map_err(refuse(file))?;
+            loaded
+                .check_machine(file, spec.cpus, &spec.memory.ram_regions())
+                .map_err(refuse(file))?;
+            spec.memory_image = Some(MemoryImage {
+                file: loaded.memory.clone(),
+            });
+            Some((file, loaded))
+        }
+        None => None,
+    };
     let named = take_named_vm(tree, &spec)?;
     // Threads started from here on (device workers, timers, serial) are
     // created confined.
     crate::confine::start(tree, Registry::from_env().root())?;
-    let vm: Box<dyn Vm> = Box::new(KvmVm::new(spec.clone())?);
+    let vm: Arc<dyn Vm> = Arc::new(KvmVm::new(spec.clone())?);
     let io = Arc::new(Bus::new());
     let mmio = Arc::new(Bus::new());
     let exits = Arc::new(ExitRequests::new());
@@ -296,6 +353,43 @@ pub fn build(
     // loader's page-granular boot image carried into the BIOS area. A boot
     // ROM is the guest: the boot vCPU starts at its reset vector, in the
     // state KVM creates vCPUs in; the others wait for INIT/SIPI.
+    let inventory = Arc::new(inventory(&platform, &pci, bootrom.is_some())?);
+    if let Some((file, loaded)) = &snapshot {
+        // The ROM is not in the snapshot (it is not RAM): load it again.
+        if let Some(rom) = bootrom {
+            rom.install(vm.memory(), &mmio, &io, spec.cpus)?;
+        }
+        vm.restore_state(&loaded.kern.vm)
+            .map_err(|e| refuse(file)(e.to_string()))?;
+        let mut vcpus = Vec::with_capacity(spec.cpus as usize);
+        for (id, state) in (0..spec.cpus).zip(&loaded.kern.vcpus) {
+            let mut vcpu = vm.create_vcpu(id)?;
+            vcpu.restore_state(state)
+                .map_err(|e| refuse(file)(e.to_string()))?;
+            vcpus.push(vcpu);
+        }
+        inventory
+            .restore(&loaded.meta.devices)
+            .map_err(|e| refuse(file)(e.to_string()))?;
+        tracing::info!(
+            "snapshot {} restored in {:?}",
+            file.display(),
+            started.elapsed()
+        );
+        return Ok(Machine {
+            restored: true,
+            named,
+            platform,
+            pci,
+            vcpus,
+            io,
+            mmio,
+            exits,
+            vm,
+            inventory,
+            ram: spec.memory.ram_regions(),
+        });
+    }
     let entry = match bootrom {
         Some(rom) => {
             rom.install(vm.memory(), &mmio, &io, spec.cpus)?;
@@ -317,6 +411,9 @@ pub fn build(
         vcpus[0].set_entry(&entry)?;
     }
     Ok(Machine {
+        restored: false,
+        inventory,
+        ram: spec.memory.ram_regions(),
         named,
         platform,
         pci,

@@ -29,6 +29,7 @@ pub fn vm_spec(tree: &ConfigTree) -> Result<VmSpec, VmmError> {
         strict_msr: flag(tree, "x86.strictmsr", true)?,
         emulation_assist: flag(tree, "x86.emulation_assist", true)?,
         rom_size: 0,
+        memory_image: None,
     })
 }
 

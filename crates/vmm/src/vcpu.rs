@@ -8,9 +8,10 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
-use rhyve_hypervisor::{Vcpu, VcpuExit};
+use rhyve_hypervisor::{Vcpu, VcpuExit, VcpuState};
 use rhyve_platform::bus::Bus;
 use rhyve_platform::exit::{ExitRequest, ExitRequests};
 
@@ -36,6 +37,16 @@ pub struct VcpuShared {
     counters: Vec<VcpuCounters>,
     /// Each vCPU's registers as its thread left the guest for good.
     at_stop: Vec<Mutex<Vec<(&'static str, u64)>>>,
+    pause: Mutex<PauseGate>,
+    pause_changed: Condvar,
+}
+
+/// A snapshot's pause: each vCPU saves its complete state on its own
+/// thread (it owns its KVM descriptor) and waits outside the guest until
+/// resumed.
+struct PauseGate {
+    requested: bool,
+    saved: Vec<Option<Result<VcpuState, String>>>,
 }
 
 /// A request served by the vCPU thread on its next exit.
@@ -99,6 +110,98 @@ impl VcpuShared {
             strict_io,
             states: (0..cpus).map(|_| AtomicU8::new(RUNNING)).collect(),
             halt_check: (0..cpus).map(|_| AtomicBool::new(false)).collect(),
+            pause: Mutex::new(PauseGate {
+                requested: false,
+                saved: (0..cpus).map(|_| None).collect(),
+            }),
+            pause_changed: Condvar::new(),
+        }
+    }
+
+    fn kick(&self, cpu: usize) {
+        let tid = self.threads[cpu].load(Ordering::SeqCst);
+        if tid != 0 {
+            // SAFETY: tid is a live vCPU thread's pthread id (set by the
+            // thread itself); a signal to it only interrupts KVM_RUN.
+            unsafe { libc::pthread_kill(tid as libc::pthread_t, crate::signals::kick_signal()) };
+        }
+    }
+
+    /// Stop every vCPU outside the guest and return their states, in vCPU
+    /// order. On failure the vCPUs run on.
+    pub fn pause_vcpus(&self, timeout: Duration) -> Result<Vec<VcpuState>, String> {
+        let deadline = Instant::now() + timeout;
+        let mut gate = self.pause.lock().unwrap_or_else(|e| e.into_inner());
+        gate.requested = true;
+        loop {
+            let waiting: Vec<usize> = (0..gate.saved.len())
+                .filter(|&i| gate.saved[i].is_none())
+                .collect();
+            if waiting.is_empty() {
+                break;
+            }
+            if self.exits.pending().is_some() || Instant::now() > deadline {
+                drop(gate);
+                self.resume_vcpus();
+                return Err(format!("vCPU {} did not stop for the snapshot", waiting[0]));
+            }
+            // A kick that lands while the vCPU is outside KVM_RUN is lost:
+            // repeat it until the vCPU has parked.
+            for &cpu in &waiting {
+                self.kick(cpu);
+            }
+            gate = self
+                .pause_changed
+                .wait_timeout(gate, Duration::from_millis(10))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        let saved: Vec<Result<VcpuState, String>> = gate
+            .saved
+            .iter_mut()
+            .map(|s| s.take().expect("every vCPU saved"))
+            .collect();
+        drop(gate);
+        let mut states = Vec::with_capacity(saved.len());
+        for (cpu, s) in saved.into_iter().enumerate() {
+            match s {
+                Ok(s) => states.push(s),
+                Err(e) => {
+                    self.resume_vcpus();
+                    return Err(format!("vCPU {cpu}: {e}"));
+                }
+            }
+        }
+        Ok(states)
+    }
+
+    /// Let paused vCPUs run again.
+    pub fn resume_vcpus(&self) {
+        let mut gate = self.pause.lock().unwrap_or_else(|e| e.into_inner());
+        gate.requested = false;
+        for s in gate.saved.iter_mut() {
+            *s = None;
+        }
+        self.pause_changed.notify_all();
+    }
+
+    /// On the vCPU's thread, outside the guest: if a snapshot is being
+    /// taken, hand over this vCPU's state and wait until resumed (or the
+    /// VM ends).
+    fn park_if_pausing(&self, vcpu: &mut dyn Vcpu) {
+        let id = vcpu.id() as usize;
+        let mut gate = self.pause.lock().unwrap_or_else(|e| e.into_inner());
+        if !gate.requested || gate.saved[id].is_some() {
+            return;
+        }
+        gate.saved[id] = Some(vcpu.save_state().map_err(|e| e.to_string()));
+        self.pause_changed.notify_all();
+        while gate.requested && self.exits.pending().is_none() {
+            gate = self
+                .pause_changed
+                .wait_timeout(gate, Duration::from_millis(50))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 
@@ -281,6 +384,7 @@ fn run_until_stopped(vcpu: &mut dyn Vcpu, shared: &VcpuShared) {
             VcpuExit::Interrupted => {
                 counters.interrupted.fetch_add(1, Ordering::Relaxed);
                 serve_requests(vcpu, &shared.requests[id as usize]);
+                shared.park_if_pausing(vcpu);
                 if shared.halt_check[id as usize].load(Ordering::SeqCst) {
                     let idle = match (vcpu.started(), vcpu.halted_for_good()) {
                         (Ok(false), _) | (_, Ok(true)) => IDLE_FOR_GOOD,

@@ -19,11 +19,11 @@ fn main() {
     let mut err = std::io::stderr();
     let status = match invocation.write_output("bhyve", &mut out, &mut err) {
         Ok(Some(status)) => status,
-        Ok(None) if invocation.restore_file.is_some() => {
-            eprintln!("bhyve: restoring a snapshot (-r) is not supported yet");
-            rhyve_config::EXIT_ERROR
-        }
-        Ok(None) => rhyve_vmm::run_with_fw_cfg_files(&invocation.tree, &invocation.fw_cfg_files),
+        Ok(None) => rhyve_vmm::run(
+            &invocation.tree,
+            &invocation.fw_cfg_files,
+            invocation.restore_file.as_deref().map(std::path::Path::new),
+        ),
         Err(e) => {
             eprintln!("bhyve: {e}");
             rhyve_config::EXIT_ERROR
