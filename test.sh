@@ -11,9 +11,9 @@ scripts/setup.sh
 host_kind=$(scripts/host-kind.sh)
 echo "test.sh: host: $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo), $host_kind"
 # The full boot's kernel: Debian's generic one judges every device with
-# Linux's drivers (AHCI disk and CD, e1000 too) but boots several times
-# slower than the cloud one, which has no AHCI or e1000 driver; the slow
-# host kinds take the cloud one (README.md "What runs where").
+# Linux's drivers (AHCI disk and CD, e1000 too) but takes about twice as
+# long to boot as the cloud one, which has no AHCI or e1000 driver; the
+# slow host kinds take the cloud one (README.md "What runs where").
 case "$host_kind" in
   pvm-amd | pvm-other) boot_kernel="${RHYVE_FULL_BOOT_KERNEL:-cloud}" ;;
   *) boot_kernel="${RHYVE_FULL_BOOT_KERNEL:-generic}" ;;
@@ -22,9 +22,9 @@ echo "test.sh: plan (README.md \"What runs where\"): the full Linux boot with it
 echo "  checks (scripts/full-boot.sh 1 $boot_kernel) on one core, the cargo tests at nice 19"
 echo "  beside it, the UEFI firmware's boot to its shell (uefi_firmware) among them. The"
 echo "  generic kernel's boot (Intel PVM and hardware hosts) judges AHCI disk and CD and e1000"
-echo "  with Linux's drivers too: ~10 min expected on Intel PVM hosts; the cloud kernel's boot"
+echo "  with Linux's drivers too: ~7 min expected on Intel PVM hosts; the cloud kernel's boot"
 echo "  (AMD PVM hosts, ~17 min) enumerates them only; the suite, build done, about 20 min on"
-echo "  AMD PVM hosts (expected), 10-11 on Intel PVM hosts (expected)"
+echo "  AMD PVM hosts (expected), 8-9 on Intel PVM hosts (expected)"
 export RHYVE_GUEST_KERNEL="${RHYVE_GUEST_KERNEL:-$(scripts/fetch-guest-kernel.sh)}"
 
 # Debian's stock kernel booted to user space (scripts/full-boot.sh: /init

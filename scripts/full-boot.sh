@@ -30,15 +30,15 @@
 # The e1000 and AHCI checks need Debian's generic kernel (linux-image-amd64):
 # only it builds AHCI, SCSI disk/CD-ROM, ISO 9660 and e1000 drivers (as
 # modules). With the cloud kernel (linux-image-cloud-amd64), which boots
-# several times faster here, those two are enumerated only.
+# about twice as fast here, those two are enumerated only.
 #
 #   scripts/full-boot.sh [CPUS [generic|cloud]]      (default 1 generic)
 #
 # On hardware KVM this takes seconds. On a software-virtualization host
 # (PVM) every guest ring-0 instruction is emulated and the boot takes about
 # 3.5 minutes (Intel hosts) to 17 (AMD hosts) with the cloud kernel, about
-# 10 minutes (Intel hosts, expected) with the generic one (README.md "What
-# runs where"); test.sh runs it beside the cargo tests.
+# twice that with the generic one (README.md "What runs where"); test.sh
+# runs it beside the cargo tests.
 # The kernel's ELF image is booted through its PVH entry (extracted on the
 # host, so the guest does not decompress itself), the initramfs is small
 # and uncompressed, and the command line:
