@@ -1,20 +1,31 @@
 #!/usr/bin/env bash
-# Fetch Debian's cloud kernel (linux-image-cloud-amd64) without installing it:
-# apt-get download + dpkg -x into work/guest/. Prints the vmlinuz path, or
-# with --elf the kernel's ELF image (vmlinux, with its PVH entry note),
-# decompressed here on the host the way Linux's extract-vmlinux does, so a
-# guest on a software-virtualization host need not decompress itself.
+# Fetch one of Debian's kernels without installing it: apt-get download +
+# dpkg -x. Prints the vmlinuz path, or with --elf the kernel's ELF image
+# (vmlinux, with its PVH entry note), decompressed here on the host the way
+# Linux's extract-vmlinux does, so a guest on a software-virtualization
+# host need not decompress itself.
+#   fetch-guest-kernel.sh [--generic] [--elf]
+# Default: the cloud kernel (linux-image-cloud-amd64) into work/guest/.
+# --generic: the generic kernel (linux-image-amd64) into
+# work/guest-generic/; it builds as modules what the cloud one leaves out
+# (ahci, libata, sd_mod, sr_mod, isofs, e1000, USB).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
+meta=linux-image-cloud-amd64
 dest="$root/work/guest"
+if [ "${1:-}" = "--generic" ]; then
+  meta=linux-image-amd64
+  dest="$root/work/guest-generic"
+  shift
+fi
 mkdir -p "$dest"
 if ! ls "$dest"/kernel/boot/vmlinuz-* >/dev/null 2>&1; then
   cd "$dest"
   # The metapackage names the versioned kernel package it depends on.
-  pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+  pkg=$(apt-cache depends $meta 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
   if [ -z "$pkg" ]; then
     apt-get update -qq
-    pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+    pkg=$(apt-cache depends $meta | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
   fi
   rm -f ./*.deb
   apt-get download -qq "$pkg" 2>&1 | grep -v "^W: Download is performed unsandboxed" >&2 || true

@@ -9,6 +9,8 @@ host for the guest's /init (crates/guests/linux-init/init.c):
     5555: takes 256 KiB from the guest, sends 256 KiB back, and reports the
     FNV-1a 64 sums of both;
   - pings the guest (10.99.1.2) once its /init says eth0 is up;
+  - the same on the e1000's tap (--e1000-tap), 10.99.2.1 and 10.99.2.2,
+    eth1 in the guest;
   - connects to the virtio-console port's socket, reads the guest's line
     and answers with one of its own;
   - presses the ACPI power button (SIGTERM to bhyve) when /init waits for
@@ -44,10 +46,10 @@ def say(text):
     sys.stdout.flush()
 
 
-def configure_tap(tap, deadline):
+def configure_tap(tap, net, deadline):
     while time.time() < deadline:
         if subprocess.run(["ip", "link", "show", tap], capture_output=True).returncode == 0:
-            subprocess.run(["ip", "addr", "add", "10.99.1.1/24", "dev", tap], check=True)
+            subprocess.run(["ip", "addr", "add", f"10.99.{net}.1/24", "dev", tap], check=True)
             subprocess.run(["ip", "link", "set", tap, "up"], check=True)
             return True
         time.sleep(0.2)
@@ -55,7 +57,7 @@ def configure_tap(tap, deadline):
     return False
 
 
-def serve_tcp(server):
+def serve_tcp(server, label):
     conn, _ = server.accept()
     with conn:
         conn.settimeout(600)
@@ -68,7 +70,7 @@ def serve_tcp(server):
         sent = bytes((i * 31 + 5) & 0xFF for i in range(262144))
         conn.sendall(sent)
         say(
-            f"tcp received {len(got)} bytes fnv1a64 {fnv1a64(FNV_START, got):016x}; "
+            f"{label}tcp received {len(got)} bytes fnv1a64 {fnv1a64(FNV_START, got):016x}; "
             f"sent {len(sent)} bytes fnv1a64 {fnv1a64(FNV_START, sent):016x}"
         )
 
@@ -87,7 +89,9 @@ def console_port(path, deadline):
                 return
             time.sleep(0.2)
             continue
-        s.settimeout(1800)
+        # The guest writes its line only once its drivers are up: on a slow,
+        # busy host that can be well over half an hour after the VM starts.
+        s.settimeout(max(deadline - time.time(), 1))
         got = b""
         while not got.endswith(b"\n"):
             try:
@@ -104,7 +108,7 @@ def console_port(path, deadline):
     threading.Event().wait()
 
 
-def checkpoint_and_restore(vm, cmd, path, tap):
+def checkpoint_and_restore(vm, cmd, path, nics):
     """Checkpoint the running VM to `path`, kill its bhyve and start a new
     one restoring the checkpoint; returns the new process."""
     bhyvectl = os.path.join(os.path.dirname(cmd[0]), "bhyvectl")
@@ -124,14 +128,16 @@ def checkpoint_and_restore(vm, cmd, path, tap):
     vm = subprocess.Popen(cmd[:-1] + ["-r", path, name], stdout=subprocess.PIPE,
                           stdin=subprocess.DEVNULL)
     say("restoring the checkpoint in a new bhyve")
-    # The killed bhyve's tap went with it: the new one gets the address.
-    threading.Thread(target=configure_tap, args=(tap, time.time() + 60), daemon=True).start()
+    # The killed bhyve's taps went with it: the new ones get the addresses.
+    for tap, net, _, _ in nics:
+        threading.Thread(target=configure_tap, args=(tap, net, time.time() + 60), daemon=True).start()
     return vm
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tap", required=True)
+    ap.add_argument("--e1000-tap")
     ap.add_argument("--console-socket", required=True)
     ap.add_argument("--checkpoint-at")
     ap.add_argument("--checkpoint")
@@ -143,12 +149,17 @@ def main():
     vm = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
     checkpoint_at = args.checkpoint_at
     threading.Thread(target=console_port, args=(args.console_socket, deadline), daemon=True).start()
-    if configure_tap(args.tap, time.time() + 60):
-        server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        server.bind(("10.99.1.1", 5555))
-        server.listen(1)
-        threading.Thread(target=serve_tcp, args=(server,), daemon=True).start()
+    # (tap, subnet, what the guest says when its interface is up, label)
+    nics = [(args.tap, 1, "dev virtio-net: eth0 10.99.1.2/24 up", "")]
+    if args.e1000_tap:
+        nics.append((args.e1000_tap, 2, "dev e1000: eth1 10.99.2.2/24 up", "e1000 "))
+    for tap, net, _, label in nics:
+        if configure_tap(tap, net, time.time() + 60):
+            server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            server.bind((f"10.99.{net}.1", 5555))
+            server.listen(1)
+            threading.Thread(target=serve_tcp, args=(server, label), daemon=True).start()
 
     while True:
         raw = vm.stdout.readline()
@@ -159,14 +170,17 @@ def main():
         text = raw.decode(errors="replace").strip()
         if checkpoint_at and checkpoint_at in text:
             checkpoint_at = None
-            vm = checkpoint_and_restore(vm, cmd, args.checkpoint, args.tap)
-        elif text.startswith("dev virtio-net: eth0 10.99.1.2/24 up"):
-            ping = subprocess.run(
-                ["ping", "-c", "3", "-W", "5", "10.99.1.2"], capture_output=True, text=True
-            )
-            replies = sum(1 for l in ping.stdout.splitlines() if "bytes from 10.99.1.2" in l)
-            say(f"ping 10.99.1.2: {replies}/3 replies")
-        elif text.startswith("dev power-button: waiting"):
+            vm = checkpoint_and_restore(vm, cmd, args.checkpoint, nics)
+            continue
+        for _, net, up, label in nics:
+            if text.startswith(up):
+                guest = f"10.99.{net}.2"
+                ping = subprocess.run(
+                    ["ping", "-c", "3", "-W", "5", guest], capture_output=True, text=True
+                )
+                replies = sum(1 for l in ping.stdout.splitlines() if f"bytes from {guest}" in l)
+                say(f"{label}ping {guest}: {replies}/3 replies")
+        if text.startswith("dev power-button: waiting"):
             vm.send_signal(signal.SIGTERM)
             say("pressed the power button (SIGTERM to bhyve)")
     sys.exit(vm.wait())

@@ -204,3 +204,39 @@ fn nvme_options_rhyve_cannot_honour_are_refused_naming_the_key() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// e1000 takes virtio-net's backends and MAC syntax: a backend rhyve has
+/// not got, a missing one and a multicast MAC are each refused naming the
+/// slot and the bad part (before, every e1000 was refused as a model).
+#[test]
+fn e1000_backend_and_mac_mistakes_are_named() {
+    let cases: [(&str, &[&str]); 3] = [
+        (
+            "3,e1000,slirp",
+            &[
+                "pci slot 0:3:0",
+                "network backend \"slirp\" is not supported yet",
+            ],
+        ),
+        (
+            "3,e1000",
+            &[
+                "pci slot 0:3:0",
+                "e1000 without a backend is not supported yet",
+            ],
+        ),
+        (
+            "3,e1000,tap,mac=01:00:5e:00:00:01",
+            &["pci slot 0:3:0", "invalid MAC 01:00:5e:00:00:01"],
+        ),
+    ];
+    for (n, (slot, parts)) in cases.into_iter().enumerate() {
+        let run = bhyve(&guest_args(
+            "pcienum",
+            "",
+            &["-s", slot],
+            &format!("e1000-{n}"),
+        ));
+        assert_refused(&run, parts);
+    }
+}

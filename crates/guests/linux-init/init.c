@@ -75,6 +75,7 @@ typedef unsigned int u32;
 #define NR32_OPEN 5
 #define NR32_CLOSE 6
 #define NR32_MOUNT 21
+#define NR32_MKDIR 39
 #define NR32_REBOOT 88
 #define NR32_UNAME 122
 #define NR32_LSEEK 19
@@ -455,39 +456,57 @@ static void load_modules(void)
 	}
 }
 
-/* The first MiB of vda read and summed; 64 KiB of a known pattern written
- * after it and synced; vdb (read-only) refuses a write. */
-static void check_virtio_blk(void)
+/* The first MiB of the disk at DEVPATH read and summed; 64 KiB of a
+ * pattern (131i+7, or 137i+11 with OTHER) written after it and synced. */
+static void check_disk(const char *dev, const char *devpath, const char *name, int other)
 {
 	static unsigned char chunk[65536];
 	char *at;
-	u32 len;
 	u64 sum = FNV_START;
-	long fd = sys32(NR32_OPEN, (u32)(u64) "/dev/vda", O_RDWR, 0, 0, 0), n = 0;
+	long fd = sys32(NR32_OPEN, (u32)(u64)devpath, O_RDWR, 0, 0, 0), n = 0;
 	if (fd < 0) {
-		report("virtio-blk", "open /dev/vda", fd);
+		at = append(msg, "open ");
+		append(at, devpath);
+		report(dev, msg, fd);
 		return;
 	}
 	for (u32 done = 0; done < (1u << 20); done += (u32)n) {
 		n = sys32(NR32_READ, (u32)fd, (u32)(u64)chunk, sizeof(chunk), 0, 0);
 		if (n <= 0) {
-			report("virtio-blk", "read /dev/vda", n < 0 ? n : -5);
+			at = append(msg, "read ");
+			append(at, devpath);
+			report(dev, msg, n < 0 ? n : -5);
+			sys32(NR32_CLOSE, (u32)fd, 0, 0, 0, 0);
 			return;
 		}
 		sum = fnv1a64(sum, chunk, (u32)n);
 	}
-	at = append(msg, "vda read 1048576 bytes fnv1a64 ");
+	at = append(msg, name);
+	at = append(at, " read 1048576 bytes fnv1a64 ");
 	append_hex(at, sum, 16);
-	report("virtio-blk", msg, 0);
+	report(dev, msg, 0);
 	for (u32 i = 0; i < sizeof(chunk); i++)
-		chunk[i] = (unsigned char)(i * 131 + 7);
+		chunk[i] = other ? (unsigned char)(i * 137 + 11) : (unsigned char)(i * 131 + 7);
 	n = sys32(NR32_LSEEK, (u32)fd, 1u << 20, 0, 0, 0);
 	if (n >= 0)
 		n = sys32(NR32_WRITE, (u32)fd, (u32)(u64)chunk, sizeof(chunk), 0, 0);
 	if (n >= 0)
 		n = sys32(NR32_FSYNC, (u32)fd, 0, 0, 0, 0);
-	report("virtio-blk", "vda wrote 65536 bytes of pattern 131i+7 at 1048576 and synced", n);
+	at = append(msg, name);
+	append(at, other ? " wrote 65536 bytes of pattern 137i+11 at 1048576 and synced"
+			 : " wrote 65536 bytes of pattern 131i+7 at 1048576 and synced");
+	report(dev, msg, n);
 	sys32(NR32_CLOSE, (u32)fd, 0, 0, 0, 0);
+}
+
+/* vda through check_disk; vdb (read-only) refuses a write. */
+static void check_virtio_blk(void)
+{
+	static unsigned char chunk[512];
+	char *at;
+	u32 len;
+	long fd, n;
+	check_disk("virtio-blk", "/dev/vda", "vda", 0);
 
 	/* Linux opens a read-only disk for writing but refuses the write
 	 * (EPERM); its ro flag comes from the device's VIRTIO_BLK_F_RO. */
@@ -704,27 +723,41 @@ static unsigned short inet_checksum(const unsigned char *p, u32 n)
 	return (unsigned short)~sum;
 }
 
-/* eth0 at 10.99.1.2/24; an ICMP echo to the host (10.99.1.1) and its
- * reply; then a TCP connection to the host's port 5555: 256 KiB of a
- * pattern each way, both summed. */
-static void check_virtio_net(void)
+/* "10.99.NET.HOST" */
+static char *append_ip(char *at, u32 net, u32 host)
 {
+	at = append(at, "10.99.");
+	at = append_u32(at, net);
+	at = append(at, ".");
+	return append_u32(at, host);
+}
+
+/* IFNAME (the NIC DEV names) at 10.99.NET.2/24; an ICMP echo to the host
+ * (10.99.NET.1) and its reply; then a TCP connection to the host's port
+ * 5555: 256 KiB of a pattern each way, both summed. */
+static void check_net(const char *dev, const char *ifname, u32 net)
+{
+	char what[64];
 	static unsigned char data[65536];
-	struct sockaddr_in4 host = { AF_INET, (unsigned short)(5555 >> 8 | (5555 & 0xff) << 8), ip4(10, 99, 1, 1), { 0 } };
+	struct sockaddr_in4 host = { AF_INET, (unsigned short)(5555 >> 8 | (5555 & 0xff) << 8), ip4(10, 99, net, 1), { 0 } };
 	long sock = sys32(NR32_SOCKET, AF_INET, SOCK_DGRAM, 0, 0, 0), err;
 	char *at;
 	u64 sum;
 	if (sock < 0) {
-		report("virtio-net", "socket", sock);
+		report(dev, "socket", sock);
 		return;
 	}
-	err = set_ifaddr(sock, "eth0", SIOCSIFADDR, ip4(10, 99, 1, 2));
+	err = set_ifaddr(sock, ifname, SIOCSIFADDR, ip4(10, 99, net, 2));
 	if (err >= 0)
-		err = set_ifaddr(sock, "eth0", SIOCSIFNETMASK, ip4(255, 255, 255, 0));
+		err = set_ifaddr(sock, ifname, SIOCSIFNETMASK, ip4(255, 255, 255, 0));
 	if (err >= 0)
-		err = interface_up(sock, "eth0");
+		err = interface_up(sock, ifname);
 	sys32(NR32_CLOSE, (u32)sock, 0, 0, 0, 0);
-	report("virtio-net", "eth0 10.99.1.2/24 up", err);
+	at = append(what, ifname);
+	at = append(at, " ");
+	at = append_ip(at, net, 2);
+	append(at, "/24 up");
+	report(dev, what, err);
 	if (err < 0)
 		return;
 
@@ -734,7 +767,7 @@ static void check_virtio_net(void)
 	/* connect + write + read: sendto and recvfrom take six arguments,
 	 * and sys32 passes five. */
 	if (sock >= 0) {
-		struct sockaddr_in4 to = { AF_INET, 0, ip4(10, 99, 1, 1), { 0 } };
+		struct sockaddr_in4 to = { AF_INET, 0, ip4(10, 99, net, 1), { 0 } };
 		err = sys32(NR32_CONNECT, (u32)sock, (u32)(u64)&to, sizeof(to), 0, 0);
 	}
 	for (u32 attempt = 0; err >= 0 && attempt < 30; attempt++) {
@@ -761,12 +794,18 @@ static void check_virtio_net(void)
 		err = -110;
 	if (sock >= 0)
 		sys32(NR32_CLOSE, (u32)sock, 0, 0, 0, 0);
-	report("virtio-net", "ping 10.99.1.1: echo reply", err);
+	at = append(what, "ping ");
+	at = append_ip(at, net, 1);
+	append(at, ": echo reply");
+	report(dev, what, err);
 
 	sock = sys32(NR32_SOCKET, AF_INET, SOCK_STREAM, 0, 0, 0);
 	err = sock < 0 ? sock : sys32(NR32_CONNECT, (u32)sock, (u32)(u64)&host, sizeof(host), 0, 0);
 	if (err < 0) {
-		report("virtio-net", "connect to 10.99.1.1:5555", err);
+		at = append(what, "connect to ");
+	at = append_ip(at, net, 1);
+	append(at, ":5555");
+	report(dev, what, err);
 		if (sock >= 0)
 			sys32(NR32_CLOSE, (u32)sock, 0, 0, 0, 0);
 		return;
@@ -781,7 +820,7 @@ static void check_virtio_net(void)
 	}
 	at = append(msg, "sent 262144 bytes fnv1a64 ");
 	append_hex(at, sum, 16);
-	report("virtio-net", msg, err < 0 ? err : 0);
+	report(dev, msg, err < 0 ? err : 0);
 	sum = FNV_START;
 	u32 got = 0;
 	while (err >= 0 && got < 262144) {
@@ -801,7 +840,7 @@ static void check_virtio_net(void)
 	at = append_u32(at, got);
 	at = append(at, " bytes fnv1a64 ");
 	append_hex(at, sum, 16);
-	report("virtio-net", msg, err < 0 ? err : 0);
+	report(dev, msg, err < 0 ? err : 0);
 	sys32(NR32_CLOSE, (u32)sock, 0, 0, 0, 0);
 }
 
@@ -853,6 +892,77 @@ static void await_power_button(void)
 	}
 }
 
+/* Whether Linux registered the PCI driver NAME (its module was in the
+ * initramfs: the cloud kernel has neither ahci nor e1000). */
+static int have_pci_driver(const char *dev, const char *name)
+{
+	char path[64];
+	append(append(path, "/sys/bus/pci/drivers/"), name);
+	long fd = sys32(NR32_OPEN, (u32)(u64)path, O_RDONLY, 0, 0, 0);
+	if (fd < 0) {
+		report(dev, "skipped: this kernel has no driver for it", 0);
+		return 0;
+	}
+	sys32(NR32_CLOSE, (u32)fd, 0, 0, 0, 0);
+	return 1;
+}
+
+/* Linux's ahci, libata, sd_mod, sr_mod and isofs: the ahci-hd is sda (read,
+ * written, synced); the ahci-cd is sr0, read whole as a CD-ROM and summed,
+ * then mounted as ISO 9660 and a file read from it. */
+static void check_ahci(void)
+{
+	static unsigned char chunk[65536];
+	char *at;
+	u64 sum = FNV_START;
+	u32 total = 0;
+	long fd, n;
+	if (!have_pci_driver("ahci", "ahci"))
+		return;
+	check_disk("ahci-hd", "/dev/sda", "sda", 1);
+	fd = sys32(NR32_OPEN, (u32)(u64) "/dev/sr0", O_RDONLY, 0, 0, 0);
+	if (fd < 0) {
+		report("ahci-cd", "open /dev/sr0", fd);
+		return;
+	}
+	while ((n = sys32(NR32_READ, (u32)fd, (u32)(u64)chunk, sizeof(chunk), 0, 0)) > 0) {
+		sum = fnv1a64(sum, chunk, (u32)n);
+		total += (u32)n;
+	}
+	sys32(NR32_CLOSE, (u32)fd, 0, 0, 0, 0);
+	at = append(msg, "sr0 read ");
+	at = append_u32(at, total);
+	at = append(at, " bytes fnv1a64 ");
+	append_hex(at, sum, 16);
+	report("ahci-cd", msg, n < 0 ? n : 0);
+	n = sys32(NR32_MKDIR, (u32)(u64) "/cdrom", 0755, 0, 0, 0);
+	n = sys32(NR32_MOUNT, (u32)(u64) "/dev/sr0", (u32)(u64) "/cdrom", (u32)(u64) "iso9660", 1 /* MS_RDONLY */, 0);
+	if (n < 0) {
+		report("ahci-cd", "mount /dev/sr0 iso9660", n);
+		return;
+	}
+	fd = sys32(NR32_OPEN, (u32)(u64) "/cdrom/hello.txt", O_RDONLY, 0, 0, 0);
+	if (fd < 0) {
+		report("ahci-cd", "open /cdrom/hello.txt", fd);
+		return;
+	}
+	sys32(NR32_CLOSE, (u32)fd, 0, 0, 0, 0);
+	u32 len = read_file("/cdrom/hello.txt");
+	while (len && buf[len - 1] == '\n')
+		buf[--len] = 0;
+	at = append(msg, "iso9660 hello.txt: ");
+	append(at, buf);
+	report("ahci-cd", msg, len ? 0 : -2);
+}
+
+/* Linux's e1000 driver on the e1000's tap: eth1 (virtio_net, loaded
+ * first, took eth0), the same exchange with the host as virtio-net's. */
+static void check_e1000(void)
+{
+	if (have_pci_driver("e1000", "e1000"))
+		check_net("e1000", "eth1", 2);
+}
+
 static void exercise_drivers(void)
 {
 	long err = sys32(NR32_MOUNT, (u32)(u64) "devtmpfs", (u32)(u64) "/dev", (u32)(u64) "devtmpfs", 0, 0);
@@ -868,7 +978,9 @@ static void exercise_drivers(void)
 	check_nvme();
 	check_virtio_rnd();
 	check_virtio_console();
-	check_virtio_net();
+	check_net("virtio-net", "eth0", 1);
+	check_e1000();
+	check_ahci();
 	read_file("/proc/uptime");
 	char *at = append(line, "DRIVERS-DONE uptime ");
 	append(at, buf);

@@ -99,6 +99,56 @@ pub fn derived_mac(vm_name: &str, slot: u8, function: u8) -> [u8; 6] {
     [0x00, 0xa0, 0x98, d[0], d[1], d[2]]
 }
 
+/// The `mac` key of a network device node (`pci.B.S.F`), or bhyve's
+/// default derived from the VM name and the slot.
+pub fn mac_from_config(
+    tree: &ConfigTree,
+    node: &str,
+    vm_name: &str,
+    slot: u8,
+    function: u8,
+) -> Result<[u8; 6], ConfigureError> {
+    match tree.get(&format!("{node}.mac"))? {
+        Some(m) => parse_mac(&m).ok_or_else(|| ConfigureError::Invalid {
+            node: node.to_string(),
+            why: format!("invalid MAC {m}"),
+        }),
+        None => Ok(derived_mac(vm_name, slot, function)),
+    }
+}
+
+/// bhyve's `netbe_init` for a network device node (`model` names it in
+/// errors): the tap its `backend` key names. Other backend kinds are
+/// refused as not supported yet.
+pub fn tap_from_config(tree: &ConfigTree, node: &str, model: &str) -> Result<Tap, ConfigureError> {
+    let invalid = |why: String| ConfigureError::Invalid {
+        node: node.to_string(),
+        why,
+    };
+    let backend = tree
+        .get(&format!("{node}.backend"))?
+        .ok_or_else(|| invalid(format!("{model} without a backend is not supported yet")))?;
+    if let Some(t) = tree.get(&format!("{node}.type"))? {
+        if t != "tap" {
+            return Err(invalid(format!(
+                "network backend type \"{t}\" is not supported yet"
+            )));
+        }
+    }
+    for prefix in ["netgraph", "netmap:", "vale", "slirp"] {
+        if backend.starts_with(prefix) {
+            return Err(invalid(format!(
+                "network backend \"{backend}\" is not supported yet"
+            )));
+        }
+    }
+    // bhyve's vmnetN is a tap too.
+    let name = backend
+        .strip_prefix("vmnet")
+        .map_or(backend.clone(), |n| format!("vmnet{n}"));
+    Ok(Tap::open(&name)?)
+}
+
 impl Net {
     pub fn from_config(
         tree: &ConfigTree,
@@ -111,27 +161,7 @@ impl Net {
             node: node.to_string(),
             why,
         };
-        let backend = tree
-            .get(&format!("{node}.backend"))?
-            .ok_or_else(|| invalid("virtio-net without a backend is not supported yet".into()))?;
-        if let Some(t) = tree.get(&format!("{node}.type"))? {
-            if t != "tap" {
-                return Err(invalid(format!(
-                    "network backend type \"{t}\" is not supported yet"
-                )));
-            }
-        }
-        for prefix in ["netgraph", "netmap:", "vale", "slirp"] {
-            if backend.starts_with(prefix) {
-                return Err(invalid(format!(
-                    "network backend \"{backend}\" is not supported yet"
-                )));
-            }
-        }
-        let mac = match tree.get(&format!("{node}.mac"))? {
-            Some(m) => parse_mac(&m).ok_or_else(|| invalid(format!("invalid MAC {m}")))?,
-            None => derived_mac(vm_name, slot, function),
-        };
+        let mac = mac_from_config(tree, node, vm_name, slot, function)?;
         let (mtu, mtu_set) = match tree.get(&format!("{node}.mtu"))? {
             Some(m) => {
                 let v = rhyve_config::parse_c_integer(&m)
@@ -141,11 +171,7 @@ impl Net {
             }
             None => (DEFAULT_MTU, false),
         };
-        // bhyve's vmnetN is a tap too.
-        let name = backend
-            .strip_prefix("vmnet")
-            .map_or(backend.clone(), |n| format!("vmnet{n}"));
-        let tap = Tap::open(&name)?;
+        let tap = tap_from_config(tree, node, "virtio-net")?;
         Ok(Self::new(tap, mac, mtu, mtu_set))
     }
 

@@ -108,6 +108,16 @@ fn build_pci(
         } else if f.model == "nvme" {
             rhyve_storage::Nvme::from_config(tree, &f.node, vm.memory().clone())
                 .map_err(|e| VmmError::Unsupported(format!("pci slot {bdf}: {e}")))?
+        } else if f.model == "e1000" {
+            rhyve_net::E1000::from_config(
+                tree,
+                &f.node,
+                &vm_name,
+                f.slot,
+                f.func,
+                vm.memory().clone(),
+            )
+            .map_err(|e| VmmError::Unsupported(format!("pci slot {bdf}: {e}")))?
         } else {
             create_function(&f.model, tree, &f.node, &ctx)
                 .map_err(|e| VmmError::Unsupported(e.to_string()))?
