@@ -34,7 +34,7 @@ if [ "$vnc_boot" = yes ]; then
 else
   echo "  - not the firmware's VNC test (uefi_vnc): a third firmware boot, too long on $host_kind"
 fi
-echo "  - every other cargo test at nice 19 beside them"
+echo "  - every other cargo test beside them; all but the full boot at nice 19, so it keeps a core"
 echo "  expected, build done: ~20 min on Intel PVM hosts, ~35-40 on AMD PVM hosts"
 export RHYVE_GUEST_KERNEL="${RHYVE_GUEST_KERNEL:-$(scripts/fetch-guest-kernel.sh)}"
 
@@ -65,8 +65,10 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
         print(m["executable"])' "$1"
 }
+# At the cargo tests' priority: sharing a core fairly with them, not
+# starving their timing-sensitive guests.
 run_cli_test() { # run_cli_test BINARY TEST OUTPUT
-  (cd crates/cli && "$1" --exact "$2" --nocapture) >"$3" 2>&1
+  (cd crates/cli && nice -n 19 "$1" --exact "$2" --nocapture) >"$3" 2>&1
 }
 report() { # report NAME OUTPUT STATUS
   if [ "$3" -eq 0 ]; then

@@ -1458,7 +1458,10 @@ mod tests {
             assert_eq!(unsafe { libc::tcgetattr(0, &mut t) }, 0);
             let raw = t.c_lflag & libc::ICANON == 0;
             b.write(if raw { b"raw=1\n" } else { b"raw=0\n" });
-            assert!(b.drain_output(Duration::from_secs(5)));
+            // Generous: the suite runs these beside long VM boots at the
+            // lowest priority, and a timeout here exits with a panic's
+            // status instead of the signal the test waits for.
+            assert!(b.drain_output(Duration::from_secs(60)));
             if mode == "pty-signal" {
                 // Die from a signal: the signal hook must restore it.
                 // SAFETY: raising a signal in our own process.
@@ -1468,7 +1471,7 @@ mod tests {
             // hook must restore the terminal.
             std::process::exit(0);
         }
-        assert!(b.drain_output(Duration::from_secs(5)));
+        assert!(b.drain_output(Duration::from_secs(60)));
     }
 
     fn stdio_child_command(mode: &str) -> std::process::Command {
