@@ -36,13 +36,16 @@
 //!   as the direct-boot early-boot test goes; the VM is then stopped and
 //!   the VARS file still has its size.
 
+mod firmware;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rhyve_guests::{debian_kernel, require_kvm, test_registry, vm_name, workspace_root};
+use firmware::{firmware, strip_ansi};
+use rhyve_guests::{debian_kernel, require_kvm, test_registry, vm_name};
 
 /// From reset to the shell prompt; several minutes on a PVM host.
 const BOOT_DEADLINE: Duration = Duration::from_secs(40 * 60);
@@ -54,21 +57,6 @@ const VAR_GUID: &str = "5a0c8f9b-3c8e-4b4a-9d2e-726879766521";
 const VAR_VALUE: &str = "rhyve-persists-0xC0FFEE";
 /// EFI_GLOBAL_VARIABLE, the vendor GUID of `BootNext`.
 const GLOBAL_GUID: &str = "8BE4DF61-93CA-11D2-AA0D-00E098032B8C";
-
-/// The firmware images, built into the cache when missing.
-fn firmware() -> (PathBuf, PathBuf) {
-    let script = workspace_root().join("scripts/build-uefi-firmware.sh");
-    let out = Command::new(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-    assert!(out.status.success(), "{} failed", script.display());
-    let text = String::from_utf8(out.stdout).unwrap();
-    let mut lines = text.lines().map(PathBuf::from);
-    let code = lines.next().expect("no CODE path");
-    let vars = lines.next().expect("no VARS path");
-    (code, vars)
-}
 
 fn sh(cmd: &mut Command) {
     let shown = format!("{cmd:?}");
@@ -126,29 +114,6 @@ struct Console {
     /// Bytes of the stripped output already consumed by
     /// [`Console::wait_for_first`].
     seen: usize,
-}
-
-fn strip_ansi(raw: &[u8]) -> String {
-    let text = String::from_utf8_lossy(raw);
-    let mut out = String::new();
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            if chars.peek() == Some(&'[') {
-                chars.next();
-                for c in chars.by_ref() {
-                    if c.is_ascii_alphabetic() {
-                        break;
-                    }
-                }
-            }
-            continue;
-        }
-        if c != '\r' {
-            out.push(c);
-        }
-    }
-    out
 }
 
 impl Console {

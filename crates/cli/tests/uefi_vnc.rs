@@ -14,57 +14,21 @@
 //! - a capture through ZRLE (vncdotool's decoder) matches the Raw one;
 //! - `reset -s` typed through the client powers the VM off (exit status 1).
 
+mod firmware;
+
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rhyve_guests::{require_kvm, test_registry, vm_name, workspace_root};
+use firmware::{firmware, strip_ansi};
+use rhyve_guests::{require_kvm, test_registry, vm_name};
 
 const BOOT_DEADLINE: Duration = Duration::from_secs(40 * 60);
 const COMMAND_DEADLINE: Duration = Duration::from_secs(5 * 60);
 const PASSWORD: &str = "rhyve-pw";
 const TYPED: &str = "vnc-typed-ok";
-
-/// The firmware images, built into the cache when missing.
-fn firmware() -> (PathBuf, PathBuf) {
-    let script = workspace_root().join("scripts/build-uefi-firmware.sh");
-    let out = Command::new(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-    assert!(out.status.success(), "{} failed", script.display());
-    let text = String::from_utf8(out.stdout).unwrap();
-    let mut lines = text.lines().map(PathBuf::from);
-    (
-        lines.next().expect("no CODE path"),
-        lines.next().expect("no VARS path"),
-    )
-}
-
-fn strip_ansi(raw: &[u8]) -> String {
-    let text = String::from_utf8_lossy(raw);
-    let mut out = String::new();
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            if chars.peek() == Some(&'[') {
-                chars.next();
-                for c in chars.by_ref() {
-                    if c.is_ascii_alphabetic() {
-                        break;
-                    }
-                }
-            }
-            continue;
-        }
-        if c != '\r' {
-            out.push(c);
-        }
-    }
-    out
-}
 
 /// `vncdo` against the VM's server.
 fn vncdo(port: u16, password: &str, args: &[&str]) -> Output {
