@@ -23,8 +23,21 @@
 #     the stopped state); "restored" is process start to query-status
 #     "running" (QEMU reads the whole stream before it runs the guest).
 #   "first line" is, for both, process start to the guest's next COM1 line.
+#   The two "restored" figures measure different spans, so they get no ratio.
 #
 #   bench/snapshot.sh            (TOUCH_MIB=32 by default)
+#
+# One run on an Intel PVM host (pvm-intel), 2026-12-03, load average 3.4-3.6
+# from other jobs (two earlier runs differed by up to 3x in the save times;
+# README's Performance section has the ranges and Firecracker's figures):
+#
+#   memory vmm    checkpoint    suspend       file     on-disk   restored  first-line
+#   256M   rhyve      309 ms      83 ms    256 MiB      32 MiB    13.8 ms       45 ms
+#   256M   QEMU        81 ms      44 ms     32 MiB      32 MiB     148 ms      148 ms
+#   256M   ratio       3.81x      1.89x      7.85x       0.98x          -       0.30x
+#   2G     rhyve      724 ms     750 ms   2048 MiB      32 MiB     5.8 ms      116 ms
+#   2G     QEMU       238 ms     131 ms     36 MiB      36 MiB     154 ms      161 ms
+#   2G     ratio       3.04x      5.73x     56.01x       0.88x          -       0.72x
 #
 # Needs qemu-system-x86 (scripts/setup.sh does not install it: it is for
 # comparison only), gcc, python3.
@@ -174,6 +187,6 @@ for mem in 256M 2G; do
   awk -v m="$mem" -v a="$rc $rs $rsize $rused $rrest $rline" -v b="$qc $qs $qsize $qused $qrest $qline" '
     BEGIN { n = split(a, x); split(b, y); printf "%-6s %-6s", m, "ratio"
       w[1] = 10; w[2] = 10; w[3] = 10; w[4] = 11; w[5] = 10; w[6] = 11
-      for (i = 1; i <= n; i++) printf " %*s", w[i], (y[i] > 0 ? sprintf("%.2fx", x[i] / y[i]) : "-")
+      for (i = 1; i <= n; i++) printf " %*s", w[i], (i != 5 && y[i] > 0 ? sprintf("%.2fx", x[i] / y[i]) : "-")
       print "" }'
 done
