@@ -92,8 +92,10 @@ rhyve() { # rhyve MEM: prints checkpoint suspend size used restored first-line (
 
 qemu() { # qemu MEM: the same figures for QEMU microvm
   python3 - "$qemu" "$guest" "$1" "$work" "$line" <<'PY'
-import json, os, socket, subprocess, sys, time
+import atexit, json, os, socket, subprocess, sys, time
 qemu, guest, mem, work, line = sys.argv[1:]
+started = []
+atexit.register(lambda: [p.kill() for p in started if p.poll() is None])  # no QEMU left on failure
 snap = os.path.join(work, f"qemu-{mem}")
 
 class Qmp:
@@ -123,6 +125,7 @@ def start(serial, extra):
                           "-no-user-config", "-display", "none", "-serial", f"file:{serial}",
                           "-qmp", f"unix:{sock},server=on,wait=off", "-kernel", guest, *extra],
                          stdin=subprocess.DEVNULL)
+    started.append(p)
     return p, Qmp(sock)
 
 def lines(path):
