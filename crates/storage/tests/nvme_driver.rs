@@ -59,6 +59,13 @@ fn fixture(name: &str, readonly: bool, tweak: impl FnOnce(&mut NvmeOptions)) -> 
     }
 }
 
+/// The options of a plain `-s 4,nvme,...`.
+fn opts_default() -> NvmeOptions {
+    let mut tree = ConfigTree::new();
+    tree.set("pci.0.4.0.device", "nvme").unwrap();
+    NvmeOptions::from_config(&tree, "pci.0.4.0").unwrap()
+}
+
 /// A controller at 0:4:0 of VM "testvm" on the image at `path`.
 fn controller(
     path: &std::path::Path,
@@ -604,9 +611,7 @@ fn options_from_the_config_tree() {
 #[test]
 fn paused_with_io_in_flight_saves_and_restores() {
     let mut f = fixture("snapshot", false, |_| {});
-    let mut tree = ConfigTree::new();
-    tree.set("pci.0.4.0.device", "nvme").unwrap();
-    let opts = NvmeOptions::from_config(&tree, "pci.0.4.0").unwrap();
+    let opts = opts_default();
     assert!(f.host.enable(32));
     f.host.set_queue_count(4);
     // A 4-entry CQ (3 usable) under 16 SQ entries: most completions are
@@ -614,7 +619,8 @@ fn paused_with_io_in_flight_saves_and_restores() {
     let (cq, sq) = f.host.create_io_queues_sized(1, 4, 16);
     assert!(cq.ok() && sq.ok());
 
-    // Four 4 KiB writes and four 4 KiB reads (ioslots: 8), then pause at once.
+    // Four 4 KiB writes, a flush (the back end's slow one: it goes to the
+    // disk) and three 4 KiB reads: ioslots (8) commands.
     let written: Vec<Vec<u8>> = (0..4).map(|i| pattern(4096, 40 + i as u8)).collect();
     let host = &mut f.host;
     let mut cids = Vec::new();
@@ -623,12 +629,26 @@ fn paused_with_io_in_flight_saves_and_restores() {
         host.mem.write_slice(data, GuestAddress(at)).unwrap();
         cids.push(host.push(1, Host::rw(0x01, 100 + 8 * i as u64, 8, at, 0), false));
     }
-    for i in 0..4u64 {
+    cids.push(host.push(1, Sqe::new(0x00).nsid(1), false));
+    for i in 0..3u64 {
         let at = DATA + 0x8000 + i * 0x1000;
         cids.push(host.push(1, Host::rw(0x02, 8 * i, 8, at, 0), false));
     }
     host.ring_sq(1);
-    host.nvme.lock().unwrap().pause();
+    // Paused as soon as the I/O thread has fetched all eight, mostly
+    // while the back end still has some of them.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let in_flight = loop {
+        let mut n = host.nvme.lock().unwrap();
+        if n.state().sqs[1].as_ref().unwrap().head == 8 {
+            n.pause();
+            break !n.quiesced();
+        }
+        drop(n);
+        assert!(std::time::Instant::now() < deadline, "never fetched");
+        std::thread::yield_now();
+    };
+    eprintln!("paused with I/O in flight: {in_flight}");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while !host.nvme.lock().unwrap().quiesced() {
         assert!(std::time::Instant::now() < deadline, "never quiesced");
@@ -704,7 +724,7 @@ fn paused_with_io_in_flight_saves_and_restores() {
     }
     assert_eq!(&file[200 * 512..208 * 512], &late_write[..]);
     let original = pattern(DISK as usize, 7);
-    for i in 0..4usize {
+    for i in 0..3usize {
         let mut got = vec![0u8; 4096];
         host2
             .mem
@@ -744,4 +764,16 @@ fn paused_with_io_in_flight_saves_and_restores() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("maxq 16 in the snapshot, 2 here"), "{e}");
+
+    // A snapshot file is input too: a queue it cannot run is refused.
+    let mut bad = saved.clone().unwrap();
+    bad.data["state"]["sqs"][1]["entries"] = 0.into();
+    let other = controller(&f.path, false, opts_default(), &mem3);
+    let e = other
+        .lock()
+        .unwrap()
+        .restore_device(Some(&bad))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bad submission queue 1"), "{e}");
 }
