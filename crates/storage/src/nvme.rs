@@ -22,6 +22,14 @@
 //! and carries out controller resets and shutdowns (CSTS.RDY and SHST
 //! change when they are done, as the spec allows).
 //!
+//! Snapshots: paused, the I/O thread fetches no submission entry (doorbells
+//! are still recorded) but finishes what the back end has and posts it, so
+//! the saved state ([`NvmeSnapshot`]: registers, queues with their heads,
+//! tails and phases, features, Async Event Requests, completions held for
+//! room) has nothing in flight; a restore refuses another namespace or
+//! other queue limits. The MSI-X table and PBA are in the config space,
+//! which the PCI layer saves.
+//!
 //! Hostile guests: every queue base and size, doorbell value, PRP entry and
 //! list, LBA range and length is checked before use; guest memory is only
 //! reached through `vm-memory`'s checked accessors; a bad command completes
@@ -47,6 +55,7 @@ use rhyve_backends::block::{
 };
 use rhyve_config::{ConfigError, ConfigTree};
 use rhyve_pci::{BarKind, PciBdf, PciConfigSpace, PciError, PciFunction, PcieDeviceType};
+use rhyve_platform::snapshot::{DeviceState, Schema, SnapshotError};
 use rhyve_sandbox::ThreadRole;
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
@@ -147,7 +156,7 @@ pub mod feature {
 }
 
 /// A completion status: status code type and status code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
     pub sct: u8,
     pub sc: u8,
@@ -384,8 +393,8 @@ pub struct NvmeState {
 }
 
 /// A completion entry waiting to be posted.
-#[derive(Debug, Clone, Copy)]
-struct Cqe {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cqe {
     result: u32,
     sqid: u16,
     cid: u16,
@@ -439,6 +448,73 @@ pub struct Nvme {
     /// Completions waiting for room, per completion queue.
     held: Vec<VecDeque<Cqe>>,
     reaped: Vec<(u64, io::Result<()>)>,
+    /// Snapshot pause: no submission entry is fetched; what is with the
+    /// back end completes and is posted.
+    paused: bool,
+}
+
+/// What a snapshot keeps of a controller: the guest-visible state, the
+/// completions waiting for room in their queue, and the namespace and
+/// limits it may only be restored onto unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NvmeSnapshot {
+    pub state: NvmeState,
+    /// Per completion queue.
+    pub held: Vec<Vec<Cqe>>,
+    pub namespace: NvmeShape,
+}
+
+/// What the guest learned at identify time and must find again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NvmeShape {
+    pub blocks: u64,
+    pub sector_size: u32,
+    pub max_queues: u16,
+    pub queue_entries: u32,
+    pub dsm: bool,
+}
+
+impl NvmeShape {
+    /// What differs from `here`, each as "what: saved, here".
+    fn differences(&self, here: &Self) -> Vec<String> {
+        let mut d = Vec::new();
+        let mut check = |what: &str, saved: String, now: String| {
+            if saved != now {
+                d.push(format!("{what} {saved} in the snapshot, {now} here"));
+            }
+        };
+        check(
+            "namespace blocks",
+            self.blocks.to_string(),
+            here.blocks.to_string(),
+        );
+        check(
+            "sector size",
+            self.sector_size.to_string(),
+            here.sector_size.to_string(),
+        );
+        check(
+            "maxq",
+            self.max_queues.to_string(),
+            here.max_queues.to_string(),
+        );
+        check(
+            "qsz",
+            self.queue_entries.to_string(),
+            here.queue_entries.to_string(),
+        );
+        check(
+            "dataset management",
+            self.dsm.to_string(),
+            here.dsm.to_string(),
+        );
+        d
+    }
+}
+
+impl Schema for NvmeSnapshot {
+    const KIND: &'static str = "nvme";
+    const VERSION: u32 = 1;
 }
 
 fn pad(dst: &mut [u8], src: &str) {
@@ -505,6 +581,7 @@ impl Nvme {
             free_tokens: (0..opts.io_slots as usize).rev().collect(),
             held: vec![VecDeque::new(); queues],
             reaped: Vec::new(),
+            paused: false,
             opts,
             queue,
             disk: Arc::new(disk),
@@ -541,6 +618,53 @@ impl Nvme {
 
     pub fn state(&self) -> &NvmeState {
         &self.state
+    }
+
+    fn shape(&self) -> NvmeShape {
+        NvmeShape {
+            blocks: self.lbas,
+            sector_size: 1 << self.lba_shift,
+            max_queues: self.opts.max_queues,
+            queue_entries: self.opts.queue_entries,
+            dsm: self.dsm,
+        }
+    }
+
+    /// A saved state this controller can run without an index out of
+    /// range or a division by zero: the snapshot file is input too.
+    fn check_saved(&self, saved: &NvmeSnapshot) -> Result<(), String> {
+        let s = &saved.state;
+        let queues = usize::from(self.opts.max_queues) + 1;
+        if s.sqs.len() != queues || s.cqs.len() != queues || saved.held.len() != queues {
+            return Err(format!("{} queues saved, {queues} here", s.sqs.len()));
+        }
+        if s.features.len() != 32 || s.aers.len() > AER_LIMIT {
+            return Err("bad features or async event requests".into());
+        }
+        let ring_ok =
+            |entries: u16, head: u16, tail: u16| entries >= 2 && head < entries && tail < entries;
+        for (qid, sq) in s.sqs.iter().enumerate() {
+            let Some(sq) = sq else { continue };
+            let cq_exists = s.cqs.get(usize::from(sq.cqid)).is_some_and(Option::is_some);
+            if !ring_ok(sq.entries, sq.head, sq.tail) || !cq_exists {
+                return Err(format!("bad submission queue {qid}"));
+            }
+        }
+        for (qid, cq) in s.cqs.iter().enumerate() {
+            let Some(cq) = cq else { continue };
+            if !ring_ok(cq.entries, cq.head, cq.tail) || cq.vector > self.opts.max_queues {
+                return Err(format!("bad completion queue {qid}"));
+            }
+        }
+        if saved
+            .held
+            .iter()
+            .flatten()
+            .any(|c| usize::from(c.sqid) >= queues)
+        {
+            return Err("a held completion of a submission queue beyond maxq".into());
+        }
+        Ok(())
     }
 
     /// Nothing left to do until the guest acts: no I/O with the back end,
@@ -803,7 +927,7 @@ impl Nvme {
     /// end is busy.
     fn process_sq(&mut self, qid: usize) {
         loop {
-            if self.state.csts & reg::CSTS_RDY == 0 || self.state.reset_pending {
+            if self.paused || self.state.csts & reg::CSTS_RDY == 0 || self.state.reset_pending {
                 return;
             }
             let Some(sq) = self.state.sqs.get(qid).and_then(Option::as_ref) else {
@@ -1592,6 +1716,68 @@ impl PciFunction for Nvme {
             }
             (len, o) => tracing::debug!("nvme: dropping a {len}-byte write at {o:#x}"),
         }
+    }
+
+    fn pause(&mut self) {
+        self.paused = true;
+    }
+
+    /// Every command handed to the back end has completed and been posted
+    /// (or held for room), and no reset or shutdown is half done.
+    fn quiesced(&self) -> bool {
+        self.pending.iter().all(Option::is_none)
+            && !self.state.reset_pending
+            && !self.state.shutdown_pending
+    }
+
+    fn resume(&mut self) {
+        self.paused = false;
+        // Doorbells rung while paused are fetched now.
+        self.wake();
+    }
+
+    fn save_device(&self) -> Result<Option<DeviceState>, SnapshotError> {
+        if !self.quiesced() {
+            return Err(SnapshotError::Device {
+                id: "nvme".into(),
+                why: "saved with commands in flight".into(),
+            });
+        }
+        let saved = NvmeSnapshot {
+            state: self.state.clone(),
+            held: self
+                .held
+                .iter()
+                .map(|q| q.iter().copied().collect())
+                .collect(),
+            namespace: self.shape(),
+        };
+        DeviceState::encode("nvme", &saved).map(Some)
+    }
+
+    fn restore_device(&mut self, saved: Option<&DeviceState>) -> Result<(), SnapshotError> {
+        let saved: NvmeSnapshot = saved
+            .ok_or_else(|| SnapshotError::Mismatch("an NVMe controller without its state".into()))?
+            .decode()?;
+        let differences = saved.namespace.differences(&self.shape());
+        if !differences.is_empty() {
+            return Err(SnapshotError::Mismatch(format!(
+                "nvme: the snapshot's controller differs from this command line's: {}",
+                differences.join(", ")
+            )));
+        }
+        if saved.state.reset_pending || saved.state.shutdown_pending {
+            return Err(SnapshotError::Mismatch(
+                "nvme: the snapshot has a reset or shutdown in progress".into(),
+            ));
+        }
+        self.check_saved(&saved)
+            .map_err(|why| SnapshotError::Mismatch(format!("nvme: bad saved state: {why}")))?;
+        self.state = saved.state;
+        self.held = saved.held.into_iter().map(VecDeque::from).collect();
+        // Resumed (doorbells rung before the snapshot fetched) by the inventory.
+        self.paused = true;
+        Ok(())
     }
 }
 

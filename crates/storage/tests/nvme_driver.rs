@@ -50,8 +50,31 @@ fn fixture(name: &str, readonly: bool, tweak: impl FnOnce(&mut NvmeOptions)) -> 
     tree.set("pci.0.4.0.device", "nvme").unwrap();
     let mut opts = NvmeOptions::from_config(&tree, "pci.0.4.0").unwrap();
     tweak(&mut opts);
+    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+    let nvme = controller(&path, readonly, opts, &mem);
+    Fixture {
+        dir,
+        path,
+        host: Host::new(nvme, mem),
+    }
+}
+
+/// The options of a plain `-s 4,nvme,...`.
+fn opts_default() -> NvmeOptions {
+    let mut tree = ConfigTree::new();
+    tree.set("pci.0.4.0.device", "nvme").unwrap();
+    NvmeOptions::from_config(&tree, "pci.0.4.0").unwrap()
+}
+
+/// A controller at 0:4:0 of VM "testvm" on the image at `path`.
+fn controller(
+    path: &std::path::Path,
+    readonly: bool,
+    opts: NvmeOptions,
+    mem: &GuestMemory,
+) -> std::sync::Arc<std::sync::Mutex<Nvme>> {
     let file = BlockFile::open(&BlockOptions {
-        path: path.clone(),
+        path: path.to_path_buf(),
         readonly,
         nocache: false,
         sync: false,
@@ -59,20 +82,14 @@ fn fixture(name: &str, readonly: bool, tweak: impl FnOnce(&mut NvmeOptions)) -> 
         sector_size: None,
     })
     .unwrap();
-    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
-    let nvme = Nvme::new(
+    Nvme::new(
         file,
         opts,
         mem.clone(),
         "testvm",
         PciBdf::new(0, 4, 0).unwrap(),
     )
-    .unwrap();
-    Fixture {
-        dir,
-        path,
-        host: Host::new(nvme, mem),
-    }
+    .unwrap()
 }
 
 /// Enabled, 4 I/O queue pairs granted, I/O queue 1 with 16 entries.
@@ -589,4 +606,174 @@ fn options_from_the_config_tree() {
     f.host.create_io_queues(1, 4);
     let dsm = Sqe::new(0x09).nsid(1).prp1(DATA).cdw(11, 4);
     assert_eq!(status(&f.host.run(1, dsm)), (0, 0x01));
+}
+
+#[test]
+fn paused_with_io_in_flight_saves_and_restores() {
+    let mut f = fixture("snapshot", false, |_| {});
+    let opts = opts_default();
+    assert!(f.host.enable(32));
+    f.host.set_queue_count(4);
+    // A 4-entry CQ (3 usable) under 16 SQ entries: most completions are
+    // held by the controller, so the snapshot must carry them.
+    let (cq, sq) = f.host.create_io_queues_sized(1, 4, 16);
+    assert!(cq.ok() && sq.ok());
+
+    // Four 4 KiB writes, a flush (the back end's slow one: it goes to the
+    // disk) and three 4 KiB reads: ioslots (8) commands.
+    let written: Vec<Vec<u8>> = (0..4).map(|i| pattern(4096, 40 + i as u8)).collect();
+    let host = &mut f.host;
+    let mut cids = Vec::new();
+    for (i, data) in written.iter().enumerate() {
+        let at = DATA + i as u64 * 0x1000;
+        host.mem.write_slice(data, GuestAddress(at)).unwrap();
+        cids.push(host.push(1, Host::rw(0x01, 100 + 8 * i as u64, 8, at, 0), false));
+    }
+    cids.push(host.push(1, Sqe::new(0x00).nsid(1), false));
+    for i in 0..3u64 {
+        let at = DATA + 0x8000 + i * 0x1000;
+        cids.push(host.push(1, Host::rw(0x02, 8 * i, 8, at, 0), false));
+    }
+    host.ring_sq(1);
+    // Paused as soon as the I/O thread has fetched all eight, mostly
+    // while the back end still has some of them.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let in_flight = loop {
+        let mut n = host.nvme.lock().unwrap();
+        if n.state().sqs[1].as_ref().unwrap().head == 8 {
+            n.pause();
+            break !n.quiesced();
+        }
+        drop(n);
+        assert!(std::time::Instant::now() < deadline, "never fetched");
+        std::thread::yield_now();
+    };
+    eprintln!("paused with I/O in flight: {in_flight}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !host.nvme.lock().unwrap().quiesced() {
+        assert!(std::time::Instant::now() < deadline, "never quiesced");
+        std::thread::yield_now();
+    }
+
+    // Doorbells rung while paused are taken but nothing is fetched.
+    let late_write = pattern(4096, 77);
+    host.mem
+        .write_slice(&late_write, GuestAddress(DATA + 0x4000))
+        .unwrap();
+    cids.push(host.push(1, Host::rw(0x01, 200, 8, DATA + 0x4000, 0), true));
+    cids.push(host.push(1, Host::rw(0x02, 1000, 8, DATA + 0xC000, 0), true));
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    {
+        let n = host.nvme.lock().unwrap();
+        let sq = n.state().sqs[1].as_ref().unwrap();
+        assert_eq!((sq.head, sq.tail), (8, 10), "a paused controller fetched");
+    }
+    let file = std::fs::read(&f.path).unwrap();
+    assert_eq!(
+        file[200 * 512..208 * 512],
+        pattern(DISK as usize, 7)[200 * 512..208 * 512]
+    );
+
+    let (config, saved) = {
+        let n = host.nvme.lock().unwrap();
+        (n.config().clone(), n.save_device().unwrap())
+    };
+    let saved: Option<rhyve_platform::snapshot::DeviceState> =
+        serde_json::from_str(&serde_json::to_string(&saved).unwrap()).unwrap();
+
+    // A new controller on a copy of guest memory and the same disk.
+    let mem2 = GuestMemory::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+    let mut copy = vec![0u8; MEM];
+    host.mem.read_slice(&mut copy, GuestAddress(0)).unwrap();
+    mem2.write_slice(&copy, GuestAddress(0)).unwrap();
+    let nvme2 = controller(&f.path, false, opts.clone(), &mem2);
+    {
+        let mut n = nvme2.lock().unwrap();
+        n.config_mut().restore(config).unwrap();
+        n.restore_device(saved.as_ref()).unwrap();
+        assert_eq!(n.state(), host.nvme.lock().unwrap().state());
+    }
+    let mut host2 = host.moved_to(nvme2.clone(), mem2);
+    nvme2.lock().unwrap().resume();
+
+    // Every command completes exactly once, successfully.
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while seen.len() < cids.len() {
+        assert!(std::time::Instant::now() < deadline, "stuck after {seen:?}");
+        match host2.poll(1, false) {
+            Some(c) => {
+                assert!(c.ok(), "{c:?}");
+                seen.push(c.cid);
+            }
+            None => host2.ring_cq(1),
+        }
+    }
+    host2.ring_cq(1);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert!(host2.poll(1, false).is_none(), "a completion posted twice");
+    seen.sort_unstable();
+    cids.sort_unstable();
+    assert_eq!(seen, cids);
+
+    // The data is right: writes in the file, reads in the new memory.
+    let file = std::fs::read(&f.path).unwrap();
+    for (i, data) in written.iter().enumerate() {
+        let lba = 100 + 8 * i;
+        assert_eq!(&file[lba * 512..lba * 512 + 4096], &data[..]);
+    }
+    assert_eq!(&file[200 * 512..208 * 512], &late_write[..]);
+    let original = pattern(DISK as usize, 7);
+    for i in 0..3usize {
+        let mut got = vec![0u8; 4096];
+        host2
+            .mem
+            .read_slice(&mut got, GuestAddress(DATA + 0x8000 + i as u64 * 0x1000))
+            .unwrap();
+        assert_eq!(got, original[i * 4096..(i + 1) * 4096]);
+    }
+    let mut got = vec![0u8; 4096];
+    host2
+        .mem
+        .read_slice(&mut got, GuestAddress(DATA + 0xC000))
+        .unwrap();
+    assert_eq!(got, original[1000 * 512..1008 * 512]);
+
+    // A namespace of another size, or other queue limits, is refused by name.
+    let small = f.dir.join("small.img");
+    std::fs::write(&small, vec![0u8; DISK as usize / 2]).unwrap();
+    let mem3 = GuestMemory::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+    let other = controller(&small, false, opts.clone(), &mem3);
+    let e = other
+        .lock()
+        .unwrap()
+        .restore_device(saved.as_ref())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("namespace blocks 8192 in the snapshot, 4096 here"),
+        "{e}"
+    );
+    let mut fewer = opts;
+    fewer.max_queues = 2;
+    let other = controller(&f.path, false, fewer, &mem3);
+    let e = other
+        .lock()
+        .unwrap()
+        .restore_device(saved.as_ref())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("maxq 16 in the snapshot, 2 here"), "{e}");
+
+    // A snapshot file is input too: a queue it cannot run is refused.
+    let mut bad = saved.clone().unwrap();
+    bad.data["state"]["sqs"][1]["entries"] = 0.into();
+    let other = controller(&f.path, false, opts_default(), &mem3);
+    let e = other
+        .lock()
+        .unwrap()
+        .restore_device(Some(&bad))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bad submission queue 1"), "{e}");
 }

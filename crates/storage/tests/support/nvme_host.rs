@@ -71,6 +71,7 @@ impl Cqe {
     }
 }
 
+#[derive(Clone)]
 struct Ring {
     base: u64,
     entries: u16,
@@ -105,6 +106,20 @@ impl Host {
             cqs: (0..65).map(|_| None).collect(),
             next_cid: 1,
             cq_vector: None,
+        }
+    }
+
+    /// The same host (its rings, next command id) driving `nvme` over
+    /// `mem`: a controller restored from a snapshot of ours, on a copy of
+    /// guest memory.
+    pub fn moved_to(&self, nvme: Arc<Mutex<Nvme>>, mem: GuestMemory) -> Self {
+        Self {
+            nvme,
+            mem,
+            sqs: self.sqs.clone(),
+            cqs: self.cqs.clone(),
+            next_cid: self.next_cid,
+            cq_vector: self.cq_vector,
         }
     }
 
