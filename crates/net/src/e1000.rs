@@ -24,6 +24,16 @@
 //! when the tap has a frame. [`E1000::service`] is that thread's whole job,
 //! so tests and the fuzz target drive it directly.
 //!
+//! Snapshots: [`PciFunction::pause`] makes [`E1000::service`] a no-op,
+//! so the thread stops processing transmit descriptors and delivering
+//! frames (and so raising interrupts) until resume; a register write from
+//! a vCPU still works as on hardware. Everything guest-visible is the one
+//! serde struct [`E1000State`], saved whole; a transmit pass finishes
+//! under the device lock and moves TDH only past whole packets, so no
+//! packet is half sent at a pause. A frame read from the tap but still
+//! waiting for guest buffers is not saved: it is dropped, as a full ring
+//! drops frames on the wire (virtio-net does the same).
+//!
 //! Not modelled: interrupt throttling and delay timers (ITR, RDTR/RADV,
 //! TIDV/TADV are stored, interrupts are raised at once), receive address
 //! filtering (the tap carries only what the host bridges to it, as in
@@ -37,6 +47,7 @@ use std::sync::{Arc, Mutex, Weak};
 use rhyve_backends::tap::Tap;
 use rhyve_config::ConfigTree;
 use rhyve_pci::{BarKind, PciConfigSpace, PciError, PciFunction};
+use rhyve_platform::snapshot::{DeviceState, Schema, SnapshotError};
 use rhyve_sandbox::ThreadRole;
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
@@ -392,6 +403,11 @@ pub struct E1000State {
     pub nvm_data: u16,
 }
 
+impl Schema for E1000State {
+    const KIND: &'static str = "e1000";
+    const VERSION: u32 = 1;
+}
+
 /// Registers kept as written, with the bits that are writable.
 const PLAIN_REGISTERS: &[(u32, u32)] = &[
     (reg::CTRL_EXT, u32::MAX),
@@ -436,6 +452,8 @@ pub struct E1000 {
     rx_frame: Vec<u8>,
     rx_pending: Option<usize>,
     tx_packet: Vec<u8>,
+    /// Snapshot pause: the device thread leaves rings and interrupts alone.
+    paused: bool,
 }
 
 impl E1000 {
@@ -493,6 +511,7 @@ impl E1000 {
             rx_frame: vec![0; MAX_RX_FRAME],
             rx_pending: None,
             tx_packet: Vec::new(),
+            paused: false,
         };
         e.reset(false);
         Ok(e)
@@ -544,6 +563,9 @@ impl E1000 {
     /// The device thread's work: transmit what the driver queued, then
     /// receive what the back end has, as far as guest buffers allow.
     pub fn service(&mut self) {
+        if self.paused {
+            return;
+        }
         self.tx_run();
         self.rx_run();
     }
@@ -552,6 +574,12 @@ impl E1000 {
     /// need not be polled until the driver gives some.
     fn rx_blocked(&self) -> bool {
         self.rx_pending.is_some()
+    }
+
+    /// Nothing for the thread to do until a kick: paused, or a frame
+    /// waits for buffers. Watching the tap then would only spin.
+    fn tap_ignored(&self) -> bool {
+        self.paused || self.rx_blocked()
     }
 
     fn kick(&self) {
@@ -1354,6 +1382,64 @@ impl PciFunction for E1000 {
             _ => {}
         }
     }
+
+    /// Takes effect at once: the thread services under the device lock,
+    /// so none of its work is in flight once this holds the lock.
+    fn pause(&mut self) {
+        self.paused = true;
+    }
+
+    fn resume(&mut self) {
+        self.paused = false;
+        // A restored line already stands as saved; causes that came from
+        // register writes while paused take effect now.
+        self.update_irq();
+        // Descriptors queued before the pause (or restored) go now.
+        self.kick();
+    }
+
+    fn save_device(&self) -> Result<Option<DeviceState>, SnapshotError> {
+        DeviceState::encode(E1000State::KIND, &self.state).map(Some)
+    }
+
+    /// Into a freshly built controller: the MAC comes from the command
+    /// line and must be the snapshot's; the rest is the guest's doing.
+    fn restore_device(&mut self, saved: Option<&DeviceState>) -> Result<(), SnapshotError> {
+        let saved: E1000State = saved
+            .ok_or_else(|| SnapshotError::Mismatch("an e1000 without its state".into()))?
+            .decode()?;
+        if saved.mac != self.state.mac {
+            return Err(SnapshotError::Mismatch(format!(
+                "e1000: the snapshot's MAC is {}, this command line gives {}",
+                mac_string(saved.mac),
+                mac_string(self.state.mac)
+            )));
+        }
+        // Tables are indexed by register offset: a snapshot file with
+        // other sizes is not one this rhyve wrote.
+        let here = &self.state;
+        let sizes = |s: &E1000State| (s.ra.len(), s.mta.len(), s.vfta.len(), s.eeprom.len());
+        if sizes(&saved) != sizes(here) {
+            return Err(SnapshotError::Mismatch(format!(
+                "e1000: the snapshot's RA/MTA/VFTA/EEPROM sizes are {:?}, this rhyve's {:?}",
+                sizes(&saved),
+                sizes(here)
+            )));
+        }
+        self.state = saved;
+        self.rx_pending = None;
+        self.tx_packet.clear();
+        // The inventory resumes it once every device is back.
+        self.paused = true;
+        Ok(())
+    }
+}
+
+fn mac_string(m: [u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
 }
 
 /// The device thread: sleeps until the vCPU kicks it or the back end has
@@ -1386,7 +1472,7 @@ fn device_thread(device: Weak<Mutex<E1000>>, wake: Arc<EventFd>, tap_fd: Option<
         };
         let mut dev = device.lock().unwrap_or_else(|e| e.into_inner());
         dev.service();
-        watch_tap = !dev.rx_blocked();
+        watch_tap = !dev.tap_ignored();
     }
 }
 

@@ -443,3 +443,126 @@ fn hostile_ring_values_are_refused_without_harm() {
     d.nic.service();
     assert_eq!(d.read(reg::RDH), 9000 & 0xFFFF);
 }
+
+/// What a snapshot and a restore in a new bhyve do to the function: pause,
+/// save config space and device state, build a new controller over a copy
+/// of guest memory, restore both into it, resume.
+fn checkpoint_and_restore(d: &mut Driver) -> Driver {
+    d.nic.pause();
+    assert!(d.nic.quiesced());
+    let config = d.nic.config().clone();
+    let saved = d.nic.save_device().unwrap();
+    let image = {
+        let mut b = vec![0u8; 1 << 20];
+        d.mem.read_slice(&mut b, GuestAddress(0)).unwrap();
+        b
+    };
+    let mut e = Driver::new();
+    e.mem.write_slice(&image, GuestAddress(0)).unwrap();
+    e.nic.config_mut().restore(config).unwrap();
+    e.nic.restore_device(saved.as_ref()).unwrap();
+    e
+}
+
+#[test]
+fn a_snapshot_taken_with_transmits_pending_sends_them_once_after_restore() {
+    let mut d = Driver::new();
+    d.tx_ring(8);
+    d.rx_ring(8, rctl::SECRC, 2048);
+    d.write(reg::IMS, icr::TXDW | icr::RXT0 | icr::LSC);
+    // A sent frame before the snapshot, so TDH has moved.
+    d.mem
+        .write_slice(&[0x11; 60], GuestAddress(0x8000))
+        .unwrap();
+    d.tx_descriptor(0, legacy(0x8000, 60, 0, txd::EOP | txd::RS, 0));
+    d.write(reg::TDT, 1);
+    d.nic.service();
+    assert_eq!(d.sent().len(), 1);
+    assert_eq!(d.read(reg::ICR), icr::TXDW | icr::TXQE);
+    // A pending link-change cause, unmasked: the line stands.
+    d.write(reg::ICS, icr::LSC);
+    assert!(d.nic.state().irq_asserted);
+
+    // Two frames queued as the VM is paused: the paused thread sends nothing.
+    d.nic.pause();
+    d.mem
+        .write_slice(&[0x22; 60], GuestAddress(0x9000))
+        .unwrap();
+    d.mem
+        .write_slice(&[0x33; 70], GuestAddress(0xA000))
+        .unwrap();
+    d.tx_descriptor(1, legacy(0x9000, 60, 0, txd::EOP | txd::RS, 0));
+    d.tx_descriptor(2, legacy(0xA000, 70, 0, txd::EOP | txd::RS, 0));
+    d.write(reg::TDT, 3);
+    d.wire.incoming.lock().unwrap().push_back(vec![0x44; 64]);
+    d.nic.service();
+    assert!(d.sent().is_empty(), "paused: no transmit");
+    assert_eq!(d.read(reg::TDH), 1);
+    assert_eq!(d.read(reg::RDH), 0, "paused: no receive");
+    assert_eq!(d.tx_status(1) & txd::STAT_DD, 0);
+
+    let mut e = checkpoint_and_restore(&mut d);
+    assert!(e.nic.state().irq_asserted, "the INTx line survives");
+    assert_eq!(e.nic.state(), d.nic.state());
+    e.nic.service();
+    assert!(e.sent().is_empty(), "restored paused until resumed");
+    e.nic.resume();
+    e.nic.service();
+    e.nic.service();
+    assert_eq!(
+        e.sent(),
+        vec![vec![0x22; 60], vec![0x33; 70]],
+        "each frame once"
+    );
+    assert_eq!(e.read(reg::TDH), 3);
+    assert_eq!(e.tx_status(1) & txd::STAT_DD, txd::STAT_DD);
+    assert_eq!(e.tx_status(2) & txd::STAT_DD, txd::STAT_DD);
+    assert_eq!(e.read(reg::ICR), icr::LSC | icr::TXDW | icr::TXQE);
+    assert!(!e.nic.state().irq_asserted, "reading ICR lowers the line");
+    assert_eq!(e.read(reg::IMS), icr::TXDW | icr::RXT0 | icr::LSC);
+    assert_eq!(
+        e.read(reg::GPTC),
+        3,
+        "statistics carry on: one before, two after"
+    );
+
+    // Receive works into the restored ring.
+    e.wire.incoming.lock().unwrap().push_back(vec![0x55; 64]);
+    e.nic.service();
+    assert_eq!(e.read(reg::RDH), 1);
+    let b: u8 = e.mem.read_obj(GuestAddress(BUFFERS)).unwrap();
+    assert_eq!(b, 0x55);
+    assert_eq!(e.read(reg::ICR) & icr::RXT0, icr::RXT0);
+}
+
+#[test]
+fn eeprom_writes_survive_and_another_mac_is_refused() {
+    let mut d = Driver::new();
+    d.write(reg::EECD, EECD_REQ);
+    // Microwire WRITE of 0xBEEF to word 0x20.
+    let command = nvm::OP_WRITE << 6 | 0x20;
+    for bit in (0..9).rev() {
+        d.clock(command >> bit & 1 != 0);
+    }
+    for bit in (0..16).rev() {
+        d.clock(0xBEEFu16 >> bit & 1 != 0);
+    }
+    d.write(reg::EECD, 0);
+    let mut e = checkpoint_and_restore(&mut d);
+    e.nic.resume();
+    e.write(reg::EERD, EERD_START | 0x20 << 8);
+    assert_eq!(e.read(reg::EERD) >> 16, 0xBEEF);
+
+    let saved = d.nic.save_device().unwrap();
+    let wire = FakeFrames::default();
+    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let mut other = E1000::new([0x00, 0xa0, 0x98, 0, 0, 1], Box::new(wire), mem).unwrap();
+    let err = other
+        .restore_device(saved.as_ref())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("MAC") && err.contains("00:a0:98:12:34:56"),
+        "{err}"
+    );
+}
