@@ -355,10 +355,14 @@ pub fn build(
         pci.set_reset_register(platform.reset.clone());
     }
     // fbuf's VNC server types into the i8042; with `wait` no vCPU exists
-    // until a client connects.
-    if let Some(console) = console {
-        console.start(platform.i8042.clone())?;
-    }
+    // until a client connects. After a restore it starts once the screen
+    // and the keyboard hold their saved state: a client connecting
+    // earlier would be shown the fresh device's screen.
+    let start_console =
+        move |i8042: &Arc<std::sync::Mutex<rhyve_devices::i8042::I8042>>| match console {
+            Some(console) => console.start(i8042.clone()),
+            None => Ok(()),
+        };
     // The guest first: the firmware tables then overwrite anything a
     // loader's page-granular boot image carried into the BIOS area. A boot
     // ROM is the guest: the boot vCPU starts at its reset vector, in the
@@ -381,6 +385,7 @@ pub fn build(
         inventory
             .restore(&loaded.meta.devices)
             .map_err(|e| refuse(file)(e.to_string()))?;
+        start_console(&platform.i8042)?;
         tracing::info!(
             "snapshot {} restored in {:?}",
             file.display(),
@@ -400,6 +405,7 @@ pub fn build(
             ram: spec.memory.ram_regions(),
         });
     }
+    start_console(&platform.i8042)?;
     let entry = match bootrom {
         Some(rom) => {
             rom.install(vm.memory(), &mmio, &io, spec.cpus)?;
