@@ -462,6 +462,8 @@ fn an_fbuf_is_restored_with_its_frame_buffer_and_its_vnc_server_listening() {
         .unwrap()
         .len();
     assert!(meta < 1 << 20, "FILE.meta of {meta} bytes");
+    let text = std::fs::read_to_string(scratch.0.join("fbuf.ckp.meta")).unwrap();
+    assert!(text.contains("\"fbuf.vga\""), "the VGA ports are not saved");
 
     let mut restored = Running::start(&with_restore(vm_args("snap-fbuf-restored"), &file));
     let (w, h, after) = vnc_capture(port);

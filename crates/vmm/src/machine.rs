@@ -13,7 +13,7 @@ use rhyve_hypervisor::{EntryRegs, MemoryImage, Vcpu, Vm, VmSpec};
 use rhyve_pci::{create_function, PciBdf, PciRoot, PciRootConfig};
 use rhyve_platform::bus::Bus;
 use rhyve_platform::exit::ExitRequests;
-use rhyve_platform::snapshot::{Inventory, Unsaveable};
+use rhyve_platform::snapshot::{Inventory, Lifecycle, Unsaveable};
 use rhyve_virtio::pci::VirtioPci;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -46,10 +46,11 @@ pub struct Machine {
 }
 
 /// The machine's inventory, in build order: platform devices (the VM
-/// clock first), then the PCI functions and the PCI root.
+/// clock first), fbuf's VGA ports, then the PCI functions and the PCI root.
 fn inventory(
     platform: &PlatformDevices,
     pci: &Arc<PciRoot>,
+    console: Vec<Arc<dyn Lifecycle>>,
     bootrom: bool,
 ) -> Result<Inventory, VmmError> {
     let mut inventory = Inventory::new();
@@ -62,7 +63,12 @@ fn inventory(
             }))
             .map_err(|e| VmmError::Setup(e.to_string()))?;
     }
-    for device in platform.lifecycle().into_iter().chain(pci.lifecycle()) {
+    for device in platform
+        .lifecycle()
+        .into_iter()
+        .chain(console)
+        .chain(pci.lifecycle())
+    {
         inventory
             .register(device)
             .map_err(|e| VmmError::Setup(e.to_string()))?;
@@ -354,6 +360,7 @@ pub fn build(
     if !platform.reset_on_bus {
         pci.set_reset_register(platform.reset.clone());
     }
+    let console_devices = console.as_ref().map_or_else(Vec::new, |c| c.lifecycle());
     // fbuf's VNC server types into the i8042; with `wait` no vCPU exists
     // until a client connects. After a restore it starts once the screen
     // and the keyboard hold their saved state: a client connecting
@@ -367,7 +374,12 @@ pub fn build(
     // loader's page-granular boot image carried into the BIOS area. A boot
     // ROM is the guest: the boot vCPU starts at its reset vector, in the
     // state KVM creates vCPUs in; the others wait for INIT/SIPI.
-    let inventory = Arc::new(inventory(&platform, &pci, bootrom.is_some())?);
+    let inventory = Arc::new(inventory(
+        &platform,
+        &pci,
+        console_devices,
+        bootrom.is_some(),
+    )?);
     if let Some((file, loaded)) = &snapshot {
         // The ROM is not in the snapshot (it is not RAM): load it again.
         if let Some(rom) = bootrom {
