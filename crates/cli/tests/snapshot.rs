@@ -42,9 +42,11 @@ impl Drop for Scratch {
     }
 }
 
+/// snapcheck with its disk and QEMU's fw_cfg, which it reads across the
+/// snapshot.
 fn args(disk: &Path, tag: &str, extra: &[&str]) -> Vec<String> {
     let slot = format!("4,virtio-blk,{}", disk.display());
-    let mut all = vec!["-s", &slot];
+    let mut all = vec!["-s", &slot, "-o", "lpc.fwcfg=qemu"];
     all.extend_from_slice(extra);
     guest_args("snapcheck", "", &all, tag)
 }
@@ -129,6 +131,7 @@ fn checksum_line(run: &RunResult) -> String {
     run.assert_no_failure();
     run.assert_code(1);
     run.assert_line("snapcheck disk ok");
+    run.assert_line("snapcheck fwcfg ok");
     run.lines_starting("snapcheck checksum")
         .first()
         .unwrap_or_else(|| panic!("no checksum: {}", run.describe()))

@@ -2,18 +2,19 @@
 //! PCI functions, the platform devices, the firmware tables and the guest.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rhyve_boot::{AcpiPlatform, CpuTopology, PciWindows};
 use rhyve_config::ConfigTree;
 use rhyve_devices::lpc::{create_platform_devices, PlatformDevices};
+use rhyve_devices::qemu_fwcfg::QemuFwCfg;
 use rhyve_hypervisor::kvm::KvmVm;
 use rhyve_hypervisor::registry::{Registry, VmHandle};
 use rhyve_hypervisor::{EntryRegs, MemoryImage, Vcpu, Vm, VmSpec};
 use rhyve_pci::{create_function, PciBdf, PciRoot, PciRootConfig};
 use rhyve_platform::bus::Bus;
 use rhyve_platform::exit::ExitRequests;
-use rhyve_platform::snapshot::{Inventory, Lifecycle, Unsaveable};
+use rhyve_platform::snapshot::{Inventory, Lifecycle, Stateful, Unsaveable};
 use rhyve_virtio::pci::VirtioPci;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -46,11 +47,12 @@ pub struct Machine {
 }
 
 /// The machine's inventory, in build order: platform devices (the VM
-/// clock first), fbuf's VGA ports, then the PCI functions and the PCI root.
+/// clock first), fbuf's VGA ports and fw_cfg, then the PCI functions and
+/// the PCI root.
 fn inventory(
     platform: &PlatformDevices,
     pci: &Arc<PciRoot>,
-    console: Vec<Arc<dyn Lifecycle>>,
+    fbuf_and_fwcfg: Vec<Arc<dyn Lifecycle>>,
     bootrom: bool,
 ) -> Result<Inventory, VmmError> {
     let mut inventory = Inventory::new();
@@ -66,7 +68,7 @@ fn inventory(
     for device in platform
         .lifecycle()
         .into_iter()
-        .chain(console)
+        .chain(fbuf_and_fwcfg)
         .chain(pci.lifecycle())
     {
         inventory
@@ -206,7 +208,7 @@ fn write_tables(
     spec: &VmSpec,
     pci: &PciRoot,
     platform: &PlatformDevices,
-    fwcfg: Option<&mut rhyve_devices::qemu_fwcfg::QemuFwCfg>,
+    fwcfg: Option<&mut QemuFwCfg>,
 ) -> Result<(), VmmError> {
     let routes: Vec<rhyve_boot::PciIntxRoute> = pci
         .intx_routes()
@@ -309,13 +311,13 @@ pub fn build(
     let mut spec = crate::vm_spec(tree)?;
     let bootrom = crate::bootrom::BootRom::from_tree(tree)?;
     spec.rom_size = bootrom.as_ref().map_or(0, |b| b.rom_size());
-    let mut fwcfg = match crate::fwcfg::wanted(tree)? {
-        true => Some(crate::fwcfg::build(
+    let fwcfg = match crate::fwcfg::wanted(tree)? {
+        true => Some(Arc::new(Mutex::new(crate::fwcfg::build(
             tree,
             fw_cfg_files,
             spec.cpus,
             &spec.memory,
-        )?),
+        )?))),
         false => None,
     };
     let refuse = |file: &Path| {
@@ -360,7 +362,15 @@ pub fn build(
     if !platform.reset_on_bus {
         pci.set_reset_register(platform.reset.clone());
     }
-    let console_devices = console.as_ref().map_or_else(Vec::new, |c| c.lifecycle());
+    let mut fbuf_and_fwcfg = console.as_ref().map_or_else(Vec::new, |c| c.lifecycle());
+    if let Some(fwcfg) = &fwcfg {
+        fbuf_and_fwcfg.push(Stateful::new(
+            "fwcfg",
+            fwcfg.clone(),
+            |f: &QemuFwCfg| f.clone(),
+            QemuFwCfg::restore,
+        ));
+    }
     // fbuf's VNC server types into the i8042; with `wait` no vCPU exists
     // until a client connects. After a restore it starts once the screen
     // and the keyboard hold their saved state: a client connecting
@@ -377,7 +387,7 @@ pub fn build(
     let inventory = Arc::new(inventory(
         &platform,
         &pci,
-        console_devices,
+        fbuf_and_fwcfg,
         bootrom.is_some(),
     )?);
     if let Some((file, loaded)) = &snapshot {
@@ -398,6 +408,9 @@ pub fn build(
             .restore(&loaded.meta.devices)
             .map_err(|e| refuse(file)(e.to_string()))?;
         start_console(&platform.i8042)?;
+        if let Some(fwcfg) = fwcfg {
+            crate::fwcfg::install(fwcfg, &io)?;
+        }
         tracing::info!(
             "snapshot {} restored in {:?}",
             file.display(),
@@ -425,7 +438,19 @@ pub fn build(
         }
         None => Some(load_guest(tree, vm.as_ref(), &spec, &named)?),
     };
-    write_tables(tree, vm.as_ref(), &spec, &pci, &platform, fwcfg.as_mut())?;
+    {
+        let mut items = fwcfg
+            .as_ref()
+            .map(|f| f.lock().unwrap_or_else(|e| e.into_inner()));
+        write_tables(
+            tree,
+            vm.as_ref(),
+            &spec,
+            &pci,
+            &platform,
+            items.as_deref_mut(),
+        )?;
+    }
     // bhyve offers QEMU's fw_cfg with or without a boot ROM; fwctl, on
     // the same ports, only to a boot ROM.
     if let Some(fwcfg) = fwcfg {
