@@ -14,7 +14,7 @@ use rhyve_hypervisor::{EntryRegs, MemoryImage, Vcpu, Vm, VmSpec};
 use rhyve_pci::{create_function, PciBdf, PciRoot, PciRootConfig};
 use rhyve_platform::bus::Bus;
 use rhyve_platform::exit::ExitRequests;
-use rhyve_platform::snapshot::{Inventory, Lifecycle, Stateful, Unsaveable};
+use rhyve_platform::snapshot::{Inventory, Lifecycle, Stateful};
 use rhyve_virtio::pci::VirtioPci;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -47,28 +47,18 @@ pub struct Machine {
 }
 
 /// The machine's inventory, in build order: platform devices (the VM
-/// clock first), fbuf's VGA ports and fw_cfg, then the PCI functions and
-/// the PCI root.
+/// clock first), the boot ROM's variable store and fwctl, fbuf's VGA
+/// ports, fw_cfg, then the PCI functions and the PCI root.
 fn inventory(
     platform: &PlatformDevices,
     pci: &Arc<PciRoot>,
-    fbuf_and_fwcfg: Vec<Arc<dyn Lifecycle>>,
-    bootrom: bool,
+    firmware_and_fbuf: Vec<Arc<dyn Lifecycle>>,
 ) -> Result<Inventory, VmmError> {
     let mut inventory = Inventory::new();
-    if bootrom {
-        inventory
-            .register(Arc::new(Unsaveable {
-                id: "bootrom".into(),
-                kind: "boot ROM",
-                why: "the firmware's variable store and fwctl state are not saved yet",
-            }))
-            .map_err(|e| VmmError::Setup(e.to_string()))?;
-    }
     for device in platform
         .lifecycle()
         .into_iter()
-        .chain(fbuf_and_fwcfg)
+        .chain(firmware_and_fbuf)
         .chain(pci.lifecycle())
     {
         inventory
@@ -309,7 +299,7 @@ pub fn build(
     rhyve_config::validate(tree)?;
     crate::refuse_unsupported(tree)?;
     let mut spec = crate::vm_spec(tree)?;
-    let bootrom = crate::bootrom::BootRom::from_tree(tree)?;
+    let bootrom = crate::bootrom::BootRom::from_tree(tree, spec.cpus)?;
     spec.rom_size = bootrom.as_ref().map_or(0, |b| b.rom_size());
     let fwcfg = match crate::fwcfg::wanted(tree)? {
         true => Some(Arc::new(Mutex::new(crate::fwcfg::build(
@@ -362,9 +352,10 @@ pub fn build(
     if !platform.reset_on_bus {
         pci.set_reset_register(platform.reset.clone());
     }
-    let mut fbuf_and_fwcfg = console.as_ref().map_or_else(Vec::new, |c| c.lifecycle());
+    let mut firmware_and_fbuf = bootrom.as_ref().map_or_else(Vec::new, |b| b.lifecycle());
+    firmware_and_fbuf.extend(console.as_ref().map_or_else(Vec::new, |c| c.lifecycle()));
     if let Some(fwcfg) = &fwcfg {
-        fbuf_and_fwcfg.push(Stateful::new(
+        firmware_and_fbuf.push(Stateful::new(
             "fwcfg",
             fwcfg.clone(),
             |f: &QemuFwCfg| f.clone(),
@@ -375,25 +366,19 @@ pub fn build(
     // until a client connects. After a restore it starts once the screen
     // and the keyboard hold their saved state: a client connecting
     // earlier would be shown the fresh device's screen.
-    let start_console =
-        move |i8042: &Arc<std::sync::Mutex<rhyve_devices::i8042::I8042>>| match console {
-            Some(console) => console.start(i8042.clone()),
-            None => Ok(()),
-        };
+    let start_console = move |i8042: &Arc<Mutex<rhyve_devices::i8042::I8042>>| match console {
+        Some(console) => console.start(i8042.clone()),
+        None => Ok(()),
+    };
     // The guest first: the firmware tables then overwrite anything a
     // loader's page-granular boot image carried into the BIOS area. A boot
     // ROM is the guest: the boot vCPU starts at its reset vector, in the
     // state KVM creates vCPUs in; the others wait for INIT/SIPI.
-    let inventory = Arc::new(inventory(
-        &platform,
-        &pci,
-        fbuf_and_fwcfg,
-        bootrom.is_some(),
-    )?);
+    let inventory = Arc::new(inventory(&platform, &pci, firmware_and_fbuf)?);
     if let Some((file, loaded)) = &snapshot {
         // The ROM is not in the snapshot (it is not RAM): load it again.
         if let Some(rom) = bootrom {
-            rom.install(vm.memory(), &mmio, &io, spec.cpus)?;
+            rom.install(vm.memory(), &mmio, &io)?;
         }
         vm.restore_state(&loaded.kern.vm)
             .map_err(|e| refuse(file)(e.to_string()))?;
@@ -433,7 +418,7 @@ pub fn build(
     start_console(&platform.i8042)?;
     let entry = match bootrom {
         Some(rom) => {
-            rom.install(vm.memory(), &mmio, &io, spec.cpus)?;
+            rom.install(vm.memory(), &mmio, &io)?;
             None
         }
         None => Some(load_guest(tree, vm.as_ref(), &spec, &named)?),
