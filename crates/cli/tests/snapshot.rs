@@ -486,3 +486,60 @@ fn an_fbuf_is_restored_with_its_frame_buffer_and_its_vnc_server_listening() {
     );
     eprintln!("fbuf snapshot: FILE.meta {meta} bytes");
 }
+
+/// `-l bootrom,ROM,VARS`: our fwsnap ROM (crates/guests/rom/fwsnap.S) is
+/// suspended half way through fwctl's signature and with a flash command
+/// pending; restored, it reads the rest of the signature and the
+/// command's status.
+#[test]
+fn a_boot_rom_guest_is_restored_mid_fwctl_and_mid_flash_command() {
+    require_kvm();
+    let scratch = Scratch::new("snap-rom");
+    let vars = scratch.0.join("vars.fd");
+    std::fs::write(&vars, vec![0x5A; 4096]).unwrap();
+    let file = scratch.0.join("rom.ckp");
+    let rom_args = |tag: &str| {
+        let mut a: Vec<String> = rhyve_guests::BASE_MACHINE
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend([
+            "-l".into(),
+            format!(
+                "bootrom,{},{}",
+                rhyve_guests::rom_path("fwsnap").display(),
+                vars.display()
+            ),
+            vm_name(tag),
+        ]);
+        a
+    };
+    let mut running = Running::start(&rom_args("snap-rom"));
+    running.wait_for("half");
+    let ctl = bhyvectl(&vm_name("snap-rom"), "--suspend", &file);
+    assert!(ctl.status.success(), "bhyvectl --suspend: {ctl:?}");
+    let (code, out) = running.finish();
+    assert_eq!(code, Some(0), "a suspended bhyve exits 0: {out}");
+    assert!(!out.contains("done"), "the ROM ran on: {out}");
+
+    let run = run_bhyve(
+        Path::new(BHYVE),
+        &with_restore(rom_args("snap-rom-restored"), &file),
+        Duration::from_secs(60),
+    );
+    run.assert_no_failure();
+    for line in ["fwctl YV", "vars status 0", "done"] {
+        run.assert_line(line);
+    }
+    assert!(
+        !run.has_line("half"),
+        "the ROM started over: {}",
+        run.describe()
+    );
+    run.assert_code(1);
+    assert_eq!(
+        std::fs::read(&vars).unwrap(),
+        vec![0x5A; 4096],
+        "VARS untouched"
+    );
+}
