@@ -42,9 +42,11 @@ impl Drop for Scratch {
     }
 }
 
+/// snapcheck with its disk and QEMU's fw_cfg, which it reads across the
+/// snapshot.
 fn args(disk: &Path, tag: &str, extra: &[&str]) -> Vec<String> {
     let slot = format!("4,virtio-blk,{}", disk.display());
-    let mut all = vec!["-s", &slot];
+    let mut all = vec!["-s", &slot, "-o", "lpc.fwcfg=qemu"];
     all.extend_from_slice(extra);
     guest_args("snapcheck", "", &all, tag)
 }
@@ -129,6 +131,7 @@ fn checksum_line(run: &RunResult) -> String {
     run.assert_no_failure();
     run.assert_code(1);
     run.assert_line("snapcheck disk ok");
+    run.assert_line("snapcheck fwcfg ok");
     run.lines_starting("snapcheck checksum")
         .first()
         .unwrap_or_else(|| panic!("no checksum: {}", run.describe()))
@@ -342,5 +345,201 @@ fn restores_that_cannot_be_right_are_refused() {
             .filter(|l| l.split('\t').next() == Some(name.as_str()))
             .all(|l| l.ends_with("stopped")),
         "{list}"
+    );
+}
+
+/// The screen a VNC client sees at `port`: (width, height, B,G,R,X pixels),
+/// in the server's own pixel format and Raw encoding.
+fn vnc_capture(port: u16) -> (u16, u16, Vec<u8>) {
+    use std::io::Write;
+    use std::net::TcpStream;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut s = loop {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() > deadline => panic!("no VNC server on {port}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut read = |n: usize| {
+        let mut b = vec![0u8; n];
+        s.read_exact(&mut b).unwrap();
+        b
+    };
+    assert_eq!(read(12), b"RFB 003.008\n");
+    let mut w = s.try_clone().unwrap();
+    w.write_all(b"RFB 003.008\n").unwrap();
+    let mut read = |n: usize| {
+        let mut b = vec![0u8; n];
+        s.read_exact(&mut b).unwrap();
+        b
+    };
+    assert_eq!(read(2), [1, 1], "security None only");
+    w.write_all(&[1]).unwrap();
+    assert_eq!(read(4), [0; 4], "security result");
+    w.write_all(&[1]).unwrap();
+    let init = read(24);
+    let (width, height) = (
+        u16::from_be_bytes([init[0], init[1]]),
+        u16::from_be_bytes([init[2], init[3]]),
+    );
+    read(u32::from_be_bytes(init[20..24].try_into().unwrap()) as usize);
+    // SetEncodings: Raw only; then one full update.
+    w.write_all(&[2, 0, 0, 1, 0, 0, 0, 0]).unwrap();
+    let mut request = vec![3, 0, 0, 0, 0, 0];
+    request.extend(width.to_be_bytes());
+    request.extend(height.to_be_bytes());
+    w.write_all(&request).unwrap();
+    let header = read(4);
+    assert_eq!(header[0], 0, "a FramebufferUpdate");
+    let mut screen = vec![0u8; usize::from(width) * usize::from(height) * 4];
+    for _ in 0..u16::from_be_bytes([header[2], header[3]]) {
+        let r = read(12);
+        let at = |i: usize| usize::from(u16::from_be_bytes([r[i], r[i + 1]]));
+        let (x, y, rw, rh) = (at(0), at(2), at(4), at(6));
+        assert_eq!(r[8..12], [0; 4], "Raw encoding");
+        let pixels = read(rw * rh * 4);
+        for row in 0..rh {
+            let to = ((y + row) * usize::from(width) + x) * 4;
+            screen[to..to + rw * 4].copy_from_slice(&pixels[row * rw * 4..(row + 1) * rw * 4]);
+        }
+    }
+    (width, height, screen)
+}
+
+/// What snapcheck paints into an fbuf: 640x480, the top 16 rows patterned.
+fn painted_screen() -> Vec<u8> {
+    let mut screen = vec![0u8; 640 * 480 * 4];
+    for i in 0..640 * 16u32 {
+        let at = i as usize * 4;
+        screen[at..at + 4].copy_from_slice(&(i.wrapping_mul(2654435761) & 0xFF_FFFF).to_le_bytes());
+    }
+    screen
+}
+
+/// Only B, G and R: the server need not keep the unused byte.
+fn colours(screen: &[u8]) -> Vec<[u8; 3]> {
+    screen.chunks(4).map(|p| [p[0], p[1], p[2]]).collect()
+}
+
+#[test]
+fn an_fbuf_is_restored_with_its_frame_buffer_and_its_vnc_server_listening() {
+    require_kvm();
+    let scratch = Scratch::new("snap-fbuf");
+    let disk = scratch.disk("fbuf.img");
+    let file = scratch.0.join("fbuf.ckp");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let blk = format!("4,virtio-blk,{}", disk.display());
+    let fbuf = format!("5,fbuf,tcp=127.0.0.1:{port}");
+    // A guest that keeps running, so the restored one is still there to
+    // be looked at.
+    let vm_args = |tag: &str| {
+        guest_args(
+            "snapcheck",
+            "rounds=1000000",
+            &["-s", &blk, "-s", &fbuf],
+            tag,
+        )
+    };
+    let want = colours(&painted_screen());
+
+    let mut running = Running::start(&vm_args("snap-fbuf"));
+    running.wait_for("snapcheck fbuf painted");
+    running.wait_for("snapcheck round 10");
+    let (w, h, before) = vnc_capture(port);
+    assert_eq!((w, h), (640, 480), "the guest's mode");
+    assert!(
+        colours(&before) == want,
+        "the painted screen, before the snapshot"
+    );
+    let ctl = bhyvectl(&vm_name("snap-fbuf"), "--suspend", &file);
+    assert!(ctl.status.success(), "bhyvectl --suspend: {ctl:?}");
+    let (code, out) = running.finish();
+    assert_eq!(code, Some(0), "a suspended bhyve exits 0: {out}");
+    let meta = std::fs::metadata(scratch.0.join("fbuf.ckp.meta"))
+        .unwrap()
+        .len();
+    assert!(meta < 1 << 20, "FILE.meta of {meta} bytes");
+    let text = std::fs::read_to_string(scratch.0.join("fbuf.ckp.meta")).unwrap();
+    assert!(text.contains("\"fbuf.vga\""), "the VGA ports are not saved");
+
+    let mut restored = Running::start(&with_restore(vm_args("snap-fbuf-restored"), &file));
+    let (w, h, after) = vnc_capture(port);
+    // The restored guest runs on (the round it was suspended in varies).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !restored.out.lock().unwrap().contains("snapcheck round") {
+        assert!(Instant::now() < deadline, "the restored guest does not run");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = restored.child.kill();
+    let _ = restored.child.wait();
+    assert_eq!((w, h), (640, 480), "the restored mode");
+    assert!(colours(&after) == want, "the restored screen differs");
+    assert!(
+        !restored.out.lock().unwrap().contains("fbuf painted"),
+        "the restored guest painted again"
+    );
+    eprintln!("fbuf snapshot: FILE.meta {meta} bytes");
+}
+
+/// `-l bootrom,ROM,VARS`: our fwsnap ROM (crates/guests/rom/fwsnap.S) is
+/// suspended half way through fwctl's signature and with a flash command
+/// pending; restored, it reads the rest of the signature and the
+/// command's status.
+#[test]
+fn a_boot_rom_guest_is_restored_mid_fwctl_and_mid_flash_command() {
+    require_kvm();
+    let scratch = Scratch::new("snap-rom");
+    let vars = scratch.0.join("vars.fd");
+    std::fs::write(&vars, vec![0x5A; 4096]).unwrap();
+    let file = scratch.0.join("rom.ckp");
+    let rom_args = |tag: &str| {
+        let mut a: Vec<String> = rhyve_guests::BASE_MACHINE
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend([
+            "-l".into(),
+            format!(
+                "bootrom,{},{}",
+                rhyve_guests::rom_path("fwsnap").display(),
+                vars.display()
+            ),
+            vm_name(tag),
+        ]);
+        a
+    };
+    let mut running = Running::start(&rom_args("snap-rom"));
+    running.wait_for("half");
+    let ctl = bhyvectl(&vm_name("snap-rom"), "--suspend", &file);
+    assert!(ctl.status.success(), "bhyvectl --suspend: {ctl:?}");
+    let (code, out) = running.finish();
+    assert_eq!(code, Some(0), "a suspended bhyve exits 0: {out}");
+    assert!(!out.contains("done"), "the ROM ran on: {out}");
+
+    let run = run_bhyve(
+        Path::new(BHYVE),
+        &with_restore(rom_args("snap-rom-restored"), &file),
+        Duration::from_secs(60),
+    );
+    run.assert_no_failure();
+    for line in ["fwctl YV", "vars status 0", "done"] {
+        run.assert_line(line);
+    }
+    assert!(
+        !run.has_line("half"),
+        "the ROM started over: {}",
+        run.describe()
+    );
+    run.assert_code(1);
+    assert_eq!(
+        std::fs::read(&vars).unwrap(),
+        vec![0x5A; 4096],
+        "VARS untouched"
     );
 }

@@ -24,6 +24,8 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use rhyve_platform::bus::BusDevice;
+use rhyve_platform::snapshot::Schema;
+use serde::{Deserialize, Serialize};
 
 const CMD_WRITE_BYTE: u8 = 0x10;
 const CMD_CLEAR_STATUS: u8 = 0x50;
@@ -39,7 +41,31 @@ pub struct BootVars {
     path: String,
 }
 
+/// What a snapshot saves of the store: the pending CFI command. The bytes
+/// are the VM's own file, written through at once; like a disk image, it
+/// is not copied into the snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BootVarsState {
+    pub command: u8,
+}
+
+impl Schema for BootVarsState {
+    const KIND: &'static str = "bootvars";
+    const VERSION: u32 = 1;
+}
+
 impl BootVars {
+    pub fn state(&self) -> BootVarsState {
+        BootVarsState {
+            command: self.command,
+        }
+    }
+
+    pub fn restore(&mut self, saved: BootVarsState) -> Result<(), String> {
+        self.command = saved.command;
+        Ok(())
+    }
+
     /// Open `path` for reading and writing and load its contents. The file
     /// must exist: bhyve never creates a variable store.
     pub fn open(path: &Path) -> std::io::Result<Self> {

@@ -25,6 +25,8 @@
 //! discards such a request instead, so the guest cannot end the VM this way.
 
 use rhyve_platform::bus::BusDevice;
+use rhyve_platform::snapshot::Schema;
+use serde::{Deserialize, Serialize};
 
 /// Ports from 0x510 the bus gives this device: the two ports plus room for
 /// a 32-bit access at the second one.
@@ -39,14 +41,14 @@ const ENOENT: u32 = 2;
 const E2BIG: u32 = 7;
 const NCPU_NAME: &[u8] = b"hw.ncpu";
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 enum State {
     Ident { next: usize },
     Request(Request),
     Response(Response),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 struct Request {
     /// Header words received so far (size, op, txid).
     header: Vec<u32>,
@@ -57,13 +59,15 @@ struct Request {
     error: Option<u32>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Response {
     words: Vec<u32>,
     next: usize,
 }
 
-/// The fwctl back end of a VM with `ncpu` vCPUs.
+/// The fwctl back end of a VM with `ncpu` vCPUs; a snapshot saves all of
+/// it (the protocol's position: a few words).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fwctl {
     ncpu: u32,
     state: State,
@@ -75,6 +79,29 @@ impl Fwctl {
             ncpu,
             state: State::Ident { next: 0 },
         }
+    }
+
+    /// Take over a saved state, checked: same vCPU count, and every
+    /// position inside what it points into.
+    pub fn restore(&mut self, saved: Fwctl) -> Result<(), String> {
+        if saved.ncpu != self.ncpu {
+            return Err(format!(
+                "fwctl: saved for {} vCPUs, this VM has {}",
+                saved.ncpu, self.ncpu
+            ));
+        }
+        let fits = match &saved.state {
+            State::Ident { next } => *next < SIGNATURE.len(),
+            State::Request(r) => {
+                r.header.len() < 3 || (r.header.len() == 3 && r.header[0] >= HEADER_LEN)
+            }
+            State::Response(r) => r.next < r.words.len(),
+        };
+        if !fits {
+            return Err("fwctl: damaged saved protocol state".into());
+        }
+        *self = saved;
+        Ok(())
     }
 
     fn reset(&mut self) {
@@ -182,6 +209,11 @@ fn names_ncpu(payload: &[u8]) -> bool {
         }
     }
     true
+}
+
+impl Schema for Fwctl {
+    const KIND: &'static str = "fwctl";
+    const VERSION: u32 = 1;
 }
 
 impl BusDevice for Fwctl {
@@ -318,5 +350,50 @@ mod tests {
             assert!(req.payload.is_empty());
             assert_eq!(inl(&mut f), 0xFFFF_FFFF, "no response before the end");
         }
+    }
+
+    #[test]
+    fn state_round_trips_mid_response_and_damage_is_refused() {
+        let mut f = Fwctl::new(3);
+        f.write(0, &[0, 0]);
+        let mut b = [0u8];
+        for _ in 0..4 {
+            f.read(0, &mut b);
+        }
+        for w in [
+            HEADER_LEN + 8,
+            OP_GET,
+            9,
+            u32::from_le_bytes(*b"hw.n"),
+            u32::from_le_bytes(*b"cpu\0"),
+        ] {
+            f.write(0, &w.to_le_bytes());
+        }
+        let mut w = [0u8; 4];
+        f.read(0, &mut w);
+        let text = serde_json::to_string(&f).unwrap();
+        let mut g = Fwctl::new(3);
+        g.restore(serde_json::from_str(&text).unwrap()).unwrap();
+        let words: Vec<u32> = (0..6)
+            .map(|_| {
+                g.read(0, &mut w);
+                u32::from_le_bytes(w)
+            })
+            .collect();
+        assert_eq!(
+            words,
+            [OP_GET, 9, 0, 4, 0, 3],
+            "the rest of the answer: hw.ncpu = 3"
+        );
+        let mut other = Fwctl::new(4);
+        assert!(
+            other.restore(serde_json::from_str(&text).unwrap()).is_err(),
+            "another vCPU count"
+        );
+        let mut bad: Fwctl = serde_json::from_str(&text).unwrap();
+        if let State::Response(r) = &mut bad.state {
+            r.next = r.words.len();
+        }
+        assert!(g.restore(bad).is_err(), "a position past the answer");
     }
 }

@@ -24,6 +24,8 @@
 use std::collections::BTreeMap;
 
 use rhyve_platform::bus::BusDevice;
+use rhyve_platform::snapshot::Schema;
+use serde::{Deserialize, Serialize};
 
 /// Ports from 0x510 the bus gives this device: selector and data.
 pub const QEMU_FWCFG_PORT_SPAN: u64 = 2;
@@ -56,6 +58,11 @@ pub enum FwCfgError {
 }
 
 /// The fw_cfg items of a VM, and the guest's position in the selected one.
+///
+/// A snapshot saves all of it, items included: a restored guest may be
+/// part way through reading them, and the ACPI tables among them are not
+/// rebuilt on restore (the guest's copy is in its RAM).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct QemuFwCfg {
     /// Item data by selector value (index, and [`ARCH_SPECIFIC`] for the
     /// architecture-specific ones); the directory item is rebuilt when it
@@ -89,6 +96,18 @@ impl QemuFwCfg {
         };
         fwcfg.select(ITEM_SIGNATURE);
         fwcfg
+    }
+
+    /// Take over a saved state, checked: every file names an item that
+    /// exists, with a name that fits the directory.
+    pub fn restore(&mut self, saved: QemuFwCfg) -> Result<(), String> {
+        for (name, item) in &saved.files {
+            if name.len() >= MAX_NAME || !saved.items.contains_key(item) {
+                return Err(format!("fw_cfg: saved file \"{name}\" is damaged"));
+            }
+        }
+        *self = saved;
+        Ok(())
     }
 
     /// Publish `data` as the file `name` at the next free item.
@@ -153,6 +172,11 @@ impl QemuFwCfg {
             );
         }
     }
+}
+
+impl Schema for QemuFwCfg {
+    const KIND: &'static str = "qemu-fwcfg";
+    const VERSION: u32 = 1;
 }
 
 impl BusDevice for QemuFwCfg {
@@ -317,5 +341,31 @@ mod tests {
         read_bytes(&mut f, 10_000);
         select(&mut f, ITEM_SIGNATURE);
         assert_eq!(read_bytes(&mut f, 4), b"QEMU");
+    }
+
+    #[test]
+    fn state_round_trips_mid_item_and_damage_is_refused() {
+        let mut f = QemuFwCfg::new(2);
+        f.add_file("etc/one", b"hello".to_vec()).unwrap();
+        select(&mut f, FIRST_FILE_ITEM);
+        assert_eq!(read_bytes(&mut f, 2), b"he");
+        let text = serde_json::to_string(&f).unwrap();
+        let mut g = QemuFwCfg::new(2);
+        g.restore(serde_json::from_str(&text).unwrap()).unwrap();
+        assert_eq!(
+            read_bytes(&mut g, 3),
+            b"llo",
+            "the guest reads on where it was"
+        );
+        assert_eq!(
+            directory(&mut g),
+            [("etc/one".to_string(), FIRST_FILE_ITEM, 5)]
+        );
+        let mut bad: QemuFwCfg = serde_json::from_str(&text).unwrap();
+        bad.items.remove(&FIRST_FILE_ITEM);
+        assert!(g.restore(bad).is_err(), "a file without its item");
+        let mut bad: QemuFwCfg = serde_json::from_str(&text).unwrap();
+        bad.files.insert("x".repeat(MAX_NAME), FIRST_FILE_ITEM);
+        assert!(g.restore(bad).is_err(), "a name too long for the directory");
     }
 }

@@ -9,12 +9,23 @@
 //! BAR also stays trapped, so accesses while the window cannot be placed
 //! still reach the same pages. The VNC server ([`crate::rfb`]) reads the
 //! pages at the size the registers give.
+//!
+//! Snapshots: the frame buffer is host memory, not guest RAM, so bhyve's
+//! RAM file does not hold it; it goes into the device's state in
+//! `FILE.meta`, up to its last non-zero byte, deflated and in hex (a blank
+//! screen costs nothing, a full 1024x768 desktop some hundreds of KiB).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
+use std::io::{Read, Write};
+
+use flate2::write::DeflateEncoder;
+use flate2::Compression;
 use rhyve_config::ConfigTree;
 use rhyve_pci::{BarKind, PciConfigSpace, PciFunction};
+use rhyve_platform::snapshot::{DeviceState, Schema, SnapshotError};
+use serde::{Deserialize, Serialize};
 
 use crate::DisplayError;
 use rhyve_platform::window::MemoryWindow;
@@ -187,6 +198,58 @@ impl Screen {
     }
 }
 
+/// The fbuf's saved state: registers, mode, and the frame buffer's pages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FbufState {
+    pub regs: Vec<u8>,
+    pub vga_mode: bool,
+    /// The size the VNC server shows (the last mode that fitted).
+    pub screen: (u16, u16),
+    /// How many leading bytes of the frame buffer `framebuffer` holds;
+    /// the rest is zero.
+    pub framebuffer_len: u32,
+    /// Those bytes, deflated, in lower-case hex.
+    pub framebuffer: String,
+}
+
+impl Schema for FbufState {
+    const KIND: &'static str = "fbuf";
+    const VERSION: u32 = 1;
+}
+
+fn state_error(why: String) -> SnapshotError {
+    SnapshotError::Device {
+        id: "fbuf".into(),
+        why,
+    }
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[usize::from(b >> 4)].into());
+        s.push(DIGITS[usize::from(b & 15)].into());
+    }
+    s
+}
+
+fn from_hex(text: &str) -> Result<Vec<u8>, String> {
+    let digit = |c: u8| -> Result<u8, String> {
+        (c as char)
+            .to_digit(16)
+            .map(|d| d as u8)
+            .ok_or_else(|| format!("frame buffer: {:?} is not a hex digit", c as char))
+    };
+    let text = text.as_bytes();
+    if !text.len().is_multiple_of(2) {
+        return Err("frame buffer: odd number of hex digits".into());
+    }
+    text.chunks(2)
+        .map(|p| Ok(digit(p[0])? << 4 | digit(p[1])?))
+        .collect()
+}
+
 pub struct Fbuf {
     config: PciConfigSpace,
     regs: [u8; REGS_SIZE],
@@ -268,7 +331,82 @@ impl Fbuf {
     }
 }
 
+impl Fbuf {
+    pub fn state(&self) -> Result<FbufState, SnapshotError> {
+        let mut pages = vec![0u8; FRAMEBUFFER_SIZE];
+        self.screen
+            .pages
+            .as_volatile_slice()
+            .copy_to(&mut pages[..]);
+        let len = pages.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+        let mut z = DeflateEncoder::new(Vec::new(), Compression::fast());
+        z.write_all(&pages[..len])
+            .map_err(|e| state_error(format!("cannot deflate the frame buffer: {e}")))?;
+        let deflated = z
+            .finish()
+            .map_err(|e| state_error(format!("cannot deflate the frame buffer: {e}")))?;
+        Ok(FbufState {
+            regs: self.regs.to_vec(),
+            vga_mode: self.vga_mode,
+            screen: self.screen.size(),
+            // At most FRAMEBUFFER_SIZE (32 MiB).
+            framebuffer_len: len as u32,
+            framebuffer: to_hex(&deflated),
+        })
+    }
+
+    /// Put back what [`Fbuf::state`] saved, after checking all of it.
+    pub fn restore(&mut self, saved: FbufState) -> Result<(), SnapshotError> {
+        let regs: [u8; REGS_SIZE] = saved.regs.as_slice().try_into().map_err(|_| {
+            state_error(format!(
+                "{} bytes of registers, not {REGS_SIZE}",
+                saved.regs.len()
+            ))
+        })?;
+        let (w, h) = saved.screen;
+        if usize::from(w) * usize::from(h) * 4 > FRAMEBUFFER_SIZE || w == 0 || h == 0 {
+            return Err(state_error(format!("a {w}x{h} screen")));
+        }
+        let len = saved.framebuffer_len as usize;
+        if len > FRAMEBUFFER_SIZE {
+            return Err(state_error(format!(
+                "{len} bytes of frame buffer, more than {FRAMEBUFFER_SIZE}"
+            )));
+        }
+        let deflated = from_hex(&saved.framebuffer).map_err(state_error)?;
+        let mut pages = Vec::with_capacity(len);
+        // One byte more than promised shows a damaged stream.
+        flate2::read::DeflateDecoder::new(&deflated[..])
+            .take(len as u64 + 1)
+            .read_to_end(&mut pages)
+            .map_err(|e| state_error(format!("frame buffer: {e}")))?;
+        if pages.len() != len {
+            return Err(state_error(format!(
+                "frame buffer: {} bytes inflated, {len} saved",
+                pages.len()
+            )));
+        }
+        pages.resize(FRAMEBUFFER_SIZE, 0);
+        self.screen.pages.as_volatile_slice().copy_from(&pages[..]);
+        self.regs = regs;
+        self.vga_mode = saved.vga_mode;
+        self.screen.set_size(w, h);
+        Ok(())
+    }
+}
+
 impl PciFunction for Fbuf {
+    fn save_device(&self) -> Result<Option<DeviceState>, SnapshotError> {
+        DeviceState::encode("fbuf", &self.state()?).map(Some)
+    }
+
+    fn restore_device(&mut self, saved: Option<&DeviceState>) -> Result<(), SnapshotError> {
+        let saved = saved
+            .ok_or_else(|| SnapshotError::Mismatch("an fbuf without its state".into()))?
+            .decode()?;
+        self.restore(saved)
+    }
+
     fn config(&self) -> &PciConfigSpace {
         &self.config
     }
@@ -452,5 +590,55 @@ mod tests {
         screen.snapshot(&mut shot);
         assert_eq!(&shot[..4], &[1, 2, 3, 4]);
         f.bar_write(FRAMEBUFFER_BAR, FRAMEBUFFER_SIZE as u64 - 2, &[1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn state_round_trips_registers_mode_and_frame_buffer() {
+        let fresh = || {
+            let pages = Arc::new(MmapRegion::new(FRAMEBUFFER_SIZE).unwrap());
+            Fbuf::new(&options(&[]).unwrap(), pages, Box::new(NoWindow)).unwrap()
+        };
+        let (mut f, _) = fresh();
+        let blank = f.state().unwrap();
+        assert_eq!(blank.framebuffer_len, 0, "a blank screen saves no pixels");
+        f.bar_write(REGS_BAR, 4, &800u16.to_le_bytes());
+        f.bar_write(REGS_BAR, 6, &600u16.to_le_bytes());
+        let pattern: Vec<u8> = (0..800u32 * 600 * 4).map(|i| (i % 251) as u8).collect();
+        f.bar_write(FRAMEBUFFER_BAR, 0, &pattern);
+        f.bar_write(FRAMEBUFFER_BAR, FRAMEBUFFER_SIZE as u64 - 1, &[0x5A]);
+        let saved = f.save_device().unwrap().unwrap();
+        let text = serde_json::to_string(&saved).unwrap();
+        assert!(text.len() < 1 << 20, "{} bytes of state", text.len());
+
+        let (mut g, screen) = fresh();
+        g.restore_device(Some(&serde_json::from_str(&text).unwrap()))
+            .unwrap();
+        assert_eq!(screen.size(), (800, 600));
+        let mut shot = Vec::new();
+        screen.snapshot(&mut shot);
+        assert!(shot == pattern, "the visible image differs");
+        let mut last = [0u8];
+        g.bar_read(FRAMEBUFFER_BAR, FRAMEBUFFER_SIZE as u64 - 1, &mut last);
+        assert_eq!(last, [0x5A], "bytes beyond the visible image");
+        let mut regs = [0u8; 8];
+        g.bar_read(REGS_BAR, 0, &mut regs);
+        assert_eq!(
+            regs,
+            [0, 0, 0, 2, 0x20, 0x03, 0x58, 0x02],
+            "32 MiB, 800x600"
+        );
+
+        let (mut h, _) = fresh();
+        let mut bad = f.state().unwrap();
+        bad.framebuffer_len -= 1;
+        let e = h.restore(bad).unwrap_err().to_string();
+        assert!(e.contains("inflated"), "{e}");
+        let mut bad = f.state().unwrap();
+        bad.screen = (4000, 4000);
+        assert!(h.restore(bad).is_err(), "a screen larger than the pages");
+        let mut bad = f.state().unwrap();
+        bad.framebuffer.push('x');
+        assert!(h.restore(bad).is_err(), "damaged hex");
+        assert!(h.restore_device(None).is_err(), "no state at all");
     }
 }

@@ -9,6 +9,8 @@
 //! group's registers read 0 and drop writes, where bhyve would assert.
 
 use rhyve_platform::bus::BusDevice;
+use rhyve_platform::snapshot::Schema;
+use serde::{Deserialize, Serialize};
 
 /// First port: the attribute controller's index/data.
 pub const VGA_PORT_BASE: u16 = 0x3C0;
@@ -38,7 +40,8 @@ const INPUT_STATUS_1: u16 = 0x3DA;
 const STATUS_1_RETRACE: u8 = 0x09;
 const ATC_INDEX_MASK: u8 = 0x1F;
 
-#[derive(Debug, Default)]
+/// Its own saved state, as a snapshot carries it.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VgaPorts {
     seq_index: u8,
     seq: [u8; 5],
@@ -62,6 +65,16 @@ impl VgaPorts {
             dac: vec![0; 256 * 3],
             ..Self::default()
         }
+    }
+
+    /// Take over a saved state, checked: the DAC holds 256 colours and
+    /// its cursors point inside a colour.
+    pub fn restore(&mut self, saved: VgaPorts) -> Result<(), String> {
+        if saved.dac.len() != 256 * 3 || saved.dac_read.1 > 2 || saved.dac_write.1 > 2 {
+            return Err("VGA DAC: bad saved palette or cursor".into());
+        }
+        *self = saved;
+        Ok(())
     }
 
     fn indexed(regs: &[u8], index: u8) -> u8 {
@@ -169,6 +182,11 @@ impl BusDevice for VgaPorts {
     }
 }
 
+impl Schema for VgaPorts {
+    const KIND: &'static str = "vga-ports";
+    const VERSION: u32 = 1;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,5 +245,26 @@ mod tests {
         let mut dword = [0u8; 4];
         v.read(0, &mut dword);
         assert_eq!(dword, [0xFF; 4]);
+    }
+
+    #[test]
+    fn state_round_trips_and_bad_cursors_are_refused() {
+        let mut v = VgaPorts::new();
+        outb(&mut v, SEQ_INDEX, 2);
+        outb(&mut v, SEQ_DATA, 0x0F);
+        outb(&mut v, DAC_WRITE_INDEX, 7);
+        outb(&mut v, DAC_DATA, 0x21);
+        let saved: VgaPorts = serde_json::from_str(&serde_json::to_string(&v).unwrap()).unwrap();
+        let mut w = VgaPorts::new();
+        w.restore(saved.clone()).unwrap();
+        assert_eq!(w, v);
+        outb(&mut w, DAC_READ_INDEX, 7);
+        assert_eq!(inb(&mut w, DAC_DATA), 0x21);
+        let mut bad = saved.clone();
+        bad.dac_write = (255, 5);
+        assert!(w.restore(bad).is_err(), "a cursor past the palette");
+        let mut bad = saved;
+        bad.dac.pop();
+        assert!(w.restore(bad).is_err(), "a short palette");
     }
 }

@@ -17,6 +17,14 @@
  * then powers off. Needs the disk at slot 4 and at least ROUNDS sectors.
  * "rounds=N" runs N rounds instead (bench/snapshot.sh: a guest that keeps
  * running); sectors wrap around the first ROUNDS.
+ * With an fbuf at slot 5 it first sets 640x480 and paints the top
+ * FB_ROWS rows (pixel i = (i * 2654435761) & 0xFFFFFF), for the test that
+ * a restored VNC server shows the saved frame buffer; prints
+ *   snapcheck fbuf painted
+ * With QEMU's fw_cfg (-o lpc.fwcfg=qemu) it reads the signature's first
+ * two bytes at the start and the other two at the end, so a restore must
+ * bring back the device with its selector and offset; prints
+ *   snapcheck fwcfg ok
  */
 #include "rt.h"
 
@@ -34,6 +42,10 @@
 #define VIRTIO_NO_VECTOR 0xFFFF
 #define SLOT 4
 #define IRQ_VECTOR 0x46
+#define FBUF_SLOT 5
+#define FB_WIDTH 640
+#define FB_HEIGHT 480
+#define FB_ROWS 16
 
 struct vring_desc {
 	uint64_t addr;
@@ -141,9 +153,43 @@ static void record(char *out, uint32_t round, uint32_t sum)
 	w[2] = sum;
 }
 
+#define FWCFG_SELECTOR 0x510
+#define FWCFG_DATA 0x511
+
+static int fwcfg_present(void)
+{
+	outw(FWCFG_SELECTOR, 0);
+	uint32_t sig = 0;
+	for (int i = 0; i < 4; i++)
+		sig |= (uint32_t)inb(FWCFG_DATA) << (8 * i);
+	if (sig != 0x554D4551u) /* "QEMU" */
+		return 0;
+	outw(FWCFG_SELECTOR, 0);
+	if (inb(FWCFG_DATA) != 'Q' || inb(FWCFG_DATA) != 'E')
+		fail("fw_cfg signature reads differently the second time");
+	return 1;
+}
+
+/* The optional fbuf: BAR0 its registers (width at 4, height at 6), BAR1
+ * the frame buffer. */
+static void paint_fbuf(void)
+{
+	if (pci_read32(FBUF_SLOT, 0, 0) != 0x40FBFB5Du)
+		return;
+	pci_write16(FBUF_SLOT, 0, 0x04, pci_read16(FBUF_SLOT, 0, 0x04) | 2);
+	uint32_t regs = pci_read32(FBUF_SLOT, 0, 0x10) & ~0xFu;
+	uint32_t fb = pci_read32(FBUF_SLOT, 0, 0x14) & ~0xFu;
+	mmio_write32(regs + 4, FB_WIDTH | (uint32_t)FB_HEIGHT << 16);
+	for (uint32_t i = 0; i < FB_WIDTH * FB_ROWS; i++)
+		mmio_write32(fb + 4 * i, (i * 2654435761u) & 0xFFFFFFu);
+	print("snapcheck fbuf painted\n");
+}
+
 void guest_main(void)
 {
 	setup();
+	paint_fbuf();
+	int fwcfg = fwcfg_present();
 	uint32_t sum = 0x12345678;
 	for (uint32_t i = 0; i < WORDS; i++)
 		block[i] = i * 2654435761u;
@@ -169,6 +215,12 @@ void guest_main(void)
 			print("snapcheck round %u\n", round + 1);
 	}
 	print("snapcheck checksum %08x\n", sum);
+	if (fwcfg) {
+		uint8_t m = inb(FWCFG_DATA), u = inb(FWCFG_DATA);
+		if (m != 'M' || u != 'U')
+			fail("fw_cfg signature ends in %x %x, not MU", m, u);
+		print("snapcheck fwcfg ok\n");
+	}
 	for (uint32_t round = 0; round < ROUNDS; round++) {
 		request(0, round);
 		char want[512];

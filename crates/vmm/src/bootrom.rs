@@ -5,16 +5,21 @@
 //!
 //! Both files are read before the VM exists, so every mistake in them is
 //! one error line and bhyve's exit status, never a half-built VM.
+//!
+//! Snapshots save fwctl's protocol state and the flash's pending command;
+//! the ROM is loaded again from its file on restore and the variable
+//! store is the VM's own file, kept like its disks (not copied).
 
 use std::io::Read;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use rhyve_config::ConfigTree;
-use rhyve_devices::bootvars::BootVars;
+use rhyve_devices::bootvars::{BootVars, BootVarsState};
 use rhyve_devices::fwctl::{Fwctl, FWCTL_PORT_SPAN};
 use rhyve_platform::bus::Bus;
 use rhyve_platform::layout::{BOOTROM_REGION_SIZE, FWCFG_SELECTOR_PORT};
+use rhyve_platform::snapshot::{Lifecycle, Stateful};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::VmmError;
@@ -26,9 +31,9 @@ const ROM_END: u64 = 1 << 32;
 /// A loaded boot ROM and its variable store.
 pub struct BootRom {
     image: Vec<u8>,
-    vars: Option<BootVars>,
-    /// `lpc.fwcfg` is "bhyve": the firmware gets fwctl.
-    fwctl: bool,
+    vars: Option<Arc<Mutex<BootVars>>>,
+    /// With `lpc.fwcfg` "bhyve" (the default).
+    fwctl: Option<Arc<Mutex<Fwctl>>>,
 }
 
 fn config(tree: &ConfigTree, key: &str) -> Result<Option<String>, VmmError> {
@@ -45,23 +50,48 @@ fn boot_key(tree: &ConfigTree, key: &str) -> Result<Option<String>, VmmError> {
 }
 
 impl BootRom {
-    /// Load the ROM and open the variable store the tree names; `None`
-    /// without `bootrom`.
-    pub fn from_tree(tree: &ConfigTree) -> Result<Option<Self>, VmmError> {
+    /// Load the ROM and open the variable store the tree names, for a VM
+    /// of `cpus` vCPUs; `None` without `bootrom`.
+    pub fn from_tree(tree: &ConfigTree, cpus: u32) -> Result<Option<Self>, VmmError> {
         let Some(rom_path) = boot_key(tree, "bootrom")? else {
             return Ok(None);
         };
         let fwcfg = config(tree, "lpc.fwcfg")?.unwrap_or_else(|| "bhyve".into());
         let image = read_rom(Path::new(&rom_path))?;
         let vars = match boot_key(tree, "bootvars")? {
-            Some(path) => Some(open_vars(Path::new(&path), image.len() as u64)?),
+            Some(path) => Some(Arc::new(Mutex::new(open_vars(
+                Path::new(&path),
+                image.len() as u64,
+            )?))),
             None => None,
         };
         Ok(Some(Self {
             image,
             vars,
-            fwctl: fwcfg == "bhyve",
+            fwctl: (fwcfg == "bhyve").then(|| Arc::new(Mutex::new(Fwctl::new(cpus)))),
         }))
+    }
+
+    /// The variable store's and fwctl's state, for the machine's inventory.
+    pub fn lifecycle(&self) -> Vec<Arc<dyn Lifecycle>> {
+        let mut all: Vec<Arc<dyn Lifecycle>> = Vec::new();
+        if let Some(vars) = &self.vars {
+            all.push(Stateful::new(
+                "bootrom.vars",
+                vars.clone(),
+                BootVars::state,
+                |v: &mut BootVars, s: BootVarsState| v.restore(s),
+            ));
+        }
+        if let Some(fwctl) = &self.fwctl {
+            all.push(Stateful::new(
+                "bootrom.fwctl",
+                fwctl.clone(),
+                |f: &Fwctl| f.clone(),
+                Fwctl::restore,
+            ));
+        }
+        all
     }
 
     /// Bytes of ROM the VM maps below 4 GiB.
@@ -71,29 +101,19 @@ impl BootRom {
 
     /// Copy the ROM into its read-only region of `memory`, put the
     /// variable store below it on `mmio` and fwctl on `io`.
-    pub fn install(
-        self,
-        memory: &GuestMemoryMmap,
-        mmio: &Bus,
-        io: &Bus,
-        cpus: u32,
-    ) -> Result<(), VmmError> {
+    pub fn install(self, memory: &GuestMemoryMmap, mmio: &Bus, io: &Bus) -> Result<(), VmmError> {
         let rom_base = ROM_END - self.rom_size();
         memory
             .write_slice(&self.image, GuestAddress(rom_base))
             .map_err(|e| VmmError::Setup(format!("boot ROM at {rom_base:#x}: {e}")))?;
         if let Some(vars) = self.vars {
-            let len = vars.len();
-            mmio.insert(Arc::new(Mutex::new(vars)), rom_base - len, len)
+            let len = vars.lock().unwrap_or_else(|e| e.into_inner()).len();
+            mmio.insert(vars, rom_base - len, len)
                 .map_err(|e| VmmError::Setup(format!("bootrom variable store: {e}")))?;
         }
-        if self.fwctl {
-            io.insert(
-                Arc::new(Mutex::new(Fwctl::new(cpus))),
-                u64::from(FWCFG_SELECTOR_PORT),
-                FWCTL_PORT_SPAN,
-            )
-            .map_err(|e| VmmError::Setup(format!("fwctl: {e}")))?;
+        if let Some(fwctl) = self.fwctl {
+            io.insert(fwctl, u64::from(FWCFG_SELECTOR_PORT), FWCTL_PORT_SPAN)
+                .map_err(|e| VmmError::Setup(format!("fwctl: {e}")))?;
         }
         Ok(())
     }
@@ -172,7 +192,7 @@ mod tests {
     }
 
     fn error(t: &ConfigTree) -> String {
-        match BootRom::from_tree(t) {
+        match BootRom::from_tree(t, 1) {
             Err(e) => e.to_string(),
             Ok(_) => panic!("accepted"),
         }
@@ -182,17 +202,20 @@ mod tests {
     fn loads_rom_and_vars_from_either_spelling() {
         let rom = file("rom", 0x37C000);
         let vars = file("vars", 0x84000);
-        let b = BootRom::from_tree(&tree(&[("lpc.bootrom", &rom), ("lpc.bootvars", &vars)]))
+        let b = BootRom::from_tree(&tree(&[("lpc.bootrom", &rom), ("lpc.bootvars", &vars)]), 1)
             .unwrap()
             .unwrap();
         assert_eq!(b.rom_size(), 0x37C000);
-        assert_eq!(b.vars.as_ref().map(|v| v.len()), Some(0x84000));
-        assert!(b.fwctl);
-        let b = BootRom::from_tree(&tree(&[("bootrom", &rom)]))
+        assert_eq!(
+            b.vars.as_ref().map(|v| v.lock().unwrap().len()),
+            Some(0x84000)
+        );
+        assert!(b.fwctl.is_some());
+        let b = BootRom::from_tree(&tree(&[("bootrom", &rom)]), 1)
             .unwrap()
             .unwrap();
         assert!(b.vars.is_none());
-        assert!(BootRom::from_tree(&tree(&[])).unwrap().is_none());
+        assert!(BootRom::from_tree(&tree(&[]), 1).unwrap().is_none());
         std::fs::remove_file(rom).unwrap();
         std::fs::remove_file(vars).unwrap();
     }

@@ -32,13 +32,9 @@ pub fn wanted(tree: &ConfigTree) -> Result<bool, VmmError> {
 }
 
 /// Put `fwcfg` on `io`.
-pub fn install(fwcfg: QemuFwCfg, io: &Bus) -> Result<(), VmmError> {
-    io.insert(
-        Arc::new(Mutex::new(fwcfg)),
-        u64::from(FWCFG_SELECTOR_PORT),
-        QEMU_FWCFG_PORT_SPAN,
-    )
-    .map_err(|e| VmmError::Setup(format!("fw_cfg: {e}")))
+pub fn install(fwcfg: Arc<Mutex<QemuFwCfg>>, io: &Bus) -> Result<(), VmmError> {
+    io.insert(fwcfg, u64::from(FWCFG_SELECTOR_PORT), QEMU_FWCFG_PORT_SPAN)
+        .map_err(|e| VmmError::Setup(format!("fw_cfg: {e}")))
 }
 
 /// fw_cfg's items for a VM with `cpus` vCPUs and `memory`; the `-f` files

@@ -2,18 +2,19 @@
 //! PCI functions, the platform devices, the firmware tables and the guest.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rhyve_boot::{AcpiPlatform, CpuTopology, PciWindows};
 use rhyve_config::ConfigTree;
 use rhyve_devices::lpc::{create_platform_devices, PlatformDevices};
+use rhyve_devices::qemu_fwcfg::QemuFwCfg;
 use rhyve_hypervisor::kvm::KvmVm;
 use rhyve_hypervisor::registry::{Registry, VmHandle};
 use rhyve_hypervisor::{EntryRegs, MemoryImage, Vcpu, Vm, VmSpec};
 use rhyve_pci::{create_function, PciBdf, PciRoot, PciRootConfig};
 use rhyve_platform::bus::Bus;
 use rhyve_platform::exit::ExitRequests;
-use rhyve_platform::snapshot::{Inventory, Unsaveable};
+use rhyve_platform::snapshot::{Inventory, Lifecycle, Stateful};
 use rhyve_virtio::pci::VirtioPci;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -46,23 +47,20 @@ pub struct Machine {
 }
 
 /// The machine's inventory, in build order: platform devices (the VM
-/// clock first), then the PCI functions and the PCI root.
+/// clock first), the boot ROM's variable store and fwctl, fbuf's VGA
+/// ports, fw_cfg, then the PCI functions and the PCI root.
 fn inventory(
     platform: &PlatformDevices,
     pci: &Arc<PciRoot>,
-    bootrom: bool,
+    firmware_and_fbuf: Vec<Arc<dyn Lifecycle>>,
 ) -> Result<Inventory, VmmError> {
     let mut inventory = Inventory::new();
-    if bootrom {
-        inventory
-            .register(Arc::new(Unsaveable {
-                id: "bootrom".into(),
-                kind: "boot ROM",
-                why: "the firmware's variable store and fwctl state are not saved yet",
-            }))
-            .map_err(|e| VmmError::Setup(e.to_string()))?;
-    }
-    for device in platform.lifecycle().into_iter().chain(pci.lifecycle()) {
+    for device in platform
+        .lifecycle()
+        .into_iter()
+        .chain(firmware_and_fbuf)
+        .chain(pci.lifecycle())
+    {
         inventory
             .register(device)
             .map_err(|e| VmmError::Setup(e.to_string()))?;
@@ -200,7 +198,7 @@ fn write_tables(
     spec: &VmSpec,
     pci: &PciRoot,
     platform: &PlatformDevices,
-    fwcfg: Option<&mut rhyve_devices::qemu_fwcfg::QemuFwCfg>,
+    fwcfg: Option<&mut QemuFwCfg>,
 ) -> Result<(), VmmError> {
     let routes: Vec<rhyve_boot::PciIntxRoute> = pci
         .intx_routes()
@@ -301,15 +299,15 @@ pub fn build(
     rhyve_config::validate(tree)?;
     crate::refuse_unsupported(tree)?;
     let mut spec = crate::vm_spec(tree)?;
-    let bootrom = crate::bootrom::BootRom::from_tree(tree)?;
+    let bootrom = crate::bootrom::BootRom::from_tree(tree, spec.cpus)?;
     spec.rom_size = bootrom.as_ref().map_or(0, |b| b.rom_size());
-    let mut fwcfg = match crate::fwcfg::wanted(tree)? {
-        true => Some(crate::fwcfg::build(
+    let fwcfg = match crate::fwcfg::wanted(tree)? {
+        true => Some(Arc::new(Mutex::new(crate::fwcfg::build(
             tree,
             fw_cfg_files,
             spec.cpus,
             &spec.memory,
-        )?),
+        )?))),
         false => None,
     };
     let refuse = |file: &Path| {
@@ -354,20 +352,33 @@ pub fn build(
     if !platform.reset_on_bus {
         pci.set_reset_register(platform.reset.clone());
     }
-    // fbuf's VNC server types into the i8042; with `wait` no vCPU exists
-    // until a client connects.
-    if let Some(console) = console {
-        console.start(platform.i8042.clone())?;
+    let mut firmware_and_fbuf = bootrom.as_ref().map_or_else(Vec::new, |b| b.lifecycle());
+    firmware_and_fbuf.extend(console.as_ref().map_or_else(Vec::new, |c| c.lifecycle()));
+    if let Some(fwcfg) = &fwcfg {
+        firmware_and_fbuf.push(Stateful::new(
+            "fwcfg",
+            fwcfg.clone(),
+            |f: &QemuFwCfg| f.clone(),
+            QemuFwCfg::restore,
+        ));
     }
+    // fbuf's VNC server types into the i8042; with `wait` no vCPU exists
+    // until a client connects. After a restore it starts once the screen
+    // and the keyboard hold their saved state: a client connecting
+    // earlier would be shown the fresh device's screen.
+    let start_console = move |i8042: &Arc<Mutex<rhyve_devices::i8042::I8042>>| match console {
+        Some(console) => console.start(i8042.clone()),
+        None => Ok(()),
+    };
     // The guest first: the firmware tables then overwrite anything a
     // loader's page-granular boot image carried into the BIOS area. A boot
     // ROM is the guest: the boot vCPU starts at its reset vector, in the
     // state KVM creates vCPUs in; the others wait for INIT/SIPI.
-    let inventory = Arc::new(inventory(&platform, &pci, bootrom.is_some())?);
+    let inventory = Arc::new(inventory(&platform, &pci, firmware_and_fbuf)?);
     if let Some((file, loaded)) = &snapshot {
         // The ROM is not in the snapshot (it is not RAM): load it again.
         if let Some(rom) = bootrom {
-            rom.install(vm.memory(), &mmio, &io, spec.cpus)?;
+            rom.install(vm.memory(), &mmio, &io)?;
         }
         vm.restore_state(&loaded.kern.vm)
             .map_err(|e| refuse(file)(e.to_string()))?;
@@ -381,6 +392,10 @@ pub fn build(
         inventory
             .restore(&loaded.meta.devices)
             .map_err(|e| refuse(file)(e.to_string()))?;
+        start_console(&platform.i8042)?;
+        if let Some(fwcfg) = fwcfg {
+            crate::fwcfg::install(fwcfg, &io)?;
+        }
         tracing::info!(
             "snapshot {} restored in {:?}",
             file.display(),
@@ -400,14 +415,27 @@ pub fn build(
             ram: spec.memory.ram_regions(),
         });
     }
+    start_console(&platform.i8042)?;
     let entry = match bootrom {
         Some(rom) => {
-            rom.install(vm.memory(), &mmio, &io, spec.cpus)?;
+            rom.install(vm.memory(), &mmio, &io)?;
             None
         }
         None => Some(load_guest(tree, vm.as_ref(), &spec, &named)?),
     };
-    write_tables(tree, vm.as_ref(), &spec, &pci, &platform, fwcfg.as_mut())?;
+    {
+        let mut items = fwcfg
+            .as_ref()
+            .map(|f| f.lock().unwrap_or_else(|e| e.into_inner()));
+        write_tables(
+            tree,
+            vm.as_ref(),
+            &spec,
+            &pci,
+            &platform,
+            items.as_deref_mut(),
+        )?;
+    }
     // bhyve offers QEMU's fw_cfg with or without a boot ROM; fwctl, on
     // the same ports, only to a boot ROM.
     if let Some(fwcfg) = fwcfg {
