@@ -1533,6 +1533,16 @@ mod tests {
         cmd.stdin(slave.try_clone().unwrap())
             .stdout(slave.try_clone().unwrap())
             .stderr(slave.try_clone().unwrap());
+        // The child must die of the SIGHUP it raises even when the tests
+        // run under nohup, whose ignored SIGHUP it would inherit (and
+        // rightly keep ignoring, as bhyve does).
+        // SAFETY: signal(2) is async-signal-safe; runs in the forked child.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::signal(libc::SIGHUP, libc::SIG_DFL);
+                Ok(())
+            });
+        }
         let reader = {
             let mut m = master.try_clone().unwrap();
             std::thread::spawn(move || {
