@@ -19,6 +19,7 @@ packages=(
   xorriso           # ISO images for grub-bhyve tests
   grub-common       # grub-editenv judges the grubenv files grub-bhyve writes
   grub-efi-amd64-bin # Debian's GRUB EFI image the UEFI firmware boots (uefi_firmware test)
+  python3-pip       # installs vncdotool, the VNC client of the uefi_vnc test (below)
   fdisk             # sfdisk for partitioned images
   kmod              # depmod/modinfo for guest modules
   lz4               # extracting the guest kernel's ELF image (Debian's is LZ4)
